@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine (see README):
+#   make run    set up .venv, then `snakemake all` on the default study
+#   make test   set up .venv, then lint and the test suite
+PYTHON ?= python3
+VENV ?= .venv
+STUDY ?= default
+CORES ?= 2
+# the offline data copy beside this checkout; any FEDSELECT_DATA_ROOT in the environment wins
+FEDSELECT_DATA_ROOT ?= $(abspath ../shared/data)
+export FEDSELECT_DATA_ROOT
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	grep '^# nodeps:' requirements.txt | cut -d' ' -f3- | xargs $(BIN)/pip install --quiet --no-deps
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+run: setup
+	$(BIN)/snakemake all --cores $(CORES) --config study=$(STUDY)
+
+lint: setup
+	$(BIN)/ruff check plugin tests analysis bench
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf results .snakemake

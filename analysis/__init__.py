@@ -1,0 +1,1 @@
+"""Analysis of fedselect runs: tables and figures from run records and MLflow."""

@@ -1,0 +1,245 @@
+"""The one abstraction: partial personalization by a parameter mask, on FedML's interfaces.
+
+Every client splits its model state into shared entries u (sent to and overwritten by the
+server) and personal entries v (kept, and fine-tuned, at home) by a boolean mask per
+tensor, True = personal (Pillutla et al. 2022, "Federated learning with partial model
+personalization"). FedAvg is the case "nothing personal, joint SGD"; an algorithm is its
+difference from FedAvg: which mask (:meth:`FedAvgClient.initial_personal_mask`, or a mask it
+learns), which local schedule (:meth:`FedAvgClient.local_update`), and what happens before
+evaluation (:meth:`FedAvgClient.prepare_for_evaluation`).
+
+The client keeps only its personal values (a 1-D tensor per masked tensor) and its mask
+between rounds, not a model copy: in simulation all clients share one ``nn.Module``.
+The server (:class:`FedAvgServer`) averages each entry over the clients that share it and
+never reads or overwrites personal entries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedselect.config import ExperimentConfig
+from fedselect.engine import (
+    ClientDataset,
+    EvalResult,
+    ExtraLoss,
+    ImageTransform,
+    OptimConfig,
+    TrainableSpec,
+    TrainStats,
+    client_generator,
+    evaluate,
+    train_epochs,
+)
+from fedselect.fedml_runtime.runtime import import_fedml
+
+from .payload import decode_upload, encode_upload
+
+import_fedml()
+from fedml.core import ClientTrainer, ServerAggregator  # noqa: E402  (needs the offline patch first)
+
+log = logging.getLogger(__name__)
+
+Mask = dict[str, torch.Tensor]
+State = dict[str, torch.Tensor]
+
+
+class BadUpdateError(ValueError):
+    """A client upload is malformed or non-finite and must not be averaged in."""
+
+
+@dataclass
+class RunContext:
+    """What all client and server objects of one run share."""
+
+    config: ExperimentConfig
+    options: Any
+    transform: ImageTransform
+    device: torch.device
+
+    @property
+    def optim(self) -> OptimConfig:
+        t = self.config.train
+        return OptimConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size)
+
+
+class FedAvgClient(ClientTrainer):
+    """FedAvg's client (McMahan et al. 2017): nothing personal, E epochs of joint SGD.
+
+    Subclasses change the hooks, never the FedML interface methods below them.
+    """
+
+    def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset, ctx: RunContext) -> None:
+        super().__init__(model, args)
+        self.id = client_id
+        self.data = data
+        self.ctx = ctx
+        self.local_sample_number = data.num_train
+        self.round_idx = 0
+        self.personal_mask: Mask = {}
+        self.personal_values: State = {}
+        self.mask_initialized = False
+        self.last_train_stats = TrainStats()
+
+    # ---- hooks an algorithm overrides -------------------------------------------------
+    def initial_personal_mask(self) -> Mask:
+        """Which state entries stay on this client (True = personal). FedAvg: none."""
+        return {}
+
+    def local_update(self) -> TrainStats:
+        """The local schedule run on the current (global + personal) model. FedAvg: joint SGD."""
+        return self.train_epochs(self.ctx.config.train.local_epochs)
+
+    def prepare_for_evaluation(self) -> None:
+        """Adjust the model just before it is evaluated (FedBABU fine-tunes its head here)."""
+
+    # ---- helpers for algorithms ---------------------------------------------------------
+    def train_epochs(self, epochs: int, trainable: TrainableSpec | None = None, *,
+                     extra_loss: ExtraLoss | None = None, stream: int = 0) -> TrainStats:
+        """``epochs`` passes over this client's training split, updating only ``trainable``."""
+        generator = client_generator(self.ctx.config.seed, self.id, self.round_idx, stream)
+        return train_epochs(self.model, self.data.train_x, self.data.train_y, epochs=epochs, optim=self.ctx.optim,
+                            transform=self.ctx.transform, generator=generator, trainable=trainable,
+                            extra_loss=extra_loss)
+
+    def state_entries(self) -> State:
+        """Parameters and buffers by name: the entries a mask may cover."""
+        return dict(self.model.state_dict(keep_vars=False))
+
+    def full_mask(self, names: list[str] | None = None) -> Mask:
+        """All entries of the named tensors (default: all state) personal."""
+        state = self.state_entries()
+        return {n: torch.ones_like(state[n], dtype=torch.bool) for n in (names if names is not None else state)}
+
+    # ---- FedML ClientTrainer interface ----------------------------------------------------
+    def set_model_params(self, model_parameters: Mapping[str, torch.Tensor]) -> None:
+        """Take the global values on shared entries; keep personal entries as they were.
+
+        The module may be shared by all simulated clients, so nothing of its current content
+        is trusted: global values first, then this client's stored personal values on top. A
+        personal entry without a stored value yet (before the first local update) starts from
+        the global value, i.e. the common initialization.
+        """
+        self.ensure_personal_mask()
+        with torch.no_grad():
+            state = self.model.state_dict(keep_vars=True)
+            for name, value in model_parameters.items():
+                if name not in state:
+                    raise KeyError(f"global model has tensor '{name}' the client model lacks")
+                state[name].copy_(value)
+            for name, values in self.personal_values.items():
+                state[name][self.personal_mask[name]] = values.to(state[name].dtype)
+
+    def ensure_personal_mask(self) -> None:
+        if not self.mask_initialized:
+            self.personal_mask = {n: m.to(self.ctx.device) for n, m in self.initial_personal_mask().items()}
+            self.mask_initialized = True
+
+    def get_model_params(self) -> dict[str, Any]:
+        """The upload: this client's shared entries (and its mask where it is element-wise)."""
+        return encode_upload(self.state_entries(), self.personal_mask, client_id=self.id,
+                             num_samples=self.local_sample_number)
+
+    def train(self, train_data: Any, device: Any, args: Any) -> TrainStats:
+        self.ensure_personal_mask()
+        self.last_train_stats = self.local_update()
+        self.save_personal_values()
+        self.round_idx += 1
+        return self.last_train_stats
+
+    def save_personal_values(self) -> None:
+        """Keep only the personal entries of the trained model (1-D per tensor)."""
+        state = self.state_entries()
+        self.personal_values = {name: state[name][mask].detach().clone() for name, mask in self.personal_mask.items()}
+
+    def test(self, test_data: Any, device: Any, args: Any) -> EvalResult:
+        """Per-sample accuracy of this client's personalized model on its own test split."""
+        self.prepare_for_evaluation()
+        return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
+
+    def download_nbytes(self, global_state: Mapping[str, torch.Tensor]) -> int:
+        """Bytes of the global values this client needs: its shared entries, plus, before its
+        first local update, the initial values of its personal entries."""
+        self.ensure_personal_mask()
+        total = 0
+        for name, value in global_state.items():
+            mask = self.personal_mask.get(name)
+            needs_init = name not in self.personal_values
+            shared = value.numel() if mask is None or needs_init else int((~mask).sum())
+            total += shared * value.element_size()
+        return total
+
+
+class FedAvgServer(ServerAggregator):
+    """Server of the mask mechanism: entry-wise (weighted) average over the clients sharing it."""
+
+    def __init__(self, model: nn.Module, args: Any, *, ctx: RunContext) -> None:
+        super().__init__(model, args)
+        self.ctx = ctx
+        self.global_state: OrderedDict[str, torch.Tensor] = OrderedDict(
+            (k, v.detach().clone()) for k, v in model.state_dict().items())
+        self.dropped_updates: list[tuple[int, str]] = []
+
+    def get_model_params(self) -> OrderedDict[str, torch.Tensor]:
+        return self.global_state
+
+    def set_model_params(self, model_parameters: Mapping[str, torch.Tensor]) -> None:
+        self.global_state = OrderedDict((k, v) for k, v in model_parameters.items())
+
+    def validate_uploads(self, raw: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, State, Mask, int]]:
+        """Decode uploads; reject (error or drop, per ``train.on_bad_update``) malformed or non-finite ones."""
+        accepted = []
+        for num_samples, payload in raw:
+            client = payload.get("client_id", "?") if isinstance(payload, Mapping) else "?"
+            try:
+                state, shared = decode_upload(payload, self.global_state)
+                for name, value in state.items():
+                    if value.is_floating_point() and not bool(torch.isfinite(value[shared[name]]).all()):
+                        raise BadUpdateError(f"client {client} sent non-finite values in '{name}'")
+            except (BadUpdateError, KeyError, ValueError) as exc:
+                if self.ctx.config.train.on_bad_update == "error":
+                    raise BadUpdateError(f"rejected update from client {client}: {exc}") from exc
+                log.warning("dropping update from client %s: %s", client, exc)
+                self.dropped_updates.append((int(client) if str(client).isdigit() else -1, str(exc)))
+                continue
+            accepted.append((float(num_samples), state, shared, client))
+        return accepted
+
+    def aggregate(self, raw_client_model_or_grad_list: list[tuple[float, dict[str, Any]]]) -> OrderedDict:
+        """Each entry becomes the (sample-weighted) mean over the clients that share it.
+
+        Entries no accepted client shares keep their previous global value, so personal
+        entries are neither read nor overwritten.
+        """
+        accepted = self.validate_uploads(raw_client_model_or_grad_list)
+        weighted = self.ctx.config.train.weighted_aggregation
+        new_state: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name, old in self.global_state.items():
+            contributions = [(n, state[name], shared[name]) for n, state, shared, _ in accepted if name in state]
+            if not contributions:
+                new_state[name] = old
+                continue
+            if not old.is_floating_point():
+                # integer buffers (BatchNorm's num_batches_tracked): a count, not an average
+                new_state[name] = torch.stack([v for _, v, _ in contributions]).amax(dim=0)
+                continue
+            numerator = torch.zeros_like(old, dtype=torch.float64)
+            denominator = torch.zeros_like(old, dtype=torch.float64)
+            for n, value, shared in contributions:
+                weight = n if weighted else 1.0
+                numerator += torch.where(shared, value.double() * weight, 0.0)
+                denominator += shared.double() * weight
+            averaged = (numerator / denominator.clamp_min(1e-300)).to(old.dtype)
+            new_state[name] = torch.where(denominator > 0, averaged, old)
+        return new_state
+
+    def test(self, test_data: Any, device: Any, args: Any) -> None:
+        """The server holds no data: evaluation happens on every client's own test split."""
+        return None

@@ -1,0 +1,18 @@
+"""Local: every client trains alone on its own data; nothing is communicated.
+
+The reviewers' baseline for personalized FL. On the mask mechanism it is "everything
+personal" (parameters and BatchNorm statistics), so uploads are empty and nothing is
+downloaded after the common initialization.
+"""
+
+from .base import FedAvgClient, FedAvgServer, Mask
+from .registry import register
+
+
+class LocalClient(FedAvgClient):
+    def initial_personal_mask(self) -> Mask:
+        return self.full_mask()
+
+
+register("local", client=LocalClient, server=FedAvgServer,
+         summary="each client trains alone from the common initialization; no communication")

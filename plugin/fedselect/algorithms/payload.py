@@ -1,0 +1,96 @@
+"""Wire format of a client upload, and its honest size in bytes.
+
+An upload is a plain dict (FedML's cross-silo path pickles it intact; a nested OrderedDict
+would break the server's ``.to(device)`` step):
+
+    {"client_id": int, "num_samples": int,
+     "tensors": {name: tensor},            # whole tensors with nothing personal
+     "partial": {name: 1-D tensor},        # only the shared entries of a partly personal tensor
+     "masks":   {name: (uint8 bits, shape)}}  # bit-packed personal mask of each partial tensor
+
+Fully personal tensors are not sent at all. The size counted is what is in the dict: values
+plus mask bits, so sparse and personalized methods are charged for exactly what they send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedselect.core.masks import pack_mask, unpack_mask
+
+
+def encode_upload(state: Mapping[str, torch.Tensor], personal_mask: Mapping[str, torch.Tensor], *,
+                  client_id: int, num_samples: int) -> dict[str, Any]:
+    """Build the upload of ``state`` under ``personal_mask`` (True = personal, stays home)."""
+    tensors: dict[str, torch.Tensor] = {}
+    partial: dict[str, torch.Tensor] = {}
+    partial_masks: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        mask = personal_mask.get(name)
+        if mask is None or not bool(mask.any()):
+            tensors[name] = value.detach().clone()
+        elif not bool(mask.all()):
+            partial[name] = value.detach()[~mask].clone()
+            partial_masks[name] = mask
+    return {"client_id": client_id, "num_samples": num_samples, "tensors": tensors, "partial": partial,
+            "masks": pack_mask(partial_masks) if partial_masks else {}}
+
+
+def decode_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Full-shape values and shared masks (True = shared) of an upload, checked against ``reference``.
+
+    Personal entries of a partial tensor are filled with NaN: a server that read them by
+    mistake would poison the average, which tests would catch.
+    """
+    if not isinstance(payload, Mapping) or "tensors" not in payload:
+        raise ValueError("upload is not a fedselect payload (missing 'tensors')")
+    values: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
+    for name, value in payload["tensors"].items():
+        ref = _reference(reference, name)
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ValueError(f"tensor '{name}' has shape {tuple(value.shape)}, the global model has {tuple(ref.shape)}")
+        values[name] = value.to(ref.device)
+        shared[name] = torch.ones(ref.shape, dtype=torch.bool, device=ref.device)
+    masks = unpack_mask(payload["masks"]) if payload.get("masks") else {}
+    if set(masks) != set(payload.get("partial", {})):
+        raise ValueError("upload's partial tensors and masks name different tensors")
+    for name, flat in payload.get("partial", {}).items():
+        ref = _reference(reference, name)
+        personal = masks[name].to(ref.device)
+        if tuple(personal.shape) != tuple(ref.shape):
+            raise ValueError(f"mask of '{name}' has shape {tuple(personal.shape)}, the global model has "
+                             f"{tuple(ref.shape)}")
+        if flat.numel() != int((~personal).sum()):
+            raise ValueError(f"tensor '{name}' sends {flat.numel()} shared values, its mask shares "
+                             f"{int((~personal).sum())}")
+        full = torch.full(ref.shape, float("nan"), dtype=ref.dtype, device=ref.device)
+        full[~personal] = flat.to(device=ref.device, dtype=ref.dtype)
+        values[name] = full
+        shared[name] = ~personal
+    return values, shared
+
+
+def _reference(reference: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in reference:
+        raise ValueError(f"upload has tensor '{name}' that the global model lacks")
+    return reference[name]
+
+
+def payload_nbytes(obj: Any) -> int:
+    """Bytes of the tensors, byte strings and numbers in a (nested) payload."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if isinstance(obj, Mapping):
+        return sum(payload_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_nbytes(v) for v in obj)
+    if isinstance(obj, (int, float)):
+        return 8
+    return 0

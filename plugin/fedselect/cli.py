@@ -1,0 +1,144 @@
+"""The ``fedselect`` command line: run, partition, algorithms."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fedselect import __version__
+from fedselect.config import ConfigError
+
+EPILOG = """
+examples:
+  fedselect algorithms
+  fedselect run --config configs/smoke.yaml --set train.rounds=3 --set algorithm=local --out run.json
+  fedselect partition --config configs/smoke.yaml --out results/partitions/p.json
+
+Data: data.root in the config, else $FEDSELECT_DATA_ROOT, else ./data. Here, point it at the
+offline copy: export FEDSELECT_DATA_ROOT=../shared/data. Elsewhere, with network access,
+torchvision downloads CIFAR-10/100, MNIST or FashionMNIST into the root on first use.
+Tracking: MLflow, sqlite store in <tracking.results_dir>/mlflow.db unless $MLFLOW_TRACKING_URI
+is set; open it with `mlflow ui --backend-store-uri sqlite:///results/mlflow.db`.
+"""
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="experiment YAML (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, dotted, value in YAML syntax; repeatable "
+                             "(e.g. --set train.lr=0.05 --set algorithm=local)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedselect", description="Selective fine-tuning in federated learning, "
+                                     "as FedML algorithms, with MLflow tracking.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fedselect {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train one configured run (FedML single-process simulation)",
+                         description="Train one run: load data, partition (cached), build the model, run the "
+                                     "registered algorithm through FedMLRunner, log every round to MLflow, and "
+                                     "write a run record JSON.")
+    _add_config_args(run)
+    run.add_argument("--out", type=Path, help="write the run record JSON here")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    part = sub.add_parser("partition", help="compute and save the client partition of a config",
+                          description="Partition the configured dataset over clients (deterministic by seed) and "
+                                      "write the partition JSON, a per-client class-count summary JSON next to it "
+                                      "(<out>.summary.json) and a plot (<out>.png).")
+    _add_config_args(part)
+    part.add_argument("--out", type=Path, required=True, help="partition JSON to write")
+
+    cache = sub.add_parser("cache-data", help="decode the configured dataset once into the tensor cache",
+                           description="Load the configured dataset (decoding image files on first use) so "
+                                       "that later runs read the cached tensors.")
+    _add_config_args(cache)
+
+    sub.add_parser("algorithms", help="list the registered algorithm names, one per line")
+    check = sub.add_parser("check-config", help="validate a config and print it with defaults filled in")
+    _add_config_args(check)
+    return parser
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from fedselect.config import load_config
+    from fedselect.run import run_experiment
+
+    config = load_config(ns.config, ns.overrides)
+    record = run_experiment(config, record_path=ns.out, progress=not ns.no_progress)
+    print(f"{record['algorithm']} seed {record['seed']}: final mean acc {record['final_mean_acc']:.4f}, "
+          f"best {record['best_mean_acc']:.4f} (round {record['best_round']}), "
+          f"bytes up {record['bytes_up']:,} down {record['bytes_down']:,}, {record['wall_seconds']:.1f} s, "
+          f"mlflow run {record['mlflow_run_id']}")
+    return 0
+
+
+def cmd_partition(ns: argparse.Namespace) -> int:
+    from fedselect.config import load_config
+    from fedselect.data import make_partition, partition_summary, plot_partition
+    from fedselect.run import load_data, partition_spec
+
+    config = load_config(ns.config, ns.overrides)
+    data = load_data(config)
+    spec = partition_spec(config)
+    partition = make_partition(data.name, spec["kind"], data.train_y.numpy(), data.test_y.numpy(),
+                               seed=config.seed, **config.data.partition.partition_params())
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    partition.save(ns.out)
+    summary = partition_summary(partition, data.train_y.numpy(), data.test_y.numpy(), data.classes)
+    summary_path = ns.out.with_suffix(".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=2))
+    plot_partition(summary, ns.out.with_suffix(".png"))
+    sizes = [len(t) for t in partition.train_indices]
+    print(f"{partition.num_clients} clients, train sizes {min(sizes)}..{max(sizes)}; wrote {ns.out}, "
+          f"{summary_path}, {ns.out.with_suffix('.png')}")
+    return 0
+
+
+def cmd_cache_data(ns: argparse.Namespace) -> int:
+    from fedselect.config import load_config
+    from fedselect.run import load_data
+
+    data = load_data(load_config(ns.config, ns.overrides))
+    print(f"{data.name}: {len(data.train_y)} train / {len(data.test_y)} test images, {data.num_classes} classes "
+          f"({data.source})")
+    return 0
+
+
+def cmd_algorithms(_: argparse.Namespace) -> int:
+    from fedselect.algorithms.registry import available_algorithms
+
+    print("\n".join(available_algorithms()))
+    return 0
+
+
+def cmd_check_config(ns: argparse.Namespace) -> int:
+    from fedselect.config import dump_config, load_config
+
+    print(dump_config(load_config(ns.config, ns.overrides)), end="")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "partition": cmd_partition, "cache-data": cmd_cache_data, "algorithms": cmd_algorithms,
+            "check-config": cmd_check_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[ns.command](ns)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"fedselect: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

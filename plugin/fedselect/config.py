@@ -1,0 +1,305 @@
+"""Typed, validated experiment configuration.
+
+One YAML file describes one training run (a study is a set of such runs, see
+``workflows/``). The YAML is parsed into frozen dataclasses; every key is checked: an
+unknown key, a wrong type or an out-of-range value raises :class:`ConfigError` naming the
+dotted key (``train.lr``), before any data is loaded or any model is built.
+
+Algorithm-specific options live under ``algo:`` and are validated against the options
+dataclass the algorithm registers (see :mod:`fedselect.algorithms.registry`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing, mistyped or out of range."""
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the dataset is split over clients (see :mod:`fedselect.data.partition`)."""
+
+    kind: Literal["pathological", "dirichlet", "domain"] = "pathological"
+    num_clients: int = 10
+    # pathological (FedRep/FedSelect): s classes per client, samples per class per client
+    classes_per_client: int | None = 2
+    train_per_class: int | None = 20
+    test_per_class: int | None = 100
+    # dirichlet label skew
+    alpha: float | None = None
+    min_train_per_client: int | None = None
+    test_per_client: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.num_clients >= 1, "data.partition.num_clients", "must be >= 1")
+        if self.kind == "pathological":
+            for key in ("classes_per_client", "train_per_class", "test_per_class"):
+                value = getattr(self, key)
+                _check(value is not None and value >= 1, f"data.partition.{key}",
+                       "must be an integer >= 1 for kind=pathological")
+            _check(self.alpha is None, "data.partition.alpha", "is only used by kind=dirichlet")
+        if self.kind == "dirichlet":
+            _check(self.alpha is not None and self.alpha > 0, "data.partition.alpha",
+                   "must be > 0 for kind=dirichlet")
+
+    def partition_params(self) -> dict[str, Any]:
+        """The parameters the partitioner of ``kind`` takes (unused keys left out)."""
+        if self.kind == "pathological":
+            keys = ("num_clients", "classes_per_client", "train_per_class", "test_per_class")
+        elif self.kind == "dirichlet":
+            keys = ("num_clients", "alpha", "min_train_per_client", "test_per_client")
+        else:
+            keys = ("num_clients",)
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where its files are, and how it is partitioned."""
+
+    dataset: str = "cifar10"
+    # None: $FEDSELECT_DATA_ROOT, else ./data
+    root: str | None = None
+    # download with torchvision when files are missing and the network is reachable
+    download: bool = True
+    # decoded-tensor cache; None: $FEDSELECT_CACHE_DIR, else ~/.cache/fedselect
+    cache_dir: str | None = None
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    # a partition JSON written by `fedselect partition`; None: computed (and cached) by the run
+    partition_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network, and which initial weights (none, a local file, or `imagenet`)."""
+
+    name: str = "cnn"
+    weights: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The federated schedule and the local optimizer shared by all algorithms."""
+
+    rounds: int = 5
+    local_epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    # fraction of clients sampled per round (K in the papers)
+    participation: float = 1.0
+    augment: bool = True
+    # evaluate all clients every `eval_every` rounds (and always after the last round)
+    eval_every: int = 1
+    # server weights client updates by their training-set size (False: uniform)
+    weighted_aggregation: bool = True
+    # a client update with NaN/Inf: "error" stops the run naming the client, "drop" skips it (logged)
+    on_bad_update: Literal["error", "drop"] = "error"
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "train.rounds", "must be >= 1")
+        _check(self.local_epochs >= 0, "train.local_epochs", "must be >= 0")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0 < self.participation <= 1, "train.participation", "must be in (0, 1]")
+        _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where results go and how the MLflow run is named."""
+
+    experiment: str = "fedselect"
+    results_dir: str = "results"
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///<results_dir>/mlflow.db
+    tracking_uri: str | None = None
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One federated training run."""
+
+    algorithm: str = "fedavg"
+    seed: int = 0
+    # auto: CUDA when available, else CPU
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # algorithm-specific options, validated against the algorithm's own options dataclass
+    algo: dict[str, Any] = field(default_factory=dict)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-safe) that :func:`load_config_dict` turns back into this."""
+        return dataclasses.asdict(self)
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"config key '{key}' must not be null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} matches no allowed type")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return build_dataclass(tp, value, prefix=f"{key}.")
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") if item_tp is not Any else v for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if tp is Any:
+        return value
+    raise ConfigError(f"config key '{key}' has unsupported type {_type_name(tp)}")
+
+
+def build_dataclass(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from ``values``, rejecting unknown keys by their dotted name."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (known keys under "
+            f"'{prefix.rstrip('.') or '<top>'}': {', '.join(sorted(known))})"
+        )
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field without default
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}': {exc}") from exc
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` (value in YAML syntax: ``0.1``, ``true``, ``[1, 2]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=0.05)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a deep copy of ``raw`` with each ``key=value`` override applied."""
+    result = copy.deepcopy(dict(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{'.'.join(path[: i + 1])}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_config_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Validate a config mapping (plus ``key=value`` overrides) into an :class:`ExperimentConfig`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
+    config = build_dataclass(ExperimentConfig, apply_overrides(raw, overrides))
+    # imported here: the registry imports algorithms, which import torch
+    from fedselect.algorithms.registry import validate_algorithm_options
+
+    validate_algorithm_options(config.algorithm, config.algo)
+    return config
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read and validate a YAML config file; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    try:
+        return load_config_dict(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The config as YAML text (round-trips through :func:`load_config_dict`)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

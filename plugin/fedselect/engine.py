@@ -1,0 +1,272 @@
+"""Local training engine shared by every algorithm.
+
+Client datasets here are small (hundreds to a few thousand images), so they live on the
+device as uint8 tensors; batches are drawn by index permutation and augmented on the
+device. A DataLoader with worker processes would cost more than the training itself.
+
+The optimizer step can be restricted to a boolean mask per parameter tensor: this is the
+mechanism under every partially personalized method (FedPer's head, FedSelect's learned
+element-wise mask, layer selection's frozen blocks). Tensors that are not trainable at all
+get ``requires_grad=False`` so autograd skips their gradient work entirely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name -> None (whole tensor trainable) or a bool tensor of the parameter's shape (True =
+# this entry may change). A parameter missing from the mapping is frozen.
+TrainableSpec = Mapping[str, torch.Tensor | None]
+
+# extra loss term added to the cross-entropy, e.g. Ditto's proximal term; gets the model
+ExtraLoss = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass
+class ClientDataset:
+    """One client's train and test split, resident on the training device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.test_y.shape[0])
+
+    def to(self, device: torch.device | str) -> ClientDataset:
+        return ClientDataset(*(t.to(device) for t in (self.train_x, self.train_y, self.test_x, self.test_y)))
+
+
+class ImageTransform:
+    """uint8 NCHW batch -> normalized float batch, with optional crop+flip augmentation.
+
+    Augmentation (random crop with ``pad`` pixels of zero padding, horizontal flip) is done on
+    the whole batch on its device, driven by an explicit ``torch.Generator`` so that runs are
+    reproducible and independent of other clients' random draws.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], *, augment: bool, pad: int = 4) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.augment = augment
+        self.pad = pad
+
+    def __call__(self, x: torch.Tensor, *, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.mean.device != x.device:
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        x = x.float().div_(255.0).sub_(self.mean).div_(self.std)
+        if train and self.augment:
+            x = self._augment(x, generator)
+        return x
+
+    def _augment(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.pad
+        # the random draws happen on the generator's device (CPU), then move: identical
+        # augmentations on CPU and GPU for the same seed
+        offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=generator).to(x.device)
+        flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        padded = F.pad(x, (p, p, p, p))
+        rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+        cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        chans = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        cropped = padded[batch, chans, rows, cols]
+        return torch.where(flips.view(n, 1, 1, 1), cropped.flip(3), cropped)
+
+
+class MaskedSGD:
+    """SGD with momentum and weight decay whose step touches only the masked entries.
+
+    ``torch.optim.SGD`` would still apply weight decay and momentum to entries whose gradient
+    was zeroed, so masked-out entries would drift. Here an update is ``p -= where(m, lr*d, 0)``:
+    entries outside the mask are bit-identical after any number of steps.
+    """
+
+    def __init__(self, params: list[tuple[nn.Parameter, torch.Tensor | None]], *, lr: float,
+                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        self.params = params
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, (param, mask) in enumerate(self.params):
+            if param.grad is None:
+                continue
+            direction = param.grad
+            if self.weight_decay:
+                direction = direction.add(param, alpha=self.weight_decay)
+            if self.momentum:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = direction.clone()
+                else:
+                    buf.mul_(self.momentum).add_(direction)
+                direction = buf
+            if mask is None:
+                param.add_(direction, alpha=-self.lr)
+            else:
+                param.sub_(torch.where(mask, direction * self.lr, torch.zeros((), device=param.device)))
+
+    def zero_grad(self) -> None:
+        for param, _ in self.params:
+            param.grad = None
+
+
+@contextmanager
+def trainable_only(model: nn.Module, trainable: TrainableSpec | None) -> Iterator[list[tuple[nn.Parameter, torch.Tensor | None]]]:
+    """Within the block, only the named parameters require grad; yields (param, mask) pairs."""
+    params = dict(model.named_parameters())
+    if trainable is None:
+        trainable = {name: None for name in params}
+    unknown = [name for name in trainable if name not in params]
+    if unknown:
+        raise KeyError(f"trainable spec names unknown parameter '{unknown[0]}'")
+    saved = {name: p.requires_grad for name, p in params.items()}
+    selected: list[tuple[nn.Parameter, torch.Tensor | None]] = []
+    try:
+        for name, param in params.items():
+            on = name in trainable
+            mask = trainable.get(name)
+            if on and mask is not None:
+                if mask.shape != param.shape:
+                    raise ValueError(f"mask for '{name}' has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
+                mask = mask.to(device=param.device, dtype=torch.bool)
+                if bool(mask.all()):
+                    mask = None
+                elif not bool(mask.any()):
+                    on = False
+            param.requires_grad_(on)
+            if on:
+                selected.append((param, mask))
+        yield selected
+    finally:
+        for name, param in params.items():
+            param.requires_grad_(saved[name])
+
+
+@dataclass
+class TrainStats:
+    loss_sum: float = 0.0
+    samples: int = 0
+    steps: int = 0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.samples if self.samples else float("nan")
+
+    def __iadd__(self, other: TrainStats) -> TrainStats:
+        self.loss_sum += other.loss_sum
+        self.samples += other.samples
+        self.steps += other.steps
+        return self
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+
+
+def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, optim: OptimConfig,
+                 transform: Callable[..., torch.Tensor], generator: torch.Generator,
+                 trainable: TrainableSpec | None = None, extra_loss: ExtraLoss | None = None) -> TrainStats:
+    """Train ``model`` in place for ``epochs`` passes over (x, y), updating only ``trainable``.
+
+    Each epoch visits every sample once in a random order drawn from ``generator``; the
+    last batch may be smaller. Momentum buffers start fresh on each call (a new local
+    optimizer per call, as in FedAvg's client update).
+    """
+    stats = TrainStats()
+    n = int(y.shape[0])
+    if epochs <= 0 or n == 0:
+        return stats
+    with trainable_only(model, trainable) as params:
+        if not params:
+            return stats
+        optimizer = MaskedSGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator).to(y.device)
+            for start in range(0, n, optim.batch_size):
+                idx = order[start:start + optim.batch_size]
+                inputs = transform(x[idx], train=True, generator=generator)
+                logits = model(inputs)
+                loss = F.cross_entropy(logits, y[idx])
+                total = loss if extra_loss is None else loss + extra_loss(model)
+                optimizer.zero_grad()
+                total.backward()
+                optimizer.step()
+                stats.loss_sum += float(loss.detach()) * int(idx.shape[0])
+                stats.samples += int(idx.shape[0])
+                stats.steps += 1
+        optimizer.zero_grad()
+    return stats
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-sample counts on one client's test split."""
+
+    correct: int
+    total: int
+    loss_sum: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.total if self.total else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, transform: Callable[..., torch.Tensor],
+             batch_size: int = 512) -> EvalResult:
+    """Accuracy counted per sample (not averaged per batch) and summed cross-entropy."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, int(y.shape[0]), batch_size):
+        inputs = transform(x[start:start + batch_size], train=False)
+        logits = model(inputs)
+        target = y[start:start + batch_size]
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == target).sum())
+    model.train(was_training)
+    return EvalResult(correct=correct, total=int(y.shape[0]), loss_sum=loss_sum)
+
+
+def client_generator(seed: int, client_id: int, round_idx: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for one (client, round): independent of which other clients were sampled."""
+    gen = torch.Generator()
+    gen.manual_seed(((seed * 1_000_003 + client_id) * 10_007 + round_idx) * 31 + stream)
+    return gen
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; an explicit unavailable cuda device is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"config key 'device' is {name!r} but CUDA is not available on this machine")
+    return device

@@ -1,0 +1,139 @@
+"""Single-process simulation flow driving our ClientTrainer/ServerAggregator pairs.
+
+FedML's own single-process simulator never calls a custom ClientTrainer/ServerAggregator
+(it picks a built-in algorithm by ``federated_optimizer`` and shares one trainer between all
+clients; FedML issue #565). This flow is handed to ``FedMLRunner(..., algorithm_flow=flow)``
+and runs the same hooks, in the same order, as FedML's cross-silo client and server managers
+do, so an algorithm written once runs in both:
+
+client: set_model_params(global) -> on_before_local_training -> train -> on_after_local_training
+        -> get_model_params (upload)
+server: on_before_aggregation -> aggregate -> on_after_aggregation -> set_model_params
+
+Each client keeps its own trainer object (per-client persistent state); all trainers may
+share one ``nn.Module``, since a trainer's state lives in its personal values and mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedselect.algorithms.payload import payload_nbytes
+from fedselect.engine import EvalResult
+
+log = logging.getLogger(__name__)
+
+
+def sample_clients(num_clients: int, participation: float, seed: int, round_idx: int) -> list[int]:
+    """Clients taking part in ``round_idx``: max(1, round(K * N)) drawn without replacement.
+
+    Seeded by (seed, round) only, so every algorithm of a study samples the same clients.
+    """
+    count = max(1, round(participation * num_clients))
+    if count >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, round_idx, 0x5A17])
+    return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+@dataclass
+class RoundResult:
+    """What happened in one round; handed to the flow's callback (tracking, checkpoints)."""
+
+    round_idx: int
+    sampled: list[int]
+    train_loss: float
+    bytes_up: int
+    bytes_down: int
+    evaluation: dict[int, EvalResult] | None = None
+    dropped: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def client_accuracies(self) -> list[float]:
+        return [self.evaluation[c].accuracy for c in sorted(self.evaluation)] if self.evaluation else []
+
+    @property
+    def mean_accuracy(self) -> float:
+        accs = self.client_accuracies
+        return float(np.mean(accs)) if accs else float("nan")
+
+
+class SimulationFlow:
+    """The federated round loop over per-client trainers and one server aggregator."""
+
+    def __init__(self, *, args: Any, device: Any, clients: Sequence[Any], server: Any, rounds: int,
+                 participation: float, seed: int, eval_every: int = 1, start_round: int = 0,
+                 on_round_end: Callable[[RoundResult], None] | None = None, progress: bool = True) -> None:
+        self.args = args
+        self.device = device
+        self.clients = list(clients)
+        self.server = server
+        self.rounds = rounds
+        self.participation = participation
+        self.seed = seed
+        self.eval_every = eval_every
+        self.start_round = start_round
+        self.on_round_end = on_round_end
+        self.progress = progress
+        self.results: list[RoundResult] = []
+
+    def run(self) -> list[RoundResult]:
+        """Run rounds ``start_round .. rounds-1``; FedMLRunner.run() calls this."""
+        bar = tqdm(range(self.start_round, self.rounds), desc="rounds", unit="round", disable=not self.progress,
+                   initial=self.start_round, total=self.rounds)
+        for round_idx in bar:
+            result = self.run_round(round_idx)
+            self.results.append(result)
+            if result.evaluation is not None:
+                bar.set_postfix(acc=f"{result.mean_accuracy:.4f}", loss=f"{result.train_loss:.3f}")
+            if self.on_round_end is not None:
+                self.on_round_end(result)
+        return self.results
+
+    def run_round(self, round_idx: int) -> RoundResult:
+        self.args.round_idx = round_idx
+        sampled = sample_clients(len(self.clients), self.participation, self.seed, round_idx)
+        global_params = self.server.get_model_params()
+        uploads: list[tuple[float, Any]] = []
+        bytes_up = bytes_down = 0
+        losses = []
+        for cid in sampled:
+            trainer = self.clients[cid]
+            bytes_down += trainer.download_nbytes(global_params)
+            trainer.set_model_params(global_params)
+            trainer.on_before_local_training(None, self.device, self.args)
+            stats = trainer.train(None, self.device, self.args)
+            trainer.on_after_local_training(None, self.device, self.args)
+            losses.append(stats.mean_loss)
+            upload = trainer.get_model_params()
+            bytes_up += payload_nbytes(upload)
+            uploads.append((float(trainer.local_sample_number), upload))
+        dropped_before = len(getattr(self.server, "dropped_updates", []))
+        uploads, _ = self.server.on_before_aggregation(uploads)
+        aggregated = self.server.aggregate(uploads)
+        aggregated = self.server.on_after_aggregation(aggregated)
+        self.server.set_model_params(aggregated)
+        dropped = list(getattr(self.server, "dropped_updates", []))[dropped_before:]
+
+        evaluation = None
+        if (round_idx + 1) % self.eval_every == 0 or round_idx + 1 == self.rounds:
+            evaluation = self.evaluate_all()
+        finite = [x for x in losses if np.isfinite(x)]
+        return RoundResult(round_idx=round_idx, sampled=sampled,
+                           train_loss=float(np.mean(finite)) if finite else float("nan"),
+                           bytes_up=bytes_up, bytes_down=bytes_down, evaluation=evaluation, dropped=dropped)
+
+    def evaluate_all(self) -> dict[int, EvalResult]:
+        """Every client (sampled or not) evaluates its personalized model on its own test split."""
+        global_params = self.server.get_model_params()
+        results = {}
+        for cid, trainer in enumerate(self.clients):
+            trainer.set_model_params(global_params)
+            results[cid] = trainer.test(None, self.device, self.args)
+        return results

@@ -1,0 +1,234 @@
+"""One training run end to end: config -> data -> partition -> model -> FedML runner -> MLflow -> record."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedselect import __version__
+from fedselect.algorithms.base import RunContext
+from fedselect.algorithms.registry import get_algorithm, validate_algorithm_options
+from fedselect.config import ExperimentConfig, dump_config
+from fedselect.data import (
+    ImageData,
+    Partition,
+    load_image_dataset,
+    make_partition,
+    partition_key,
+    partition_summary,
+    plot_partition,
+)
+from fedselect.engine import ClientDataset, ImageTransform, resolve_device
+from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_dataset_tuple, fedml_home, fedml_sections
+from fedselect.fedml_runtime.simulation import RoundResult, SimulationFlow
+from fedselect.models import build_model
+from fedselect.tracking import RunTracker, default_tracking_uri, prepare_store, write_run_record
+
+log = logging.getLogger(__name__)
+
+
+def partition_spec(config: ExperimentConfig) -> dict[str, Any]:
+    """What identifies a partition: every method of a study with the same spec shares it."""
+    p = config.data.partition
+    return {"kind": p.kind, "seed": config.seed, **p.partition_params()}
+
+
+def default_partition_path(config: ExperimentConfig) -> Path:
+    key = partition_key(config.data.dataset, partition_spec(config))
+    return Path(config.tracking.results_dir) / "partitions" / f"{config.data.dataset}-{key}.json"
+
+
+def load_data(config: ExperimentConfig) -> ImageData:
+    return load_image_dataset(config.data.dataset, config.data.root, download=config.data.download,
+                              cache_dir=config.data.cache_dir)
+
+
+def get_partition(config: ExperimentConfig, data: ImageData) -> Partition:
+    """The configured partition file, else the cached one for this spec, else a new one (saved)."""
+    if config.data.partition_file:
+        partition = Partition.load(config.data.partition_file)
+        spec = partition_spec(config)
+        if partition.dataset != data.name or any(partition.spec.get(k) != v for k, v in spec.items()):
+            raise ValueError(f"partition file {config.data.partition_file} was made for {partition.dataset} "
+                             f"{partition.spec}, the config asks for {data.name} {spec}")
+        return partition
+    path = default_partition_path(config)
+    if path.exists():
+        return Partition.load(path)
+    spec = partition_spec(config)
+    partition = make_partition(data.name, spec["kind"], data.train_y.numpy(), data.test_y.numpy(),
+                               seed=config.seed, **config.data.partition.partition_params())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partition.save(path)
+    return partition
+
+
+def client_datasets(data: ImageData, partition: Partition, device: torch.device) -> list[ClientDataset]:
+    out = []
+    for train_idx, test_idx in zip(partition.train_indices, partition.test_indices, strict=True):
+        tr, te = torch.as_tensor(np.asarray(train_idx), dtype=torch.long), torch.as_tensor(np.asarray(test_idx),
+                                                                                          dtype=torch.long)
+        out.append(ClientDataset(data.train_x[tr], data.train_y[tr], data.test_x[te], data.test_y[te]).to(device))
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class RoundLogger:
+    """Turns each RoundResult into MLflow metrics and keeps the running totals for the record."""
+
+    tracker: RunTracker
+    num_clients: int
+    bytes_up: int = 0
+    bytes_down: int = 0
+    best_mean_acc: float = float("-inf")
+    best_round: int = -1
+    last_eval: RoundResult | None = None
+
+    def __post_init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def __call__(self, result: RoundResult) -> None:
+        self.bytes_up += result.bytes_up
+        self.bytes_down += result.bytes_down
+        metrics: dict[str, float] = {
+            "train_loss": result.train_loss,
+            "bytes_up": float(self.bytes_up),
+            "bytes_down": float(self.bytes_down),
+            "bytes_up_round": float(result.bytes_up),
+            "bytes_down_round": float(result.bytes_down),
+            "clients_sampled": float(len(result.sampled)),
+            "updates_dropped": float(len(result.dropped)),
+        }
+        if result.evaluation is not None:
+            accs = result.client_accuracies
+            evals = [result.evaluation[c] for c in sorted(result.evaluation)]
+            metrics.update({
+                "mean_acc": float(np.mean(accs)),
+                "std_acc": float(np.std(accs)),
+                "min_acc": float(np.min(accs)),
+                "max_acc": float(np.max(accs)),
+                "pooled_acc": sum(e.correct for e in evals) / max(1, sum(e.total for e in evals)),
+                "test_loss": sum(e.loss_sum for e in evals) / max(1, sum(e.total for e in evals)),
+            })
+            metrics.update({f"acc_client_{c}": result.evaluation[c].accuracy for c in sorted(result.evaluation)})
+            if metrics["mean_acc"] > self.best_mean_acc:
+                self.best_mean_acc, self.best_round = metrics["mean_acc"], result.round_idx
+            self.last_eval = result
+        self.tracker.log_metrics(metrics, step=result.round_idx)
+        self.history.append({"round": result.round_idx, **metrics})
+
+
+def per_client_csv(result: RoundResult, clients: list[ClientDataset]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["client", "num_train", "num_test", "correct", "accuracy", "test_loss"])
+    for cid in sorted(result.evaluation or {}):
+        e = result.evaluation[cid]
+        writer.writerow([cid, clients[cid].num_train, clients[cid].num_test, e.correct, f"{e.accuracy:.6f}",
+                         f"{e.mean_loss:.6f}"])
+    return buf.getvalue()
+
+
+def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Train one configured run in FedML single-process simulation and return its run record."""
+    started = time.time()
+    spec = get_algorithm(config.algorithm)
+    options = validate_algorithm_options(config.algorithm, config.algo)
+    device = resolve_device(config.device)
+    results_dir = Path(config.tracking.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+
+    data = load_data(config)
+    partition = get_partition(config, data)
+    clients = client_datasets(data, partition, device)
+
+    args = build_fedml_args(fedml_sections(config), home=fedml_home(results_dir))
+    torch.manual_seed(config.seed)
+    model = build_model(config.model.name, data.num_classes, in_channels=data.in_channels,
+                        image_size=data.image_size, weights=config.model.weights).to(device)
+    ctx = RunContext(config=config, options=options, device=device,
+                     transform=ImageTransform(data.mean, data.std, augment=config.train.augment))
+    trainers = [spec.client_cls(model, args, client_id=cid, data=d, ctx=ctx) for cid, d in enumerate(clients)]
+    server = spec.server_cls(model, args, ctx=ctx)
+
+    tracking_uri = config.tracking.tracking_uri or default_tracking_uri(results_dir)
+    prepare_store(tracking_uri)
+    run_name = config.tracking.run_name or f"{config.algorithm}-{config.data.dataset}-seed{config.seed}"
+    tags = {"algorithm": config.algorithm, "dataset": config.data.dataset, "seed": str(config.seed),
+            "partition": partition_key(data.name, partition_spec(config)), "fedselect_version": __version__,
+            **config.tracking.tags}
+    with RunTracker(tracking_uri=tracking_uri, experiment=config.tracking.experiment, run_name=run_name, tags=tags,
+                    artifact_root=results_dir / "mlartifacts") as tracker:
+        tracker.log_params(config.to_dict())
+        tracker.log_text(dump_config(config), "config.yaml")
+        summary = partition_summary(partition, data.train_y.numpy(), data.test_y.numpy(), data.classes)
+        tracker.log_dict(summary, "partition_summary.json")
+        logger = RoundLogger(tracker, len(clients))
+        flow = SimulationFlow(args=args, device=device, clients=trainers, server=server, rounds=config.train.rounds,
+                              participation=config.train.participation, seed=config.seed,
+                              eval_every=config.train.eval_every, on_round_end=logger, progress=progress)
+        fedml = __import__("fedml")
+        fedml.FedMLRunner(args, device, fedml_dataset_tuple(clients, data.num_classes), model,
+                          algorithm_flow=flow).run()
+        final = logger.last_eval
+        if final is None:
+            raise RuntimeError("no evaluation was run")
+        tracker.log_text(per_client_csv(final, clients), "per_client_results.csv")
+        plot_dir = results_dir / "plots"
+        plot_dir.mkdir(exist_ok=True)
+        plot_path = plot_dir / f"partition-{tags['partition']}.png"
+        if not plot_path.exists():
+            plot_partition(summary, plot_path)
+        tracker.log_artifact(plot_path)
+        record = {
+            "algorithm": config.algorithm,
+            "dataset": config.data.dataset,
+            "partition": partition_spec(config),
+            "partition_key": tags["partition"],
+            "model": config.model.name,
+            "seed": config.seed,
+            "device": str(device),
+            "rounds": config.train.rounds,
+            "final_mean_acc": final.mean_accuracy,
+            "final_round": final.round_idx,
+            "best_mean_acc": logger.best_mean_acc,
+            "best_round": logger.best_round,
+            "per_client_acc": final.client_accuracies,
+            "final_std_acc": float(np.std(final.client_accuracies)),
+            "bytes_up": logger.bytes_up,
+            "bytes_down": logger.bytes_down,
+            "bytes_up_per_round": [h["bytes_up_round"] for h in logger.history],
+            "bytes_down_per_round": [h["bytes_down_round"] for h in logger.history],
+            "mean_acc_per_round": [h.get("mean_acc") for h in logger.history],
+            "wall_seconds": time.time() - started,
+            "mlflow_run_id": tracker.run_id,
+            "mlflow_experiment": config.tracking.experiment,
+            "tracking_uri": tracking_uri,
+            "fedselect_version": __version__,
+            "git_commit": git_commit(),
+        }
+        tracker.log_metrics({"final_mean_acc": record["final_mean_acc"], "best_mean_acc": record["best_mean_acc"],
+                             "wall_seconds": record["wall_seconds"]}, step=config.train.rounds)
+        tracker.log_dict(record, "run_record.json")
+    if record_path is not None:
+        write_run_record(record_path, record)
+    return record

@@ -1,0 +1,82 @@
+"""Local training engine: masked steps, frozen tensors, augmentation, per-sample accuracy."""
+
+import torch
+from torch import nn
+
+from fedselect.engine import (
+    ImageTransform,
+    OptimConfig,
+    client_generator,
+    evaluate,
+    train_epochs,
+)
+
+
+def tiny_problem(n: int = 64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 8, 8), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 3))
+    transform = ImageTransform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment=True, pad=2)
+    return model, x, y, transform
+
+
+OPT = OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=16)
+
+
+def test_masked_entries_and_frozen_tensors_are_bit_identical():
+    model, x, y, transform = tiny_problem()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mask = torch.zeros_like(model[1].weight, dtype=torch.bool)
+    mask[:4] = True
+    stats = train_epochs(model, x, y, epochs=2, optim=OPT, transform=transform, generator=client_generator(0, 0, 0),
+                         trainable={"1.weight": mask, "3.bias": None})
+    after = model.state_dict()
+    assert stats.samples == 2 * len(y) and stats.steps == 2 * 4
+    assert torch.equal(after["1.weight"][~mask], before["1.weight"][~mask])
+    assert not torch.equal(after["1.weight"][mask], before["1.weight"][mask])
+    assert torch.equal(after["1.bias"], before["1.bias"])
+    assert torch.equal(after["3.weight"], before["3.weight"])
+    assert not torch.equal(after["3.bias"], before["3.bias"])
+    # requires_grad is restored afterwards
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_frozen_tensors_get_no_gradient_work():
+    model, x, y, transform = tiny_problem()
+    seen = []
+    model[1].weight.register_hook(lambda g: seen.append(g))
+    train_epochs(model, x, y, epochs=1, optim=OPT, transform=transform, generator=client_generator(0, 0, 0),
+                 trainable={"3.weight": None, "3.bias": None})
+    assert seen == []
+
+
+def test_same_generator_same_result():
+    results = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model, x, y, transform = tiny_problem()
+        train_epochs(model, x, y, epochs=2, optim=OPT, transform=transform, generator=client_generator(3, 1, 2))
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_augmentation_shapes_and_determinism():
+    transform = ImageTransform((0.0,), (1.0,), augment=True, pad=4)
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.uint8).view(2, 1, 6, 6)
+    a = transform(x, train=True, generator=torch.Generator().manual_seed(0))
+    b = transform(x, train=True, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 1, 6, 6) and torch.equal(a, b)
+    plain = transform(x, train=False)
+    assert torch.allclose(plain, x.float() / 255.0)
+
+
+def test_evaluate_counts_per_sample():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+    x = torch.tensor([[255, 0, 0], [0, 255, 0], [255, 0, 0]], dtype=torch.uint8).view(3, 3, 1, 1)
+    y = torch.tensor([0, 1, 1])
+    result = evaluate(model, x, y, transform=ImageTransform((0, 0, 0), (1, 1, 1), augment=False), batch_size=2)
+    assert (result.correct, result.total) == (2, 3)
+    assert abs(result.accuracy - 2 / 3) < 1e-12

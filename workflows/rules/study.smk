@@ -1,0 +1,69 @@
+wildcard_constraints:
+    run="[A-Za-z0-9_.]+",
+    seed="[0-9]+",
+
+
+rule all:
+    input:
+        f"{OUT}/summary.md",
+
+
+rule run_config:
+    output:
+        f"{OUT}/configs/{{run}}-seed{{seed}}.yaml",
+    params:
+        # the merged mapping is a param so that editing the study file re-runs what it changes
+        mapping=lambda wc: run_config(STUDY, wc.run, int(wc.seed), results_dir=RESULTS),
+    run:
+        write_run_config(STUDY, wildcards.run, int(wildcards.seed), output[0], results_dir=RESULTS)
+
+
+rule data_cache:
+    # decodes the dataset once into the tensor cache, before jobs run in parallel
+    input:
+        f"{OUT}/configs/{RUNS[0]}-seed{SEEDS[0]}.yaml",
+    output:
+        touch(f"{OUT}/.data-cached"),
+    log:
+        f"{OUT}/logs/data_cache.log",
+    shell:
+        "fedselect cache-data --config {input} > {log} 2>&1"
+
+
+rule partition:
+    input:
+        config=f"{OUT}/configs/{RUNS[0]}-seed{{seed}}.yaml",
+        cached=f"{OUT}/.data-cached",
+    output:
+        f"{OUT}/partitions/seed{{seed}}.json",
+    log:
+        f"{OUT}/logs/partition-seed{{seed}}.log",
+    shell:
+        "fedselect partition --config {input.config} --out {output} > {log} 2>&1"
+
+
+rule train:
+    input:
+        config=f"{OUT}/configs/{{run}}-seed{{seed}}.yaml",
+        partition=f"{OUT}/partitions/seed{{seed}}.json",
+    output:
+        f"{OUT}/runs/{{run}}-seed{{seed}}.json",
+    log:
+        f"{OUT}/logs/{{run}}-seed{{seed}}.log",
+    threads: 1
+    shell:
+        "OMP_NUM_THREADS={threads} fedselect run --config {input.config} "
+        "--set data.partition_file={input.partition} --out {output} --no-progress > {log} 2>&1"
+
+
+rule summarize:
+    input:
+        expand(f"{OUT}/runs/{{run}}-seed{{seed}}.json", run=RUNS, seed=SEEDS),
+    output:
+        table=f"{OUT}/summary.md",
+        csv=f"{OUT}/summary.csv",
+    log:
+        f"{OUT}/logs/summarize.log",
+    shell:
+        "python -m analysis.summarize --title {STUDY.name:q} --out-md {output.table} --out-csv {output.csv} "
+        "{input} > {log} 2>&1 && cat {output.table}"
