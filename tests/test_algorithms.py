@@ -10,7 +10,7 @@ import torch
 
 from fedselect.algorithms.base import BadUpdateError, FedAvgClient, FedAvgServer, RunContext
 from fedselect.algorithms.payload import decode_upload, encode_upload, payload_nbytes
-from fedselect.algorithms.registry import available_algorithms, get_algorithm
+from fedselect.algorithms.registry import available_algorithms, get_algorithm, validate_algorithm_options
 from fedselect.config import load_config_dict
 from fedselect.engine import ImageTransform, client_generator, train_epochs
 from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_dataset_tuple, fedml_sections
@@ -20,9 +20,9 @@ from fedselect.models import build_model
 from .conftest import synthetic_clients
 
 
-def make_run(algorithm: str, *, rounds: int = 2, num_clients: int = 3, client_cls=None, **train):
+def make_run(algorithm: str, *, rounds: int = 2, num_clients: int = 3, client_cls=None, algo=None, **train):
     config = load_config_dict({
-        "algorithm": algorithm, "seed": 5, "device": "cpu",
+        "algorithm": algorithm, "seed": 5, "device": "cpu", "algo": algo or {},
         "data": {"partition": {"num_clients": num_clients}},
         "train": {"rounds": rounds, "local_epochs": 1, "batch_size": 8, "lr": 0.05, "momentum": 0.5, **train},
     })
@@ -32,7 +32,8 @@ def make_run(algorithm: str, *, rounds: int = 2, num_clients: int = 3, client_cl
     torch.manual_seed(config.seed)
     model = build_model("cnn", 3, image_size=16)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    ctx = RunContext(config=config, options=None, device=torch.device("cpu"),
+    ctx = RunContext(config=config, options=validate_algorithm_options(algorithm, config.algo),
+                     device=torch.device("cpu"),
                      transform=ImageTransform((0.5,) * 3, (0.25,) * 3, augment=True))
     trainers = [(client_cls or spec.client_cls)(model, args, client_id=c, data=d, ctx=ctx)
                 for c, d in enumerate(clients)]

@@ -12,7 +12,7 @@ get ``requires_grad=False`` so autograd skips their gradient work entirely.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -92,29 +92,29 @@ class MaskedSGD:
 
     ``torch.optim.SGD`` would still apply weight decay and momentum to entries whose gradient
     was zeroed, so masked-out entries would drift. Here an update is ``p -= where(m, lr*d, 0)``:
-    entries outside the mask are bit-identical after any number of steps.
+    entries outside the mask are bit-identical after any number of steps. Momentum buffers
+    are kept per parameter name across passes, so alternating passes over different parts
+    (LocalAlt) share one optimizer, like one local optimizer per round.
     """
 
-    def __init__(self, params: list[tuple[nn.Parameter, torch.Tensor | None]], *, lr: float,
-                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        self.params = params
+    def __init__(self, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
-        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+        self.buffers: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def step(self) -> None:
-        for i, (param, mask) in enumerate(self.params):
+    def step(self, params: list[tuple[str, nn.Parameter, torch.Tensor | None]]) -> None:
+        for name, param, mask in params:
             if param.grad is None:
                 continue
             direction = param.grad
             if self.weight_decay:
                 direction = direction.add(param, alpha=self.weight_decay)
             if self.momentum:
-                buf = self.buffers[i]
+                buf = self.buffers.get(name)
                 if buf is None:
-                    buf = self.buffers[i] = direction.clone()
+                    buf = self.buffers[name] = direction.clone()
                 else:
                     buf.mul_(self.momentum).add_(direction)
                 direction = buf
@@ -123,22 +123,27 @@ class MaskedSGD:
             else:
                 param.sub_(torch.where(mask, direction * self.lr, torch.zeros((), device=param.device)))
 
-    def zero_grad(self) -> None:
-        for param, _ in self.params:
+    @staticmethod
+    def zero_grad(params: list[tuple[str, nn.Parameter, torch.Tensor | None]]) -> None:
+        for _, param, _ in params:
             param.grad = None
 
 
 @contextmanager
-def trainable_only(model: nn.Module, trainable: TrainableSpec | None) -> Iterator[list[tuple[nn.Parameter, torch.Tensor | None]]]:
-    """Within the block, only the named parameters require grad; yields (param, mask) pairs."""
+def trainable_only(model: nn.Module, trainable: TrainableSpec | None
+                   ) -> Iterator[list[tuple[str, nn.Parameter, torch.Tensor | None]]]:
+    """Within the block only the named parameters require grad; yields (name, param, mask).
+
+    A mask that is all True becomes None (plain update); an all-False mask freezes the tensor.
+    """
     params = dict(model.named_parameters())
     if trainable is None:
-        trainable = {name: None for name in params}
+        trainable = dict.fromkeys(params)
     unknown = [name for name in trainable if name not in params]
     if unknown:
         raise KeyError(f"trainable spec names unknown parameter '{unknown[0]}'")
     saved = {name: p.requires_grad for name, p in params.items()}
-    selected: list[tuple[nn.Parameter, torch.Tensor | None]] = []
+    selected: list[tuple[str, nn.Parameter, torch.Tensor | None]] = []
     try:
         for name, param in params.items():
             on = name in trainable
@@ -153,7 +158,7 @@ def trainable_only(model: nn.Module, trainable: TrainableSpec | None) -> Iterato
                     on = False
             param.requires_grad_(on)
             if on:
-                selected.append((param, mask))
+                selected.append((name, param, mask))
         yield selected
     finally:
         for name, param in params.items():
@@ -185,40 +190,54 @@ class OptimConfig:
     batch_size: int = 32
 
 
+def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Sequence[TrainableSpec | None], *,
+                 optim: OptimConfig, transform: Callable[..., torch.Tensor], generator: torch.Generator,
+                 extra_loss: ExtraLoss | None = None) -> TrainStats:
+    """One epoch over (x, y) per entry of ``passes``, each updating only its trainable spec.
+
+    All passes share one optimizer (momentum carries over) and one generator. A pass with
+    nothing trainable is skipped without drawing random numbers, so e.g. LocalAlt with an
+    empty personal part is exactly plain local SGD.
+    """
+    stats = TrainStats()
+    n = int(y.shape[0])
+    if n == 0:
+        return stats
+    optimizer = MaskedSGD(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    was_training = model.training
+    model.train()
+    for trainable in passes:
+        with trainable_only(model, trainable) as params:
+            if not params:
+                continue
+            order = torch.randperm(n, generator=generator).to(y.device)
+            for start in range(0, n, optim.batch_size):
+                idx = order[start:start + optim.batch_size]
+                inputs = transform(x[idx], train=True, generator=generator)
+                loss = F.cross_entropy(model(inputs), y[idx])
+                total = loss if extra_loss is None else loss + extra_loss(model)
+                optimizer.zero_grad(params)
+                total.backward()
+                optimizer.step(params)
+                stats.loss_sum += float(loss.detach()) * int(idx.shape[0])
+                stats.samples += int(idx.shape[0])
+                stats.steps += 1
+            optimizer.zero_grad(params)
+    model.train(was_training)
+    return stats
+
+
 def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, optim: OptimConfig,
                  transform: Callable[..., torch.Tensor], generator: torch.Generator,
                  trainable: TrainableSpec | None = None, extra_loss: ExtraLoss | None = None) -> TrainStats:
     """Train ``model`` in place for ``epochs`` passes over (x, y), updating only ``trainable``.
 
-    Each epoch visits every sample once in a random order drawn from ``generator``; the
-    last batch may be smaller. Momentum buffers start fresh on each call (a new local
-    optimizer per call, as in FedAvg's client update).
+    Each epoch visits every sample once in a random order drawn from ``generator``; the last
+    batch may be smaller. Momentum buffers start fresh on each call (a new local optimizer per
+    call, as in FedAvg's client update).
     """
-    stats = TrainStats()
-    n = int(y.shape[0])
-    if epochs <= 0 or n == 0:
-        return stats
-    with trainable_only(model, trainable) as params:
-        if not params:
-            return stats
-        optimizer = MaskedSGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-        model.train()
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator).to(y.device)
-            for start in range(0, n, optim.batch_size):
-                idx = order[start:start + optim.batch_size]
-                inputs = transform(x[idx], train=True, generator=generator)
-                logits = model(inputs)
-                loss = F.cross_entropy(logits, y[idx])
-                total = loss if extra_loss is None else loss + extra_loss(model)
-                optimizer.zero_grad()
-                total.backward()
-                optimizer.step()
-                stats.loss_sum += float(loss.detach()) * int(idx.shape[0])
-                stats.samples += int(idx.shape[0])
-                stats.steps += 1
-        optimizer.zero_grad()
-    return stats
+    return train_passes(model, x, y, [trainable] * max(0, epochs), optim=optim, transform=transform,
+                        generator=generator, extra_loss=extra_loss)
 
 
 @dataclass(frozen=True)

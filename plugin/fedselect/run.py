@@ -117,6 +117,11 @@ class RoundLogger:
             "clients_sampled": float(len(result.sampled)),
             "updates_dropped": float(len(result.dropped)),
         }
+        keys = sorted({k for m in result.client_metrics.values() for k in m})
+        for key in keys:
+            values = {c: m[key] for c, m in result.client_metrics.items() if key in m}
+            metrics[f"{key}_mean"] = float(np.mean(list(values.values())))
+            metrics.update({f"{key}_client_{c}": v for c, v in values.items()})
         if result.evaluation is not None:
             accs = result.client_accuracies
             evals = [result.evaluation[c] for c in sorted(result.evaluation)]

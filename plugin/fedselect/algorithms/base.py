@@ -36,9 +36,12 @@ from fedselect.engine import (
     TrainStats,
     client_generator,
     evaluate,
-    train_epochs,
+    train_passes,
 )
 from fedselect.fedml_runtime.runtime import import_fedml
+
+from fedselect.core.aggregate import masked_average
+from fedselect.core.masks import PackedTensor, pack_mask, unpack_mask
 
 from .payload import decode_upload, encode_upload
 
@@ -83,10 +86,24 @@ class FedAvgClient(ClientTrainer):
         self.ctx = ctx
         self.local_sample_number = data.num_train
         self.round_idx = 0
-        self.personal_mask: Mask = {}
+        # between rounds a client holds only its bit-packed mask and 1-D personal values
+        self.packed_mask: dict[str, PackedTensor] = {}
         self.personal_values: State = {}
         self.mask_initialized = False
         self.last_train_stats = TrainStats()
+
+    @property
+    def personal_mask(self) -> Mask:
+        """This client's mask (True = personal), unpacked on the training device."""
+        return unpack_mask(self.packed_mask, device=self.ctx.device) if self.packed_mask else {}
+
+    @personal_mask.setter
+    def personal_mask(self, mask: Mask) -> None:
+        self.packed_mask = pack_mask({n: m for n, m in mask.items() if bool(m.any())})
+
+    def round_metrics(self) -> dict[str, float]:
+        """Per-client figures of the last local update to log (FedSelect: personal fractions)."""
+        return {}
 
     # ---- hooks an algorithm overrides -------------------------------------------------
     def initial_personal_mask(self) -> Mask:
@@ -104,10 +121,17 @@ class FedAvgClient(ClientTrainer):
     def train_epochs(self, epochs: int, trainable: TrainableSpec | None = None, *,
                      extra_loss: ExtraLoss | None = None, stream: int = 0) -> TrainStats:
         """``epochs`` passes over this client's training split, updating only ``trainable``."""
+        return self.train_passes([trainable] * max(0, epochs), extra_loss=extra_loss, stream=stream)
+
+    def train_passes(self, passes: list[TrainableSpec | None], *, extra_loss: ExtraLoss | None = None,
+                     stream: int = 0) -> TrainStats:
+        """One epoch per pass, each with its own trainable spec, one optimizer for all.
+
+        ``stream`` separates the random draws of several calls within one round.
+        """
         generator = client_generator(self.ctx.config.seed, self.id, self.round_idx, stream)
-        return train_epochs(self.model, self.data.train_x, self.data.train_y, epochs=epochs, optim=self.ctx.optim,
-                            transform=self.ctx.transform, generator=generator, trainable=trainable,
-                            extra_loss=extra_loss)
+        return train_passes(self.model, self.data.train_x, self.data.train_y, passes, optim=self.ctx.optim,
+                            transform=self.ctx.transform, generator=generator, extra_loss=extra_loss)
 
     def state_entries(self) -> State:
         """Parameters and buffers by name: the entries a mask may cover."""
@@ -134,8 +158,9 @@ class FedAvgClient(ClientTrainer):
                 if name not in state:
                     raise KeyError(f"global model has tensor '{name}' the client model lacks")
                 state[name].copy_(value)
+            mask = self.personal_mask
             for name, values in self.personal_values.items():
-                state[name][self.personal_mask[name]] = values.to(state[name].dtype)
+                state[name][mask[name]] = values.to(state[name].dtype)
 
     def ensure_personal_mask(self) -> None:
         if not self.mask_initialized:
@@ -159,6 +184,11 @@ class FedAvgClient(ClientTrainer):
         state = self.state_entries()
         self.personal_values = {name: state[name][mask].detach().clone() for name, mask in self.personal_mask.items()}
 
+    def personal_state_nbytes(self) -> int:
+        """Bytes this client keeps between rounds: personal values plus packed mask bits."""
+        return (sum(v.numel() * v.element_size() for v in self.personal_values.values())
+                + sum(p.bits.numel() for p in self.packed_mask.values()))
+
     def test(self, test_data: Any, device: Any, args: Any) -> EvalResult:
         """Per-sample accuracy of this client's personalized model on its own test split."""
         self.prepare_for_evaluation()
@@ -168,9 +198,10 @@ class FedAvgClient(ClientTrainer):
         """Bytes of the global values this client needs: its shared entries, plus, before its
         first local update, the initial values of its personal entries."""
         self.ensure_personal_mask()
+        masks = self.personal_mask
         total = 0
         for name, value in global_state.items():
-            mask = self.personal_mask.get(name)
+            mask = masks.get(name)
             needs_init = name not in self.personal_values
             shared = value.numel() if mask is None or needs_init else int((~mask).sum())
             total += shared * value.element_size()
@@ -186,6 +217,8 @@ class FedAvgServer(ServerAggregator):
         self.global_state: OrderedDict[str, torch.Tensor] = OrderedDict(
             (k, v.detach().clone()) for k, v in model.state_dict().items())
         self.dropped_updates: list[tuple[int, str]] = []
+        # m_G: entries personal to at least one client of the last round (FedSelect's global mask)
+        self.global_personal_mask: Mask = {}
 
     def get_model_params(self) -> OrderedDict[str, torch.Tensor]:
         return self.global_state
@@ -219,25 +252,26 @@ class FedAvgServer(ServerAggregator):
         entries are neither read nor overwritten.
         """
         accepted = self.validate_uploads(raw_client_model_or_grad_list)
-        weighted = self.ctx.config.train.weighted_aggregation
+        if not accepted:
+            log.warning("no client update accepted this round; the global model is unchanged")
+            return OrderedDict(self.global_state)
+        floats = {k: v for k, v in self.global_state.items() if v.is_floating_point()}
+        states, masks, weights = [], [], []
+        for num_samples, state, shared, _ in accepted:
+            # a tensor the client did not send at all is personal to it in every entry
+            states.append({k: state.get(k, v) for k, v in floats.items()})
+            masks.append({k: ~shared[k] if k in shared else torch.ones_like(v, dtype=torch.bool)
+                          for k, v in floats.items()})
+            weights.append(num_samples if self.ctx.config.train.weighted_aggregation else 1.0)
+        averaged, self.global_personal_mask = masked_average(floats, states, masks, weights)
         new_state: OrderedDict[str, torch.Tensor] = OrderedDict()
         for name, old in self.global_state.items():
-            contributions = [(n, state[name], shared[name]) for n, state, shared, _ in accepted if name in state]
-            if not contributions:
-                new_state[name] = old
+            if name in averaged:
+                new_state[name] = averaged[name]
                 continue
-            if not old.is_floating_point():
-                # integer buffers (BatchNorm's num_batches_tracked): a count, not an average
-                new_state[name] = torch.stack([v for _, v, _ in contributions]).amax(dim=0)
-                continue
-            numerator = torch.zeros_like(old, dtype=torch.float64)
-            denominator = torch.zeros_like(old, dtype=torch.float64)
-            for n, value, shared in contributions:
-                weight = n if weighted else 1.0
-                numerator += torch.where(shared, value.double() * weight, 0.0)
-                denominator += shared.double() * weight
-            averaged = (numerator / denominator.clamp_min(1e-300)).to(old.dtype)
-            new_state[name] = torch.where(denominator > 0, averaged, old)
+            # integer buffers (BatchNorm's num_batches_tracked) are counts, not averages
+            sent = [state[name] for _, state, _, _ in accepted if name in state]
+            new_state[name] = torch.stack(sent).amax(dim=0) if sent else old
         return new_state
 
     def test(self, test_data: Any, device: Any, args: Any) -> None:

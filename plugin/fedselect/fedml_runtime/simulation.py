@@ -52,6 +52,8 @@ class RoundResult:
     bytes_up: int
     bytes_down: int
     evaluation: dict[int, EvalResult] | None = None
+    # each sampled client's own figures of its local update (ClientTrainer.round_metrics)
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     dropped: list[tuple[int, str]] = field(default_factory=list)
 
     @property
@@ -103,6 +105,7 @@ class SimulationFlow:
         uploads: list[tuple[float, Any]] = []
         bytes_up = bytes_down = 0
         losses = []
+        client_metrics: dict[int, dict[str, float]] = {}
         for cid in sampled:
             trainer = self.clients[cid]
             bytes_down += trainer.download_nbytes(global_params)
@@ -111,6 +114,7 @@ class SimulationFlow:
             stats = trainer.train(None, self.device, self.args)
             trainer.on_after_local_training(None, self.device, self.args)
             losses.append(stats.mean_loss)
+            client_metrics[cid] = trainer.round_metrics()
             upload = trainer.get_model_params()
             bytes_up += payload_nbytes(upload)
             uploads.append((float(trainer.local_sample_number), upload))
@@ -127,7 +131,8 @@ class SimulationFlow:
         finite = [x for x in losses if np.isfinite(x)]
         return RoundResult(round_idx=round_idx, sampled=sampled,
                            train_loss=float(np.mean(finite)) if finite else float("nan"),
-                           bytes_up=bytes_up, bytes_down=bytes_down, evaluation=evaluation, dropped=dropped)
+                           bytes_up=bytes_up, bytes_down=bytes_down, evaluation=evaluation,
+                           client_metrics=client_metrics, dropped=dropped)
 
     def evaluate_all(self) -> dict[int, EvalResult]:
         """Every client (sampled or not) evaluates its personalized model on its own test split."""

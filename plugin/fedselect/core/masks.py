@@ -1,0 +1,356 @@
+"""Per-tensor boolean masks over a model's parameters (the u / v split of partial personalization).
+
+Conventions shared by all of ``fedselect.core``:
+
+* a *state* is ``dict[str, Tensor]`` keyed by parameter name;
+* a *mask* is ``dict[str, BoolTensor]`` with the same keys and shapes; **True = personal** (kept and
+  fine-tuned on the client, never averaged), False = shared (averaged by the server).
+
+The partial-personalization split is Pillutla et al. 2022 ("Federated learning with partial model
+personalization", Sec. 2: theta = (u, v)); FedSelect (arXiv 2306.13264, Alg. 1) learns the split
+element-wise. Every selection here is an *exact* top-k with a fixed tie rule, because the released
+code's ``>= quantile`` rule turns whole layers personal when many changes tie (see ``grow_mask``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+State = dict[str, Tensor]
+Mask = dict[str, Tensor]
+
+__all__ = [
+    "Mask",
+    "PackedTensor",
+    "State",
+    "empty_mask",
+    "full_mask",
+    "grow_mask",
+    "iou_matrix",
+    "mask_iou",
+    "pack_mask",
+    "packed_nbytes",
+    "personal_count",
+    "personal_fraction",
+    "personal_fraction_by_group",
+    "target_count",
+    "topk_mask",
+    "unpack_mask",
+    "validate_mask",
+    "validate_same_layout",
+]
+
+
+def target_count(n: int, fraction: float) -> int:
+    """Number of entries a fraction of ``n`` stands for: nearest integer, halves rounded up.
+
+    Used wherever the paper speaks of "a fraction p of the parameters" (FedSelect Alg. 1, the
+    ``(1 - r)`` largest entries) so that every module rounds the same way. Raises ValueError when
+    ``fraction`` is outside [0, 1] or ``n`` is negative.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not (0.0 <= fraction <= 1.0):
+        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    # Python's round() is banker's rounding; half-up is easier to state and to predict in tests.
+    return min(n, int(math.floor(fraction * n + 0.5)))
+
+
+def empty_mask(state: Mapping[str, Tensor]) -> Mask:
+    """All-False mask (everything shared): the FedAvg split, theta = u (Pillutla et al. 2022, Sec. 2)."""
+    return {k: torch.zeros(v.shape, dtype=torch.bool, device=v.device) for k, v in state.items()}
+
+
+def full_mask(state: Mapping[str, Tensor]) -> Mask:
+    """All-True mask (everything personal): GradLTN's starting mask m = 1 (FedSelect Alg. 1, line 1)."""
+    return {k: torch.ones(v.shape, dtype=torch.bool, device=v.device) for k, v in state.items()}
+
+
+def validate_mask(mask: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> None:
+    """Check that ``mask`` is a bool mask with exactly the keys and shapes of ``state``.
+
+    Precondition of every masked operation in FedSelect (Alg. 1 and the server's masked average).
+    Raises ValueError naming the offending tensor (missing/extra key, shape or dtype mismatch).
+    """
+    missing = [k for k in state if k not in mask]
+    if missing:
+        raise ValueError(f"mask is missing tensor {missing[0]!r} (missing: {missing})")
+    extra = [k for k in mask if k not in state]
+    if extra:
+        raise ValueError(f"mask has tensor {extra[0]!r} that the state lacks (extra: {extra})")
+    for k, t in state.items():
+        m = mask[k]
+        if m.dtype != torch.bool:
+            raise ValueError(f"mask tensor {k!r} has dtype {m.dtype}, expected torch.bool")
+        if tuple(m.shape) != tuple(t.shape):
+            raise ValueError(
+                f"mask tensor {k!r} has shape {tuple(m.shape)} but the state's has {tuple(t.shape)}"
+            )
+
+
+def validate_same_layout(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], what_a: str = "a", what_b: str = "b"
+) -> None:
+    """Check two states (or masks) have the same keys and shapes; ValueError names the tensor.
+
+    Precondition of the element-wise operations of FedSelect Alg. 1 (gamma = |theta_i - theta_{i-1}|)
+    and of the server average.
+    """
+    for k in a:
+        if k not in b:
+            raise ValueError(f"{what_b} is missing tensor {k!r} present in {what_a}")
+    for k in b:
+        if k not in a:
+            raise ValueError(f"{what_b} has tensor {k!r} that {what_a} lacks")
+    for k, t in a.items():
+        if tuple(t.shape) != tuple(b[k].shape):
+            raise ValueError(
+                f"tensor {k!r}: {what_a} has shape {tuple(t.shape)}, {what_b} has {tuple(b[k].shape)}"
+            )
+
+
+def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor:
+    """Exactly ``k`` True entries: the largest ``scores`` among the entries where ``within`` is True.
+
+    Implements "the largest (1 - r) fraction of gamma within m" of FedSelect Alg. 1 as an exact
+    top-k. Ties are broken by flat (row-major) index, lower index first, so the count is exact even
+    when all scores are equal (the released code's ``>= quantile`` rule selects every tied entry).
+    ``within=None`` means the whole tensor. NaN scores among the candidates raise ValueError (a
+    diverged client has no meaningful ranking); +-inf are ordinary values.
+    """
+    if within is None:
+        within = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if within.dtype != torch.bool:
+        raise ValueError(f"within must be a bool tensor, got {within.dtype}")
+    if tuple(within.shape) != tuple(scores.shape):
+        raise ValueError(
+            f"within has shape {tuple(within.shape)} but scores have shape {tuple(scores.shape)}"
+        )
+    flat_within = within.reshape(-1)
+    n_candidates = int(flat_within.sum().item())
+    if not (0 <= k <= n_candidates):
+        raise ValueError(f"k={k} is outside [0, {n_candidates}] (number of candidate entries)")
+    out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k == 0:
+        return out.reshape(scores.shape)
+    flat = scores.reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    idx = flat_within.nonzero().squeeze(1)
+    vals = flat[idx]
+    if vals.is_floating_point() and bool(torch.isnan(vals).any()):
+        raise ValueError("scores contain NaN among the candidate entries")
+    # The k-th largest value is unique even though the order among tied entries is not; everything
+    # above it is in, and the tied entries fill the remaining slots in index order. kthvalue is a
+    # selection (linear time), cheaper than sorting millions of entries per tensor.
+    kth = torch.kthvalue(vals, n_candidates - k + 1).values
+    above = vals > kth
+    need = k - int(above.sum().item())
+    tied = vals == kth
+    chosen = above | (tied & (torch.cumsum(tied.to(torch.int64), 0) <= need))
+    out[idx[chosen]] = True
+    return out.reshape(scores.shape)
+
+
+def personal_count(mask: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> tuple[int, int]:
+    """(number of personal entries, number of entries) over ``keys`` (default: all tensors).
+
+    The counts behind |v| / |theta| of the partial-personalization split (Pillutla et al. 2022, Sec. 2).
+    """
+    names = list(mask) if keys is None else list(keys)
+    n_true = 0
+    n_all = 0
+    for k in names:
+        if k not in mask:
+            raise ValueError(f"mask has no tensor {k!r}")
+        n_true += int(mask[k].sum().item())
+        n_all += mask[k].numel()
+    return n_true, n_all
+
+
+def personal_fraction(mask: Mapping[str, Tensor]) -> float:
+    """Fraction of all entries that are personal, |v| / |theta| (FedSelect's logged personal fraction).
+
+    A mask with no entries has fraction 0.0.
+    """
+    n_true, n_all = personal_count(mask)
+    return n_true / n_all if n_all else 0.0
+
+
+def personal_fraction_by_group(
+    mask: Mapping[str, Tensor], groups: Mapping[str, Sequence[str]]
+) -> dict[str, float]:
+    """Personal fraction |v_g| / |theta_g| of each named group of tensors (e.g. ResNet blocks).
+
+    Per-layer breakdown of the split of Pillutla et al. 2022, Sec. 2, as logged for FedSelect. A
+    group naming a tensor the mask lacks raises ValueError; a group with no entries has fraction 0.0.
+    """
+    out: dict[str, float] = {}
+    for name, keys in groups.items():
+        n_true, n_all = personal_count(mask, keys)
+        out[name] = n_true / n_all if n_all else 0.0
+    return out
+
+
+def mask_iou(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, keys: Iterable[str] | None = None) -> float:
+    """Intersection over union of the personal entries of two masks, over all entries of ``keys``.
+
+    The overlap measure between clients' personal subnetworks (FedSelect Sec. 4 analysis). Two masks
+    with no personal entries are identical, so their IoU is defined as 1.0. Keys and shapes must match.
+    """
+    validate_same_layout(a, b, "mask a", "mask b")
+    names = list(a) if keys is None else list(keys)
+    inter = 0
+    union = 0
+    for k in names:
+        if k not in a:
+            raise ValueError(f"masks have no tensor {k!r}")
+        inter += int((a[k] & b[k]).sum().item())
+        union += int((a[k] | b[k]).sum().item())
+    return inter / union if union else 1.0
+
+
+def iou_matrix(masks: Sequence[Mapping[str, Tensor]], keys: Iterable[str] | None = None) -> np.ndarray:
+    """Symmetric matrix of pairwise ``mask_iou`` between clients' masks (diagonal 1.0).
+
+    The client-by-client overlap of personal subnetworks logged as an artifact for FedSelect.
+    """
+    names = None if keys is None else list(keys)
+    n = len(masks)
+    out = np.ones((n, n), dtype=np.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            out[i, j] = out[j, i] = mask_iou(masks[i], masks[j], keys=names)
+    return out
+
+
+class PackedTensor(NamedTuple):
+    """One bit-packed mask tensor: ``bits`` (uint8, 8 entries per byte, MSB first) and its shape."""
+
+    bits: Tensor
+    shape: tuple[int, ...]
+
+
+# MSB-first bit weights, the same layout as numpy.packbits, so packed masks can be read with numpy too.
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+
+
+def pack_mask(mask: Mapping[str, Tensor]) -> dict[str, PackedTensor]:
+    """Bit-pack a mask, one bit per entry (row-major, MSB first, zero-padded to whole bytes).
+
+    The wire/storage form of a client's mask m_k (FedSelect Alg. 1 output): ceil(numel / 8) bytes per
+    tensor instead of one byte per bool. Packed bits are on the CPU.
+    """
+    out: dict[str, PackedTensor] = {}
+    for k, m in mask.items():
+        if m.dtype != torch.bool:
+            raise ValueError(f"mask tensor {k!r} has dtype {m.dtype}, expected torch.bool")
+        flat = m.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = torch.cat([flat, torch.zeros(pad, dtype=torch.uint8)])
+        # Weighted sum of 8 bits is at most 255, so uint8 arithmetic cannot overflow.
+        bits = (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+        out[k] = PackedTensor(bits=bits, shape=tuple(m.shape))
+    return out
+
+
+def unpack_mask(
+    packed: Mapping[str, PackedTensor | tuple[Tensor, Sequence[int]]],
+    device: torch.device | str | None = None,
+) -> Mask:
+    """Inverse of ``pack_mask``: exact round trip to a bool mask (optionally moved to ``device``).
+
+    Restores a client's stored mask m_k (FedSelect Alg. 1) before training or aggregation.
+    """
+    out: Mask = {}
+    for k, (bits, shape) in packed.items():
+        shape_t = tuple(int(s) for s in shape)
+        numel = math.prod(shape_t)
+        if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
+            raise ValueError(
+                f"packed tensor {k!r}: expected {(numel + 7) // 8} uint8 bytes for shape {shape_t}, "
+                f"got {bits.dtype} of shape {tuple(bits.shape)}"
+            )
+        unpacked = (bits.cpu().unsqueeze(1) >> _BIT_SHIFTS) & 1
+        m = unpacked.reshape(-1)[:numel].to(torch.bool).reshape(shape_t)
+        out[k] = m if device is None else m.to(device)
+    return out
+
+
+def packed_nbytes(mask: Mapping[str, Tensor]) -> int:
+    """Bytes of the bit-packed mask, sum over tensors of ceil(numel / 8) (upload cost of m_k)."""
+    return sum((m.numel() + 7) // 8 for m in mask.values())
+
+
+def grow_mask(
+    mask: Mapping[str, Tensor],
+    change: Mapping[str, Tensor],
+    *,
+    rate: float,
+    target_fraction: float,
+    keys: Iterable[str] | None = None,
+    cap_at_target: bool = False,
+) -> Mask:
+    """Online mask growth of the released FedSelect code (the "FedSelectv2"/CVPR variant).
+
+    Exact semantics, per tensor ``t`` among ``keys`` (default: every tensor; the released code grows
+    only tensors whose name contains ``weight``, which callers select through ``keys``):
+
+    * with ``n`` entries of which ``P`` are personal: if ``P / n > target_fraction`` (strictly, as the
+      released ``_violates_bound``) the tensor is left unchanged;
+    * otherwise ``k = target_count(n - P, rate)`` still-shared entries with the largest ``|change|``
+      become personal (exact top-k, ties to the lower flat index); personal entries stay personal.
+      With ``cap_at_target`` (not in the released code) ``k`` is further limited so that the tensor's
+      personal count does not pass ``target_count(n, target_fraction)``.
+
+    Tensors outside ``keys`` are copied unchanged. ``change`` must cover the grown tensors with the
+    same shapes (it is typically theta_now - theta_at_last_growth).
+
+    Difference from the released code (``get_mask_from_delta`` with ``invert=True``): it takes the
+    value at sorted position ``round((1 - rate) * (n - P))`` of the shared entries' |change| as a
+    cutoff and makes every entry with ``|change| >= cutoff`` personal. When many changes tie (exactly
+    zero for weights that get no gradient, e.g. 3x3 kernels acting on 1x1 maps), all of them pass at
+    once and a whole layer flips; it also indexes past the end when that position equals ``n - P``.
+    Here exactly ``k`` entries move, so the fraction after one growth step is ``(P + k) / n``.
+    """
+    if not (0.0 <= rate <= 1.0):
+        raise ValueError(f"rate must be in [0, 1], got {rate!r}")
+    if not (0.0 <= target_fraction <= 1.0):
+        raise ValueError(f"target_fraction must be in [0, 1], got {target_fraction!r}")
+    names = set(mask) if keys is None else set(keys)
+    out: Mask = {}
+    for name, m in mask.items():
+        if name not in names:
+            out[name] = m.clone()
+            continue
+        if m.dtype != torch.bool:
+            raise ValueError(f"mask tensor {name!r} has dtype {m.dtype}, expected torch.bool")
+        if name not in change:
+            raise ValueError(f"change is missing tensor {name!r}")
+        delta = change[name]
+        if tuple(delta.shape) != tuple(m.shape):
+            raise ValueError(
+                f"tensor {name!r}: mask has shape {tuple(m.shape)}, change has {tuple(delta.shape)}"
+            )
+        n = m.numel()
+        n_personal = int(m.sum().item())
+        if n == 0 or n_personal / n > target_fraction:
+            out[name] = m.clone()
+            continue
+        k = target_count(n - n_personal, rate)
+        if cap_at_target:
+            k = min(k, max(0, target_count(n, target_fraction) - n_personal))
+        grown = topk_mask(delta.detach().abs(), k, within=~m)
+        out[name] = m | grown
+    missing = names - set(mask)
+    if missing:
+        raise ValueError(f"keys name tensor {sorted(missing)[0]!r} that the mask lacks")
+    return out

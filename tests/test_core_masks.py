@@ -1,0 +1,242 @@
+"""Tests for fedselect.core.masks: exact top-k, fractions, IoU, bit packing, online growth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from fedselect.core.masks import (
+    empty_mask,
+    full_mask,
+    grow_mask,
+    iou_matrix,
+    mask_iou,
+    pack_mask,
+    packed_nbytes,
+    personal_fraction,
+    personal_fraction_by_group,
+    target_count,
+    topk_mask,
+    unpack_mask,
+    validate_mask,
+)
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "conv.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "conv.bias": torch.randn(4, generator=g),
+        "fc.weight": torch.randn(10, 7, generator=g),
+    }
+
+
+def test_empty_full_and_validate() -> None:
+    st = _state()
+    e, f = empty_mask(st), full_mask(st)
+    validate_mask(e, st)
+    validate_mask(f, st)
+    assert personal_fraction(e) == 0.0
+    assert personal_fraction(f) == 1.0
+    assert all(m.dtype == torch.bool for m in e.values())
+
+
+def test_validate_mask_names_the_tensor() -> None:
+    st = _state()
+    m = empty_mask(st)
+    del m["conv.bias"]
+    with pytest.raises(ValueError, match="conv.bias"):
+        validate_mask(m, st)
+    m = empty_mask(st)
+    m["fc.weight"] = torch.zeros(7, 10, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"fc\.weight.*\(7, 10\).*\(10, 7\)"):
+        validate_mask(m, st)
+    m = empty_mask(st)
+    m["conv.weight"] = m["conv.weight"].to(torch.uint8)
+    with pytest.raises(ValueError, match="conv.weight.*dtype"):
+        validate_mask(m, st)
+    m = empty_mask(st)
+    m["extra"] = torch.zeros(1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="extra"):
+        validate_mask(m, st)
+
+
+def test_target_count_rounds_half_up() -> None:
+    assert target_count(10, 0.25) == 3  # 2.5 -> 3
+    assert target_count(3, 0.5) == 2  # 1.5 -> 2
+    assert target_count(8, 0.25) == 2
+    assert target_count(0, 0.7) == 0
+    assert target_count(5, 1.0) == 5
+    with pytest.raises(ValueError):
+        target_count(5, 1.5)
+
+
+def test_topk_exact_with_all_ties_lower_index_wins() -> None:
+    scores = torch.zeros(3, 5)
+    m = topk_mask(scores, 4)
+    assert int(m.sum()) == 4
+    assert m.reshape(-1)[:4].all() and not m.reshape(-1)[4:].any()
+
+
+def test_topk_ties_at_threshold_and_within() -> None:
+    scores = torch.tensor([5.0, 1.0, 3.0, 3.0, 3.0, 0.0, 3.0, 9.0])
+    m = topk_mask(scores, 4)
+    # 9 and 5 are above the 3's; of the four 3's the two with the lowest index fill the remaining slots.
+    assert m.tolist() == [True, False, True, True, False, False, False, True]
+    within = torch.tensor([True, True, False, True, True, True, True, False])
+    m = topk_mask(scores, 3, within=within)
+    assert m.tolist() == [True, False, False, True, True, False, False, False]
+    assert not (m & ~within).any()
+
+
+def test_topk_edge_cases() -> None:
+    scores = torch.tensor([1.0, -math.inf, math.inf, 2.0])
+    assert topk_mask(scores, 0).sum() == 0
+    assert topk_mask(scores, 4).all()
+    assert topk_mask(scores, 1).tolist() == [False, False, True, False]
+    assert topk_mask(scores, 4 - 0).sum() == 4
+    with pytest.raises(ValueError, match="k=5"):
+        topk_mask(scores, 5)
+    with pytest.raises(ValueError, match="k=3"):
+        topk_mask(scores, 3, within=torch.tensor([True, True, False, False]))
+    with pytest.raises(ValueError, match="NaN"):
+        topk_mask(torch.tensor([1.0, math.nan]), 1)
+    # NaN outside the candidates is irrelevant.
+    assert topk_mask(torch.tensor([1.0, math.nan]), 1, within=torch.tensor([True, False])).tolist() == [
+        True,
+        False,
+    ]
+    with pytest.raises(ValueError, match="shape"):
+        topk_mask(scores, 1, within=torch.ones(3, dtype=torch.bool))
+
+
+def test_topk_matches_sort_reference() -> None:
+    g = torch.Generator().manual_seed(3)
+    # Few distinct values force many ties at the threshold.
+    scores = torch.randint(0, 5, (257,), generator=g).float()
+    for k in (0, 1, 50, 128, 256, 257):
+        order = sorted(range(257), key=lambda i: (-scores[i].item(), i))
+        expected = torch.zeros(257, dtype=torch.bool)
+        expected[order[:k]] = True
+        assert torch.equal(topk_mask(scores, k), expected)
+
+
+def test_fractions_overall_and_by_group() -> None:
+    st = _state()
+    m = empty_mask(st)
+    m["fc.weight"][:5] = True  # 35 of 70
+    m["conv.bias"][0] = True  # 1 of 4
+    total = sum(t.numel() for t in st.values())
+    assert personal_fraction(m) == pytest.approx(36 / total)
+    groups = {"head": ["fc.weight"], "body": ["conv.weight", "conv.bias"], "none": []}
+    by = personal_fraction_by_group(m, groups)
+    assert by == {"head": 0.5, "body": pytest.approx(1 / 112), "none": 0.0}
+    with pytest.raises(ValueError, match="nope"):
+        personal_fraction_by_group(m, {"x": ["nope"]})
+    assert personal_fraction({}) == 0.0
+
+
+def test_iou_edge_cases() -> None:
+    st = _state()
+    e = empty_mask(st)
+    f = full_mask(st)
+    assert mask_iou(e, e) == 1.0
+    assert mask_iou(f, f) == 1.0
+    assert mask_iou(e, f) == 0.0
+    a = empty_mask(st)
+    b = empty_mask(st)
+    a["fc.weight"][0, :4] = True
+    b["fc.weight"][0, 2:6] = True
+    assert mask_iou(a, b) == pytest.approx(2 / 6)
+    assert mask_iou(a, b, keys=["conv.bias"]) == 1.0  # nothing personal there in either
+    bad = empty_mask(st)
+    bad["fc.weight"] = torch.zeros(70, dtype=torch.bool)
+    with pytest.raises(ValueError, match="fc.weight"):
+        mask_iou(a, bad)
+    mat = iou_matrix([a, b, e])
+    assert mat.shape == (3, 3)
+    assert np.allclose(np.diag(mat), 1.0)
+    assert np.allclose(mat, mat.T)
+    assert mat[0, 1] == pytest.approx(1 / 3)
+    assert mat[0, 2] == 0.0
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (8,), (9,), (3, 5), (2, 3, 7), (13, 1, 3)])
+def test_pack_unpack_round_trip(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(sum(shape) + len(shape))
+    m = {"t": torch.rand(shape, generator=g) > 0.5, "ones": torch.ones(shape, dtype=torch.bool)}
+    packed = pack_mask(m)
+    n = math.prod(shape)
+    assert packed["t"].bits.dtype == torch.uint8
+    assert packed["t"].bits.numel() == (n + 7) // 8
+    assert packed["t"].shape == shape
+    back = unpack_mask(packed)
+    for k in m:
+        assert back[k].dtype == torch.bool
+        assert torch.equal(back[k], m[k])
+    assert packed_nbytes(m) == 2 * ((n + 7) // 8)
+    # Same layout as numpy.packbits (MSB first), so packed masks are readable without torch.
+    assert packed["t"].bits.numpy().tobytes() == np.packbits(m["t"].numpy().reshape(-1)).tobytes()
+
+
+def test_unpack_rejects_wrong_length() -> None:
+    with pytest.raises(ValueError, match="'t'"):
+        unpack_mask({"t": (torch.zeros(3, dtype=torch.uint8), (9,))})
+
+
+def test_packed_nbytes_sum_of_ceil() -> None:
+    st = _state()
+    assert packed_nbytes(empty_mask(st)) == math.ceil(108 / 8) + math.ceil(4 / 8) + math.ceil(70 / 8)
+
+
+def test_grow_mask_exact_count_among_shared() -> None:
+    mask = {"w": torch.zeros(20, dtype=torch.bool)}
+    mask["w"][:4] = True  # 4 personal, 16 shared
+    change = {"w": torch.arange(20, dtype=torch.float32).flip(0)}  # largest change at index 0
+    out = grow_mask(mask, change, rate=0.25, target_fraction=0.8)
+    # 25% of the 16 shared entries = 4; the largest shared changes are at indices 4..7.
+    assert out["w"].tolist() == [True] * 8 + [False] * 12
+    assert mask["w"].sum() == 4  # input untouched
+
+
+def test_grow_mask_all_zero_change_does_not_flip_the_layer() -> None:
+    # The released `>= quantile` rule would make all 100 entries personal here.
+    mask = {"w": torch.zeros(10, 10, dtype=torch.bool)}
+    change = {"w": torch.zeros(10, 10)}
+    out = grow_mask(mask, change, rate=0.25, target_fraction=0.8)
+    assert int(out["w"].sum()) == 25
+    assert out["w"].reshape(-1)[:25].all()
+    out2 = grow_mask(out, change, rate=0.25, target_fraction=0.8)
+    assert int(out2["w"].sum()) == 25 + target_count(75, 0.25)  # 0.25 -> 0.44, as p says
+
+
+def test_grow_mask_respects_target_and_keys() -> None:
+    g = torch.Generator().manual_seed(1)
+    mask = {"a.weight": torch.zeros(10, dtype=torch.bool), "a.bias": torch.zeros(10, dtype=torch.bool)}
+    mask["a.weight"][:9] = True  # 0.9 > 0.8: frozen
+    change = {"a.weight": torch.rand(10, generator=g), "a.bias": torch.rand(10, generator=g)}
+    out = grow_mask(mask, change, rate=0.5, target_fraction=0.8, keys=["a.weight"])
+    assert torch.equal(out["a.weight"], mask["a.weight"])
+    assert not out["a.bias"].any()  # not among keys
+    # Exactly at the target (not above) still grows, and may overshoot without the cap.
+    m8 = {"w": torch.zeros(10, dtype=torch.bool)}
+    m8["w"][:8] = True
+    c = {"w": torch.ones(10)}
+    assert int(grow_mask(m8, c, rate=1.0, target_fraction=0.8)["w"].sum()) == 10
+    assert int(grow_mask(m8, c, rate=1.0, target_fraction=0.8, cap_at_target=True)["w"].sum()) == 8
+    m0 = {"w": torch.zeros(10, dtype=torch.bool)}
+    assert int(grow_mask(m0, c, rate=1.0, target_fraction=0.3, cap_at_target=True)["w"].sum()) == 3
+
+
+def test_grow_mask_validation() -> None:
+    mask = {"w": torch.zeros(4, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="'w'"):
+        grow_mask(mask, {}, rate=0.5, target_fraction=0.8)
+    with pytest.raises(ValueError, match="'w'"):
+        grow_mask(mask, {"w": torch.zeros(5)}, rate=0.5, target_fraction=0.8)
+    with pytest.raises(ValueError, match="rate"):
+        grow_mask(mask, {"w": torch.zeros(4)}, rate=1.5, target_fraction=0.8)
+    with pytest.raises(ValueError, match="nope"):
+        grow_mask(mask, {"w": torch.zeros(4)}, rate=0.5, target_fraction=0.8, keys=["nope"])
