@@ -31,7 +31,9 @@ from fedselect.data import (
 from fedselect.engine import ClientDataset, ImageTransform, resolve_device
 from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_dataset_tuple, fedml_home, fedml_sections
 from fedselect.fedml_runtime.simulation import RoundResult, SimulationFlow
-from fedselect.models import build_model
+from fedselect.core.masks import iou_matrix, personal_fraction
+from fedselect.models import build_model, head_param_names
+from fedselect.plots import plot_iou_heatmap
 from fedselect.tracking import RunTracker, default_tracking_uri, prepare_store, write_run_record
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,25 @@ def per_client_csv(result: RoundResult, clients: list[ClientDataset]) -> str:
     return buf.getvalue()
 
 
+def log_mask_artifacts(tracker: RunTracker, trainers: list[Any], out_dir: Path) -> dict[str, Any]:
+    """Clients' personal-mask IoU (whole model and final linear layer) as CSV + heatmap artifacts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    masks = [t.parameter_mask() for t in trainers]
+    head_weights = [n for n in head_param_names(trainers[0].model) if n.endswith("weight")]
+    figures = {}
+    for label, keys in (("model", None), ("head", head_weights)):
+        matrix = iou_matrix(masks, keys=keys)
+        np.savetxt(out_dir / f"mask_iou_{label}.csv", matrix, delimiter=",", fmt="%.6f")
+        title = "mask IoU, whole model" if keys is None else "mask IoU, final linear layer"
+        plot_iou_heatmap(matrix, out_dir / f"mask_iou_{label}.png", title=title)
+        for suffix in ("csv", "png"):
+            tracker.log_artifact(out_dir / f"mask_iou_{label}.{suffix}", artifact_path="masks")
+        off_diagonal = matrix[~np.eye(len(masks), dtype=bool)]
+        figures[f"mask_iou_{label}_mean"] = float(off_diagonal.mean()) if off_diagonal.size else 1.0
+    figures["personal_fraction"] = [personal_fraction(m) for m in masks]
+    return figures
+
+
 def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Train one configured run in FedML single-process simulation and return its run record."""
@@ -231,6 +252,8 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
             "fedselect_version": __version__,
             "git_commit": git_commit(),
         }
+        if getattr(spec.client_cls, "learns_mask", False):
+            record.update(log_mask_artifacts(tracker, trainers, results_dir / "plots" / config.tracking.experiment / run_name))
         tracker.log_metrics({"final_mean_acc": record["final_mean_acc"], "best_mean_acc": record["best_mean_acc"],
                              "wall_seconds": record["wall_seconds"]}, step=config.train.rounds)
         tracker.log_dict(record, "run_record.json")

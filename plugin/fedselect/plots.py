@@ -1,0 +1,36 @@
+"""Figures written by runs (artifacts); study-level figures live in analysis/."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def plot_iou_heatmap(matrix: np.ndarray, path: str | os.PathLike, *, title: str,
+                     labels: Sequence[str] | None = None) -> None:
+    """Clients x clients mask IoU as an annotated heatmap (FedSelect paper, Figure 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = matrix.shape[0]
+    labels = list(labels) if labels is not None else [str(i) for i in range(n)]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 0.8 + 0.4 * n))
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(n), labels)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("client")
+    ax.set_ylabel("client")
+    ax.set_title(title)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] < 0.6 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="IoU of personal masks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
