@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from fedselect.core.aggregate import broadcast, check_finite, masked_average
 from fedselect.core.masks import empty_mask
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from fedselect.core.gradltn import (
     PersonalPart,
     final_personal_fraction,

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from fedselect.core.masks import (
     empty_mask,
     full_mask,

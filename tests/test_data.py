@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from fedselect.data import (
     DataCacheError,
     DataNotFoundError,
@@ -31,7 +33,6 @@ from fedselect.data import (
     resolve_data_root,
     sources,
 )
-from PIL import Image
 
 # deliberately not in alphabetical order: labels must follow the sorted folder names
 CLASSES = ["zebra", "ant", "cat"]

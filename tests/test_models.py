@@ -6,10 +6,12 @@ import logging
 import re
 from pathlib import Path
 
-import fedselect.models as models
 import pytest
 import torch
 import torchvision
+from torch import nn
+
+import fedselect.models as models
 from fedselect.models import (
     WeightsUnavailableError,
     available_models,
@@ -23,7 +25,6 @@ from fedselect.models import (
     register_model,
     resolve_groups,
 )
-from torch import nn
 
 RESNET_GROUPS = ["stem"] + [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)] + ["head"]
 

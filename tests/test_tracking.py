@@ -12,6 +12,7 @@ import multiprocessing as mp
 from pathlib import Path
 
 import pytest
+
 from fedselect import tracking
 from fedselect.tracking import (
     RUN_RECORD_KEYS,

@@ -150,7 +150,8 @@ def trainable_only(model: nn.Module, trainable: TrainableSpec | None
             mask = trainable.get(name)
             if on and mask is not None:
                 if mask.shape != param.shape:
-                    raise ValueError(f"mask for '{name}' has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
+                    raise ValueError(f"mask for '{name}' has shape {tuple(mask.shape)}, "
+                                     f"parameter has {tuple(param.shape)}")
                 mask = mask.to(device=param.device, dtype=torch.bool)
                 if bool(mask.all()):
                     mask = None

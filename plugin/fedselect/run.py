@@ -19,6 +19,7 @@ from fedselect import __version__
 from fedselect.algorithms.base import RunContext
 from fedselect.algorithms.registry import get_algorithm, validate_algorithm_options
 from fedselect.config import ExperimentConfig, dump_config
+from fedselect.core.masks import iou_matrix, personal_fraction
 from fedselect.data import (
     ImageData,
     Partition,
@@ -31,7 +32,6 @@ from fedselect.data import (
 from fedselect.engine import ClientDataset, ImageTransform, resolve_device
 from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_dataset_tuple, fedml_home, fedml_sections
 from fedselect.fedml_runtime.simulation import RoundResult, SimulationFlow
-from fedselect.core.masks import iou_matrix, personal_fraction
 from fedselect.models import build_model, head_param_names
 from fedselect.plots import plot_iou_heatmap
 from fedselect.tracking import RunTracker, default_tracking_uri, prepare_store, write_run_record
@@ -253,7 +253,8 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
             "git_commit": git_commit(),
         }
         if getattr(spec.client_cls, "learns_mask", False):
-            record.update(log_mask_artifacts(tracker, trainers, results_dir / "plots" / config.tracking.experiment / run_name))
+            plots = results_dir / "plots" / config.tracking.experiment / run_name
+            record.update(log_mask_artifacts(tracker, trainers, plots))
         tracker.log_metrics({"final_mean_acc": record["final_mean_acc"], "best_mean_acc": record["best_mean_acc"],
                              "wall_seconds": record["wall_seconds"]}, step=config.train.rounds)
         tracker.log_dict(record, "run_record.json")

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from fedselect.config import ExperimentConfig
+from fedselect.core.aggregate import masked_average
+from fedselect.core.masks import PackedTensor, pack_mask, unpack_mask
 from fedselect.engine import (
     ClientDataset,
     EvalResult,
@@ -39,9 +41,6 @@ from fedselect.engine import (
     train_passes,
 )
 from fedselect.fedml_runtime.runtime import import_fedml
-
-from fedselect.core.aggregate import masked_average
-from fedselect.core.masks import PackedTensor, pack_mask, unpack_mask
 
 from .payload import decode_upload, encode_upload
 
