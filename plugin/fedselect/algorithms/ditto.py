@@ -1,0 +1,148 @@
+"""Ditto (Li et al. 2021): a whole personal model per client, pulled toward the global one.
+
+Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through Personalization",
+ICML 2021, arXiv:2012.04221, Alg. 1. Each sampled client k, given the global model w^t:
+
+* global update: local SGD on w from w^t, exactly FedAvg's client update; w_k is uploaded and
+  averaged as in FedAvg;
+* personal update: SGD on its own model v_k for the objective
+  F_k(v) + lambda/2 ||v - w^t||^2 (the proximal term is to the *received* w^t, Alg. 1 line 7).
+
+The two updates are independent given w^t, so their order does not matter; here the personal
+update runs first so that the module ends the round holding w_k, ready for the upload.
+Evaluation uses v_k. On the mask mechanism nothing is personal (uploads and downloads are
+FedAvg's, byte for byte); v_k is extra client state kept as one flat tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedselect.config import ConfigError
+from fedselect.engine import ClientDataset, EvalResult, ExtraLoss, TrainStats
+
+from .base import FedAvgClient, FedAvgServer, RunContext
+from .fedper import options_of, restore_state, snapshot_state
+from .registry import register
+
+# generator stream of the personal update, independent of the global update's draws
+PERSONAL_STREAM = 1
+
+
+@dataclass(frozen=True)
+class DittoOptions:
+    """Ditto's personalization strength and personal schedule.
+
+    ``lam``: 1.0. Ditto tunes lambda per dataset on a small grid (Li et al. 2021, Sec. 5 and
+    App. C); 1 is its value for the image benchmark Fashion-MNIST in the released experiment
+    scripts (``run_fashion_clean_ditto_lam1.sh``, ``--lam=1``). lambda = 0 is local training
+    of v_k; lambda -> inf gives the global model.
+    ``personal_epochs``: None = ``train.local_epochs`` (the FedSelect paper, arXiv:2306.13264,
+    Sec. 5, fixes 5 local epochs for every method; Ditto's Alg. 1 runs the same number of local
+    steps on v_k as on w).
+    """
+
+    lam: float = 1.0
+    personal_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lam >= 0 or self.lam == float("inf"):
+            raise ConfigError(f"config key 'algo.lam' must be a finite number >= 0, got {self.lam}")
+        if self.personal_epochs is not None and self.personal_epochs < 0:
+            raise ConfigError(f"config key 'algo.personal_epochs' must be >= 0 or null, got {self.personal_epochs}")
+
+
+def flatten_state(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Floating-point entries of ``state`` as one 1-D tensor (state order)."""
+    floats = [v.detach().reshape(-1) for v in state.values() if v.is_floating_point()]
+    if not floats:
+        return torch.zeros(0)
+    dtype = floats[0].dtype
+    return torch.cat([v.to(dtype) for v in floats])
+
+
+def load_flat_state(model: nn.Module, flat: torch.Tensor) -> None:
+    """Inverse of :func:`flatten_state` on ``model``'s state (integer buffers untouched)."""
+    offset = 0
+    with torch.no_grad():
+        for value in model.state_dict(keep_vars=True).values():
+            if not value.is_floating_point():
+                continue
+            n = value.numel()
+            value.copy_(flat[offset:offset + n].view_as(value))
+            offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat state has {flat.numel()} values, the model has {offset}")
+
+
+def proximal_term(model: nn.Module, reference: dict[str, torch.Tensor], lam: float) -> ExtraLoss:
+    """lam/2 * ||v - w||^2 over the parameters: the regularizer of Ditto's personal objective (Eq. 2)."""
+    pairs = [(param, reference[name]) for name, param in model.named_parameters()]
+
+    def loss(_: nn.Module) -> torch.Tensor:
+        return 0.5 * lam * sum(((p - w) ** 2).sum() for p, w in pairs)
+
+    return loss
+
+
+class DittoClient(FedAvgClient):
+    """Ditto's client: FedAvg's global update plus a proximally regularized personal model v_k."""
+
+    def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset,
+                 ctx: RunContext) -> None:
+        super().__init__(model, args, client_id=client_id, data=data, ctx=ctx)
+        # v_k: float state entries, flat; integer counters (BatchNorm's) are kept apart
+        self.personal_flat: torch.Tensor | None = None
+        self.personal_counters: dict[str, torch.Tensor] = {}
+
+    def load_personal_model(self) -> None:
+        """Put v_k into the module (no-op before this client's first local update)."""
+        if self.personal_flat is None:
+            return
+        load_flat_state(self.model, self.personal_flat)
+        restore_state(self.model, self.personal_counters)
+
+    def save_personal_model(self) -> None:
+        state = self.state_entries()
+        self.personal_flat = flatten_state(state).clone()
+        self.personal_counters = {n: v.clone() for n, v in state.items() if not v.is_floating_point()}
+
+    def local_update(self) -> TrainStats:
+        """Ditto, Alg. 1 lines 5-9: the personal update of v_k toward w^t, then FedAvg's update of w.
+
+        v_k starts from the first global model this client trains on (w^0 under full
+        participation; Alg. 1 initializes v_k = w^0 for every client).
+        """
+        options = options_of(self.ctx, DittoOptions)
+        epochs = self.ctx.config.train.local_epochs
+        personal_epochs = epochs if options.personal_epochs is None else options.personal_epochs
+        received = snapshot_state(self.model)
+
+        self.load_personal_model()
+        prox = proximal_term(self.model, received, options.lam) if options.lam > 0 else None
+        self.train_epochs(personal_epochs, extra_loss=prox, stream=PERSONAL_STREAM)
+        self.save_personal_model()
+
+        restore_state(self.model, received)
+        # the round's reported loss is the global model's, as for every other method
+        return self.train_epochs(epochs)
+
+    def test(self, test_data: Any, device: Any, args: Any) -> EvalResult:
+        """Accuracy of v_k (of the global model for a client that never trained); state restored."""
+        if self.personal_flat is None:
+            return super().test(test_data, device, args)
+        saved = snapshot_state(self.model)
+        try:
+            self.load_personal_model()
+            return super().test(test_data, device, args)
+        finally:
+            restore_state(self.model, saved)
+
+
+register("ditto", client=DittoClient, server=FedAvgServer, options=DittoOptions,
+         summary="FedAvg's global model plus a whole personal model per client trained with the proximal "
+                 "term lambda/2 ||v - w||^2; evaluation uses the personal model (Li et al. 2021)")

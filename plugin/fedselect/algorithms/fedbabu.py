@@ -1,0 +1,90 @@
+"""FedBABU (Oh et al. 2022): body-only federated training, head fine-tuned per client at evaluation.
+
+Oh, Kim, Yun, "FedBABU: Toward Enhanced Representation for Federated Image Classification",
+ICLR 2022, arXiv:2106.06042. During federated training the head stays at its (common, random)
+initialization and only the body is trained and aggregated (Sec. 4, Alg. 1); personalization
+is fine-tuning the global model on each client's training data for a few epochs just before
+evaluating it (Sec. 4.2).
+
+On the mask mechanism: the head is kept on the client (never uploaded, never overwritten)
+because it never changes, not because it differs between clients; every client's head is the
+common initialization, and so is the server's. Local schedule = body-only SGD.
+:meth:`FedBABUClient.prepare_for_evaluation` fine-tunes, and :meth:`FedBABUClient.test`
+restores the federated state afterwards, so evaluation never leaks into training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fedselect.config import ConfigError
+from fedselect.engine import EvalResult, TrainStats
+
+from .base import FedAvgClient, FedAvgServer, Mask
+from .fedper import head_entries, options_of, restore_state, snapshot_state, train_part
+from .registry import register
+
+# generator stream of evaluation-time fine-tuning, independent of the training draws
+FINETUNE_STREAM = 7
+
+
+@dataclass(frozen=True)
+class FedBABUOptions:
+    """FedBABU's personalization step.
+
+    ``finetune_epochs``: 5, the fine-tuning epochs of FedBABU's reported personalized accuracy
+    (Oh et al. 2022, Sec. 4.2; the released code's ``--ft_ep`` default is 5).
+    ``finetune_part``: "full", as the paper fine-tunes the whole model, body and head (Sec. 4.2;
+    its ablation finds full fine-tuning better than head-only); "head" fine-tunes only the head.
+    The fine-tuning optimizer is the training one (``train.lr``, momentum, batch size), as in
+    the released code.
+    """
+
+    finetune_epochs: int = 5
+    finetune_part: Literal["full", "head"] = "full"
+
+    def __post_init__(self) -> None:
+        if self.finetune_epochs < 0:
+            raise ConfigError(f"config key 'algo.finetune_epochs' must be >= 0, got {self.finetune_epochs}")
+        if self.finetune_part not in ("full", "head"):
+            raise ConfigError(f"config key 'algo.finetune_part' must be one of ['full', 'head'], "
+                              f"got {self.finetune_part!r}")
+
+
+class FedBABUClient(FedAvgClient):
+    """FedBABU's client: head frozen at initialization in training; fine-tuned on a copy for evaluation."""
+
+    def initial_personal_mask(self) -> Mask:
+        return self.full_mask(head_entries(self.model))
+
+    def body_entries(self) -> list[str]:
+        head = set(head_entries(self.model))
+        return [name for name in self.state_entries() if name not in head]
+
+    def local_update(self) -> TrainStats:
+        """Oh et al. 2022, Alg. 1: E epochs updating the body only; the head gets no update at all."""
+        return train_part(self, self.ctx.config.train.local_epochs, self.body_entries())
+
+    def prepare_for_evaluation(self) -> None:
+        """Oh et al. 2022, Sec. 4.2: fine-tune the received global model on the local training split."""
+        options = options_of(self.ctx, FedBABUOptions)
+        part = self.state_entries() if options.finetune_part == "full" else head_entries(self.model)
+        train_part(self, options.finetune_epochs, part, stream=FINETUNE_STREAM)
+
+    def test(self, test_data: Any, device: Any, args: Any) -> EvalResult:
+        """Accuracy of the fine-tuned model; the model is back at the federated state afterwards.
+
+        The fine-tuning works on the shared module in place, so everything it may change (all
+        state entries) is saved first and written back, bit for bit, whatever happens.
+        """
+        saved = snapshot_state(self.model)
+        try:
+            return super().test(test_data, device, args)
+        finally:
+            restore_state(self.model, saved)
+
+
+register("fedbabu", client=FedBABUClient, server=FedAvgServer, options=FedBABUOptions,
+         summary="head frozen at its common initialization, body trained and averaged; per-client "
+                 "fine-tuning before evaluation (Oh et al. 2022)")
