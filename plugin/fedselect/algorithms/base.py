@@ -42,7 +42,7 @@ from fedselect.engine import (
 )
 from fedselect.fedml_runtime.runtime import import_fedml
 
-from .payload import decode_upload, encode_upload
+from .payload import decode_tensor, encode_upload, validate_upload
 
 import_fedml()
 from fedml.core import ClientTrainer, ServerAggregator  # noqa: E402  (needs the offline patch first)
@@ -225,52 +225,50 @@ class FedAvgServer(ServerAggregator):
     def set_model_params(self, model_parameters: Mapping[str, torch.Tensor]) -> None:
         self.global_state = OrderedDict((k, v) for k, v in model_parameters.items())
 
-    def validate_uploads(self, raw: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, State, Mask, int]]:
-        """Decode uploads; reject (error or drop, per ``train.on_bad_update``) malformed or non-finite ones."""
+    def validate_uploads(self, raw: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, dict[str, Any]]]:
+        """Reject (error or drop, per ``train.on_bad_update``) malformed or non-finite uploads."""
         accepted = []
         for num_samples, payload in raw:
             client = payload.get("client_id", "?") if isinstance(payload, Mapping) else "?"
             try:
-                state, shared = decode_upload(payload, self.global_state)
-                for name, value in state.items():
-                    if value.is_floating_point() and not bool(torch.isfinite(value[shared[name]]).all()):
-                        raise BadUpdateError(f"client {client} sent non-finite values in '{name}'")
-            except (BadUpdateError, KeyError, ValueError) as exc:
+                validate_upload(payload, self.global_state)
+            except (KeyError, ValueError) as exc:
                 if self.ctx.config.train.on_bad_update == "error":
                     raise BadUpdateError(f"rejected update from client {client}: {exc}") from exc
                 log.warning("dropping update from client %s: %s", client, exc)
                 self.dropped_updates.append((int(client) if str(client).isdigit() else -1, str(exc)))
                 continue
-            accepted.append((float(num_samples), state, shared, client))
+            accepted.append((float(num_samples), payload))
         return accepted
 
     def aggregate(self, raw_client_model_or_grad_list: list[tuple[float, dict[str, Any]]]) -> OrderedDict:
         """Each entry becomes the (sample-weighted) mean over the clients that share it.
 
         Entries no accepted client shares keep their previous global value, so personal
-        entries are neither read nor overwritten.
+        entries are neither read nor overwritten. Uploads are decoded one tensor at a time, so
+        the server never holds every client's full model at once (100 ResNet-18 clients).
         """
         accepted = self.validate_uploads(raw_client_model_or_grad_list)
         if not accepted:
             log.warning("no client update accepted this round; the global model is unchanged")
             return OrderedDict(self.global_state)
-        floats = {k: v for k, v in self.global_state.items() if v.is_floating_point()}
-        states, masks, weights = [], [], []
-        for num_samples, state, shared, _ in accepted:
-            # a tensor the client did not send at all is personal to it in every entry
-            states.append({k: state.get(k, v) for k, v in floats.items()})
-            masks.append({k: ~shared[k] if k in shared else torch.ones_like(v, dtype=torch.bool)
-                          for k, v in floats.items()})
-            weights.append(num_samples if self.ctx.config.train.weighted_aggregation else 1.0)
-        averaged, self.global_personal_mask = masked_average(floats, states, masks, weights)
+        weighted = self.ctx.config.train.weighted_aggregation
         new_state: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.global_personal_mask = {}
         for name, old in self.global_state.items():
-            if name in averaged:
-                new_state[name] = averaged[name]
+            decoded = [(n, decode_tensor(payload, name, old)) for n, payload in accepted]
+            if not old.is_floating_point():
+                # integer buffers (BatchNorm's num_batches_tracked) are counts, not averages
+                sent = [d[0] for _, d in decoded if d is not None]
+                new_state[name] = torch.stack(sent).amax(dim=0) if sent else old
                 continue
-            # integer buffers (BatchNorm's num_batches_tracked) are counts, not averages
-            sent = [state[name] for _, state, _, _ in accepted if name in state]
-            new_state[name] = torch.stack(sent).amax(dim=0) if sent else old
+            # a tensor a client did not send at all is personal to it in every entry
+            values = [{name: d[0] if d is not None else old} for _, d in decoded]
+            masks = [{name: ~d[1] if d is not None else torch.ones_like(old, dtype=torch.bool)} for _, d in decoded]
+            weights = [n if weighted else 1.0 for n, _ in decoded]
+            averaged, global_mask = masked_average({name: old}, values, masks, weights)
+            new_state[name] = averaged[name]
+            self.global_personal_mask[name] = global_mask[name]
         return new_state
 
     def test(self, test_data: Any, device: Any, args: Any) -> None:

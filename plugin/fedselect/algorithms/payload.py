@@ -39,39 +39,66 @@ def encode_upload(state: Mapping[str, torch.Tensor], personal_mask: Mapping[str,
             "masks": pack_mask(partial_masks) if partial_masks else {}}
 
 
-def decode_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Tensor]
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Full-shape values and shared masks (True = shared) of an upload, checked against ``reference``.
+def validate_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Tensor]) -> None:
+    """Check an upload's structure, shapes, mask sizes and finiteness without building full tensors.
 
-    Personal entries of a partial tensor are filled with NaN: a server that read them by
-    mistake would poison the average, which tests would catch.
+    Raises ValueError naming the tensor: unknown names, wrong shapes, a mask whose shared count
+    differs from the values sent, NaN/Inf among the shared values.
     """
     if not isinstance(payload, Mapping) or "tensors" not in payload:
         raise ValueError("upload is not a fedselect payload (missing 'tensors')")
-    values: dict[str, torch.Tensor] = {}
-    shared: dict[str, torch.Tensor] = {}
+    partial = payload.get("partial", {})
+    if set(payload.get("masks", {})) != set(partial):
+        raise ValueError("upload's partial tensors and masks name different tensors")
     for name, value in payload["tensors"].items():
         ref = _reference(reference, name)
         if tuple(value.shape) != tuple(ref.shape):
             raise ValueError(f"tensor '{name}' has shape {tuple(value.shape)}, the global model has {tuple(ref.shape)}")
-        values[name] = value.to(ref.device)
-        shared[name] = torch.ones(ref.shape, dtype=torch.bool, device=ref.device)
-    masks = unpack_mask(payload["masks"]) if payload.get("masks") else {}
-    if set(masks) != set(payload.get("partial", {})):
-        raise ValueError("upload's partial tensors and masks name different tensors")
-    for name, flat in payload.get("partial", {}).items():
+        _check_finite(name, value)
+    for name, flat in partial.items():
         ref = _reference(reference, name)
-        personal = masks[name].to(ref.device)
-        if tuple(personal.shape) != tuple(ref.shape):
-            raise ValueError(f"mask of '{name}' has shape {tuple(personal.shape)}, the global model has "
+        packed = payload["masks"][name]
+        if tuple(packed.shape) != tuple(ref.shape):
+            raise ValueError(f"mask of '{name}' has shape {tuple(packed.shape)}, the global model has "
                              f"{tuple(ref.shape)}")
+        personal = unpack_mask({name: packed})[name]
         if flat.numel() != int((~personal).sum()):
             raise ValueError(f"tensor '{name}' sends {flat.numel()} shared values, its mask shares "
                              f"{int((~personal).sum())}")
-        full = torch.full(ref.shape, float("nan"), dtype=ref.dtype, device=ref.device)
-        full[~personal] = flat.to(device=ref.device, dtype=ref.dtype)
-        values[name] = full
-        shared[name] = ~personal
+        _check_finite(name, flat)
+
+
+def _check_finite(name: str, value: torch.Tensor) -> None:
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"non-finite values in '{name}'")
+
+
+def decode_tensor(payload: Mapping[str, Any], name: str, reference: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Full-shape values and shared mask (True = shared) of one tensor of a validated upload.
+
+    None when the client did not send the tensor (all of it is personal). Personal entries of a
+    partial tensor are NaN: a server that read them by mistake would poison the average.
+    """
+    if name in payload["tensors"]:
+        return (payload["tensors"][name].to(reference.device),
+                torch.ones(reference.shape, dtype=torch.bool, device=reference.device))
+    if name in payload.get("partial", {}):
+        personal = unpack_mask({name: payload["masks"][name]}, device=reference.device)[name]
+        full = torch.full(reference.shape, float("nan"), dtype=reference.dtype, device=reference.device)
+        full[~personal] = payload["partial"][name].to(device=reference.device, dtype=reference.dtype)
+        return full, ~personal
+    return None
+
+
+def decode_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every sent tensor of an upload at full shape, with its shared mask; validates first."""
+    validate_upload(payload, reference)
+    values: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
+    for name in (*payload["tensors"], *payload.get("partial", {})):
+        values[name], shared[name] = decode_tensor(payload, name, reference[name])
     return values, shared
 
 
