@@ -70,3 +70,29 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("study_file", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_validates(study_file):
+    """Each study (and each of its runs) and each run config in configs/ passes validation."""
+    import yaml
+
+    from fedselect.study import load_study, run_config
+
+    raw = yaml.safe_load(study_file.read_text())
+    if "runs" not in raw:
+        load_config(study_file)
+        return
+    study = load_study(study_file)
+    for run in study.runs:
+        for seed in study.seeds:
+            load_config_dict(run_config(study, run, seed))
+
+
+def test_study_schema_rejects_runs_that_change_the_data(tmp_path):
+    from fedselect.study import StudyError, load_study
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: bad\nseeds: [0]\nruns:\n  a: {algorithm: fedavg, data: {dataset: mnist}}\n")
+    with pytest.raises(StudyError, match="runs.a"):
+        load_study(bad)
