@@ -73,7 +73,7 @@ def child(ns: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=100)
-    parser.add_argument("--model", default="resnet18", choices=["cnn", "resnet18"])
+    parser.add_argument("--model", default="cnn", choices=["cnn", "resnet18"])
     parser.add_argument("--p", type=float, default=0.5, help="FedSelect personalization rate")
     parser.add_argument("--variant", choices=["ours", "full-copy"], help=argparse.SUPPRESS)
     ns = parser.parse_args()
