@@ -189,9 +189,22 @@ class FedAvgClient(ClientTrainer):
                 + sum(p.bits.numel() for p in self.packed_mask.values()))
 
     def test(self, test_data: Any, device: Any, args: Any) -> EvalResult:
-        """Per-sample accuracy of this client's personalized model on its own test split."""
-        self.prepare_for_evaluation()
-        return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
+        """Per-sample accuracy of this client's personalized model on its own test split.
+
+        An algorithm that changes the model before evaluation (``prepare_for_evaluation``:
+        FedBABU's fine-tuning, Ditto's personal model) changes a module every simulated client
+        shares, so its whole state is saved first and written back, bit for bit, afterwards.
+        """
+        if type(self).prepare_for_evaluation is FedAvgClient.prepare_for_evaluation:
+            return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:
+            self.prepare_for_evaluation()
+            return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
+        finally:
+            with torch.no_grad():
+                for name, value in self.model.state_dict(keep_vars=True).items():
+                    value.copy_(saved[name])
 
     def download_nbytes(self, global_state: Mapping[str, torch.Tensor]) -> int:
         """Bytes of the global values this client needs: its shared entries, plus, before its

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fedselect.config import ConfigError
-from fedselect.engine import ClientDataset, EvalResult, ExtraLoss, TrainStats
+from fedselect.engine import ClientDataset, ExtraLoss, TrainStats
 
 from .base import FedAvgClient, FedAvgServer, RunContext
 from .fedper import options_of, restore_state, snapshot_state
@@ -131,16 +131,10 @@ class DittoClient(FedAvgClient):
         # the round's reported loss is the global model's, as for every other method
         return self.train_epochs(epochs)
 
-    def test(self, test_data: Any, device: Any, args: Any) -> EvalResult:
-        """Accuracy of v_k (of the global model for a client that never trained); state restored."""
-        if self.personal_flat is None:
-            return super().test(test_data, device, args)
-        saved = snapshot_state(self.model)
-        try:
+    def prepare_for_evaluation(self) -> None:
+        """Evaluate v_k (the global model for a client that never trained); the base restores the state."""
+        if self.personal_flat is not None:
             self.load_personal_model()
-            return super().test(test_data, device, args)
-        finally:
-            restore_state(self.model, saved)
 
 
 register("ditto", client=DittoClient, server=FedAvgServer, options=DittoOptions,

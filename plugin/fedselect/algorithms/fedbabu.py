@@ -16,13 +16,13 @@ restores the federated state afterwards, so evaluation never leaks into training
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from fedselect.config import ConfigError
-from fedselect.engine import EvalResult, TrainStats
+from fedselect.engine import TrainStats
 
 from .base import FedAvgClient, FedAvgServer, Mask
-from .fedper import head_entries, options_of, restore_state, snapshot_state, train_part
+from .fedper import head_entries, options_of, train_part
 from .registry import register
 
 # generator stream of evaluation-time fine-tuning, independent of the training draws
@@ -71,18 +71,6 @@ class FedBABUClient(FedAvgClient):
         options = options_of(self.ctx, FedBABUOptions)
         part = self.state_entries() if options.finetune_part == "full" else head_entries(self.model)
         train_part(self, options.finetune_epochs, part, stream=FINETUNE_STREAM)
-
-    def test(self, test_data: Any, device: Any, args: Any) -> EvalResult:
-        """Accuracy of the fine-tuned model; the model is back at the federated state afterwards.
-
-        The fine-tuning works on the shared module in place, so everything it may change (all
-        state entries) is saved first and written back, bit for bit, whatever happens.
-        """
-        saved = snapshot_state(self.model)
-        try:
-            return super().test(test_data, device, args)
-        finally:
-            restore_state(self.model, saved)
 
 
 register("fedbabu", client=FedBABUClient, server=FedAvgServer, options=FedBABUOptions,
