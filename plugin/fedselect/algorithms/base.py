@@ -87,18 +87,29 @@ class FedAvgClient(ClientTrainer):
         self.round_idx = 0
         # between rounds a client holds only its bit-packed mask and 1-D personal values
         self.packed_mask: dict[str, PackedTensor] = {}
+        self._unpacked_mask: Mask | None = None
         self.personal_values: State = {}
         self.mask_initialized = False
         self.last_train_stats = TrainStats()
 
     @property
     def personal_mask(self) -> Mask:
-        """This client's mask (True = personal), unpacked on the training device."""
-        return unpack_mask(self.packed_mask, device=self.ctx.device) if self.packed_mask else {}
+        """This client's mask (True = personal), unpacked on the training device.
+
+        Unpacked once per activity (a round's download/train/upload, or an evaluation) and
+        dropped afterwards (:meth:`release_unpacked_mask`), so idle clients hold only bits.
+        """
+        if self._unpacked_mask is None:
+            self._unpacked_mask = unpack_mask(self.packed_mask, device=self.ctx.device) if self.packed_mask else {}
+        return self._unpacked_mask
 
     @personal_mask.setter
     def personal_mask(self, mask: Mask) -> None:
         self.packed_mask = pack_mask({n: m for n, m in mask.items() if bool(m.any())})
+        self._unpacked_mask = None
+
+    def release_unpacked_mask(self) -> None:
+        self._unpacked_mask = None
 
     def round_metrics(self) -> dict[str, float]:
         """Per-client figures of the last local update to log (FedSelect: personal fractions)."""
@@ -168,8 +179,10 @@ class FedAvgClient(ClientTrainer):
 
     def get_model_params(self) -> dict[str, Any]:
         """The upload: this client's shared entries (and its mask where it is element-wise)."""
-        return encode_upload(self.state_entries(), self.personal_mask, client_id=self.id,
-                             num_samples=self.local_sample_number)
+        upload = encode_upload(self.state_entries(), self.personal_mask, client_id=self.id,
+                               num_samples=self.local_sample_number)
+        self.release_unpacked_mask()  # the upload ends this client's round
+        return upload
 
     def train(self, train_data: Any, device: Any, args: Any) -> TrainStats:
         self.ensure_personal_mask()
@@ -195,6 +208,7 @@ class FedAvgClient(ClientTrainer):
         FedBABU's fine-tuning, Ditto's personal model) changes a module every simulated client
         shares, so its whole state is saved first and written back, bit for bit, afterwards.
         """
+        self.release_unpacked_mask()
         if type(self).prepare_for_evaluation is FedAvgClient.prepare_for_evaluation:
             return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
