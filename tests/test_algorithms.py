@@ -20,7 +20,9 @@ from fedselect.models import build_model
 from .conftest import synthetic_clients
 
 
-def make_run(algorithm: str, *, rounds: int = 2, num_clients: int = 3, client_cls=None, algo=None, **train):
+def make_run(algorithm: str, *, rounds: int = 2, num_clients: int = 3, client_cls=None, algo=None, model_cls=None,
+             **train):
+    """One run's objects: (config, clients, args, model, init, ctx, trainers, server, flow)."""
     config = load_config_dict({
         "algorithm": algorithm, "seed": 5, "device": "cpu", "algo": algo or {},
         "data": {"partition": {"num_clients": num_clients}},
@@ -30,7 +32,7 @@ def make_run(algorithm: str, *, rounds: int = 2, num_clients: int = 3, client_cl
     clients = synthetic_clients(num_clients)
     args = build_fedml_args(fedml_sections(config))
     torch.manual_seed(config.seed)
-    model = build_model("cnn", 3, image_size=16)
+    model = model_cls() if model_cls is not None else build_model("cnn", 3, image_size=16)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = RunContext(config=config, options=validate_algorithm_options(algorithm, config.algo),
                      device=torch.device("cpu"),

@@ -16,23 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedselect.algorithms import fedrep as fedrep_module
-from fedselect.algorithms.base import RunContext
 from fedselect.algorithms.ditto import DittoOptions, flatten_state, load_flat_state
 from fedselect.algorithms.fedalt import FedAltClient
 from fedselect.algorithms.fedbabu import FedBABUOptions
 from fedselect.algorithms.fedper import snapshot_state
 from fedselect.algorithms.fedrep import FedRepOptions
 from fedselect.algorithms.lotteryfl import LotteryFLOptions
-from fedselect.algorithms.registry import available_algorithms, get_algorithm, validate_algorithm_options
+from fedselect.algorithms.registry import available_algorithms, get_algorithm
 from fedselect.config import ConfigError, load_config, load_config_dict
 from fedselect.core.masks import target_count, unpack_mask
-from fedselect.engine import ImageTransform, evaluate
-from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_sections
-from fedselect.fedml_runtime.simulation import SimulationFlow
-from fedselect.models import build_model, prefix_spec, register_layer_groups
+from fedselect.engine import evaluate
+from fedselect.models import prefix_spec, register_layer_groups
 
-from .conftest import REPO, synthetic_clients
-from .test_algorithms import run_flow
+from .conftest import REPO
+from .test_algorithms import make_run, run_flow
 
 BASELINES = ["fedper", "fedrep", "lg_fedavg", "fedbabu", "fedalt", "ditto", "lotteryfl"]
 CNN_HEAD = {"head.weight", "head.bias"}
@@ -61,26 +58,10 @@ register_layer_groups(BNNet, prefix_spec({"stem": ["conv", "bn"], "fc1": "fc1", 
 def setup(algorithm: str, *, algo: dict[str, Any] | None = None, model_cls: type | None = None,
           client_cls: type | None = None, num_clients: int = 3, rounds: int = 2, **train: Any) -> SimpleNamespace:
     """One run's objects, with the algorithm's options validated from ``algo`` as a config would."""
-    config = load_config_dict({
-        "algorithm": algorithm, "seed": 5, "device": "cpu", "algo": algo or {},
-        "data": {"partition": {"num_clients": num_clients}},
-        "train": {"rounds": rounds, "local_epochs": 1, "batch_size": 8, "lr": 0.05, "momentum": 0.5, **train},
-    })
-    spec = get_algorithm(algorithm)
-    clients = synthetic_clients(num_clients)
-    args = build_fedml_args(fedml_sections(config))
-    torch.manual_seed(config.seed)
-    model = model_cls() if model_cls is not None else build_model("cnn", 3, image_size=16)
-    init = snapshot_state(model)
-    ctx = RunContext(config=config, options=validate_algorithm_options(algorithm, config.algo),
-                     device=torch.device("cpu"), transform=ImageTransform((0.5,) * 3, (0.25,) * 3, augment=True))
-    trainers = [(client_cls or spec.client_cls)(model, args, client_id=c, data=d, ctx=ctx)
-                for c, d in enumerate(clients)]
-    server = spec.server_cls(model, args, ctx=ctx)
-    flow = SimulationFlow(args=args, device="cpu", clients=trainers, server=server, rounds=rounds,
-                          participation=config.train.participation, seed=config.seed, progress=False)
-    return SimpleNamespace(config=config, clients=clients, args=args, model=model, init=init, ctx=ctx,
-                           trainers=trainers, server=server, flow=flow)
+    fields = ("config", "clients", "args", "model", "init", "ctx", "trainers", "server", "flow")
+    objects = make_run(algorithm, rounds=rounds, num_clients=num_clients, client_cls=client_cls, algo=algo,
+                       model_cls=model_cls, **train)
+    return SimpleNamespace(**dict(zip(fields, objects, strict=True)))
 
 
 def run(r: SimpleNamespace) -> list:
