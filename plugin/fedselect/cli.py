@@ -81,14 +81,12 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 def cmd_partition(ns: argparse.Namespace) -> int:
     from fedselect.config import load_config
-    from fedselect.data import make_partition, partition_summary, plot_partition
-    from fedselect.run import load_data, partition_spec
+    from fedselect.data import partition_summary, plot_partition
+    from fedselect.run import compute_partition, load_data
 
     config = load_config(ns.config, ns.overrides)
     data = load_data(config)
-    spec = partition_spec(config)
-    partition = make_partition(data.name, spec["kind"], data.train_y.numpy(), data.test_y.numpy(),
-                               seed=config.seed, **config.data.partition.partition_params())
+    partition = compute_partition(config, data)
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     partition.save(ns.out)
     summary = partition_summary(partition, data.train_y.numpy(), data.test_y.numpy(), data.classes)

@@ -30,7 +30,13 @@ from fedselect.data import (
     plot_partition,
 )
 from fedselect.engine import ClientDataset, ImageTransform, resolve_device
-from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_dataset_tuple, fedml_home, fedml_sections
+from fedselect.fedml_runtime.runtime import (
+    build_fedml_args,
+    fedml_dataset_tuple,
+    fedml_home,
+    fedml_sections,
+    import_fedml,
+)
 from fedselect.fedml_runtime.simulation import RoundResult, SimulationFlow
 from fedselect.models import build_model, head_param_names
 from fedselect.plots import plot_iou_heatmap
@@ -55,6 +61,12 @@ def load_data(config: ExperimentConfig) -> ImageData:
                               cache_dir=config.data.cache_dir)
 
 
+def compute_partition(config: ExperimentConfig, data: ImageData) -> Partition:
+    """A new partition of ``data`` for the config's spec and seed (deterministic)."""
+    return make_partition(data.name, config.data.partition.kind, data.train_y.numpy(), data.test_y.numpy(),
+                          seed=config.seed, **config.data.partition.partition_params())
+
+
 def get_partition(config: ExperimentConfig, data: ImageData) -> Partition:
     """The configured partition file, else the cached one for this spec, else a new one (saved)."""
     if config.data.partition_file:
@@ -67,9 +79,7 @@ def get_partition(config: ExperimentConfig, data: ImageData) -> Partition:
     path = default_partition_path(config)
     if path.exists():
         return Partition.load(path)
-    spec = partition_spec(config)
-    partition = make_partition(data.name, spec["kind"], data.train_y.numpy(), data.test_y.numpy(),
-                               seed=config.seed, **config.data.partition.partition_params())
+    partition = compute_partition(config, data)
     path.parent.mkdir(parents=True, exist_ok=True)
     partition.save(path)
     return partition
@@ -212,8 +222,7 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
         flow = SimulationFlow(args=args, device=device, clients=trainers, server=server, rounds=config.train.rounds,
                               participation=config.train.participation, seed=config.seed,
                               eval_every=config.train.eval_every, on_round_end=logger, progress=progress)
-        fedml = __import__("fedml")
-        fedml.FedMLRunner(args, device, fedml_dataset_tuple(clients, data.num_classes), model,
+        import_fedml().FedMLRunner(args, device, fedml_dataset_tuple(clients, data.num_classes), model,
                           algorithm_flow=flow).run()
         final = logger.last_eval
         if final is None:
