@@ -41,6 +41,9 @@ class PartitionConfig:
     alpha: float | None = None
     min_train_per_client: int | None = None
     test_per_client: int | None = None
+    # dirichlet: mean train samples per client (a class-balanced pool; all samples if unset);
+    # domain: at most this many train samples per client
+    train_per_client: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.num_clients >= 1, "data.partition.num_clients", "must be >= 1")
@@ -59,9 +62,9 @@ class PartitionConfig:
         if self.kind == "pathological":
             keys = ("num_clients", "classes_per_client", "train_per_class", "test_per_class")
         elif self.kind == "dirichlet":
-            keys = ("num_clients", "alpha", "min_train_per_client", "test_per_client")
+            keys = ("num_clients", "alpha", "min_train_per_client", "test_per_client", "train_per_client")
         else:
-            keys = ("num_clients",)
+            keys = ("num_clients", "train_per_client", "test_per_client")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 

@@ -193,12 +193,16 @@ class OptimConfig:
 
 def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Sequence[TrainableSpec | None], *,
                  optim: OptimConfig, transform: Callable[..., torch.Tensor], generator: torch.Generator,
-                 extra_loss: ExtraLoss | None = None) -> TrainStats:
+                 extra_loss: ExtraLoss | None = None, freeze_frozen_norms: bool = False) -> TrainStats:
     """One epoch over (x, y) per entry of ``passes``, each updating only its trainable spec.
 
     All passes share one optimizer (momentum carries over) and one generator. A pass with
     nothing trainable is skipped without drawing random numbers, so e.g. LocalAlt with an
     empty personal part is exactly plain local SGD.
+
+    ``freeze_frozen_norms`` puts normalization layers whose parameters are all frozen in this
+    pass into eval mode, so their running statistics do not move either: a layer that layer
+    selection did not pick then leaves local training bit-identical.
     """
     stats = TrainStats()
     n = int(y.shape[0])
@@ -211,6 +215,9 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
         with trainable_only(model, trainable) as params:
             if not params:
                 continue
+            model.train()
+            if freeze_frozen_norms:
+                _freeze_frozen_norms(model)
             order = torch.randperm(n, generator=generator).to(y.device)
             for start in range(0, n, optim.batch_size):
                 idx = order[start:start + optim.batch_size]
@@ -226,6 +233,13 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
             optimizer.zero_grad(params)
     model.train(was_training)
     return stats
+
+
+def _freeze_frozen_norms(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            module.eval()
 
 
 def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, optim: OptimConfig,

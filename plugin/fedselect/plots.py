@@ -34,3 +34,26 @@ def plot_iou_heatmap(matrix: np.ndarray, path: str | os.PathLike, *, title: str,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_selection_heatmap(share: np.ndarray, path: str | os.PathLike, *, layers: Sequence[str],
+                           rounds: Sequence[int], title: str) -> None:
+    """Layers x rounds: the fraction of the round's clients that trained each layer
+    (selective layer fine-tuning paper, Figure 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(min(14.0, 2.0 + 0.25 * max(1, len(rounds))), 1.2 + 0.28 * len(layers)))
+    image = ax.imshow(share, vmin=0.0, vmax=1.0, cmap="magma", aspect="auto", origin="lower", interpolation="nearest")
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    step = max(1, len(rounds) // 20)
+    ax.set_xticks(range(0, len(rounds), step), [str(r) for r in rounds[::step]], fontsize=7)
+    ax.set_xlabel("round")
+    ax.set_ylabel("layer (input at the bottom)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of clients training it")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

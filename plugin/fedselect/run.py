@@ -116,6 +116,8 @@ class RoundLogger:
 
     def __post_init__(self) -> None:
         self.history: list[dict[str, float]] = []
+        # each client metric summed over clients and rounds (layer selection's compute)
+        self.client_sums: dict[str, float] = {}
 
     def __call__(self, result: RoundResult) -> None:
         self.bytes_up += result.bytes_up
@@ -134,6 +136,8 @@ class RoundLogger:
             values = {c: m[key] for c, m in result.client_metrics.items() if key in m}
             metrics[f"{key}_mean"] = float(np.mean(list(values.values())))
             metrics.update({f"{key}_client_{c}": v for c, v in values.items()})
+            self.client_sums[key] = self.client_sums.get(key, 0.0) + float(sum(values.values()))
+        metrics.update(result.server_metrics)
         if result.evaluation is not None:
             accs = result.client_accuracies
             evals = [result.evaluation[c] for c in sorted(result.evaluation)]
@@ -261,9 +265,15 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
             "fedselect_version": __version__,
             "git_commit": git_commit(),
         }
+        plots = results_dir / "plots" / config.tracking.experiment / run_name
         if getattr(spec.client_cls, "learns_mask", False):
-            plots = results_dir / "plots" / config.tracking.experiment / run_name
             record.update(log_mask_artifacts(tracker, trainers, plots))
+        if hasattr(server, "write_artifacts"):
+            for path in server.write_artifacts(plots / "selection"):
+                tracker.log_artifact(path, artifact_path="selection")
+        if "compute_backward" in logger.client_sums:
+            # estimated backward GFLOPs of all local updates of the run (core.compute)
+            record["compute_backward_total"] = logger.client_sums["compute_backward"]
         tracker.log_metrics({"final_mean_acc": record["final_mean_acc"], "best_mean_acc": record["best_mean_acc"],
                              "wall_seconds": record["wall_seconds"]}, step=config.train.rounds)
         tracker.log_dict(record, "run_record.json")

@@ -78,6 +78,9 @@ class FedAvgClient(ClientTrainer):
     Subclasses change the hooks, never the FedML interface methods below them.
     """
 
+    # normalization layers with all parameters frozen keep their running statistics too
+    freeze_frozen_norms = False
+
     def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset, ctx: RunContext) -> None:
         super().__init__(model, args)
         self.id = client_id
@@ -141,7 +144,8 @@ class FedAvgClient(ClientTrainer):
         """
         generator = client_generator(self.ctx.config.seed, self.id, self.round_idx, stream)
         return train_passes(self.model, self.data.train_x, self.data.train_y, passes, optim=self.ctx.optim,
-                            transform=self.ctx.transform, generator=generator, extra_loss=extra_loss)
+                            transform=self.ctx.transform, generator=generator, extra_loss=extra_loss,
+                            freeze_frozen_norms=self.freeze_frozen_norms)
 
     def state_entries(self) -> State:
         """Parameters and buffers by name: the entries a mask may cover."""

@@ -218,10 +218,13 @@ def dirichlet_partition(
     seed: int,
     min_train_per_client: int = 10,
     test_per_client: int | None = None,
+    train_per_client: int | None = None,
 ) -> Partition:
     """Label skew: every class's train samples are split over clients by proportions ~ Dir(alpha).
 
-    All train samples are dealt; the draw is repeated until every client has at least
+    All train samples are dealt, or, with ``train_per_client``, a class-balanced random pool of
+    ``num_clients * train_per_client`` of them (CPU-sized studies; client sizes then vary around
+    ``train_per_client`` as the Dirichlet draws make them); the draw is repeated until every client has at least
     ``min_train_per_client``. Each client's test split has its train split's class proportions,
     drawn disjointly from the test split: ``test_per_client`` samples if given, else the same
     fraction of its train size for every client, as large as the test split allows.
@@ -231,8 +234,9 @@ def dirichlet_partition(
     _check_int("seed", seed, None)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not 0 < alpha < np.inf:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    if test_per_client is not None:
-        _check_int("test_per_client", test_per_client, 1)
+    for name, cap in (("test_per_client", test_per_client), ("train_per_client", train_per_client)):
+        if cap is not None:
+            _check_int(name, cap, 1)
     train = _labels(train_labels, "train_labels")
     test = _labels(test_labels, "test_labels")
     num_classes = _num_classes(train, test)
@@ -243,6 +247,14 @@ def dirichlet_partition(
         )
     rng = np.random.default_rng(seed)
     by_class = [rng.permutation(np.flatnonzero(train == c)) for c in range(num_classes)]
+    if train_per_client is not None:
+        pool = num_clients * train_per_client
+        if pool > len(train):
+            raise ValueError(f"train_per_client={train_per_client} x num_clients={num_clients} exceeds the "
+                             f"{len(train)} train samples")
+        sizes = np.array([len(idx) for idx in by_class], dtype=float)
+        take = _largest_remainder(sizes / sizes.sum(), pool)
+        by_class = [idx[:k] for idx, k in zip(by_class, take, strict=True)]
     train_counts = np.zeros((num_clients, num_classes), dtype=np.int64)
     for _ in range(_MAX_DIRICHLET_TRIES):
         for c, idx in enumerate(by_class):
@@ -283,6 +295,9 @@ def dirichlet_partition(
     spec = {"kind": "dirichlet", "num_clients": int(num_clients), "alpha": float(alpha),
             "min_train_per_client": int(min_train_per_client), "test_per_client": _opt_int(test_per_client),
             "seed": int(seed)}
+    if train_per_client is not None:
+        # only when set, so partitions saved before this option keep their key
+        spec["train_per_client"] = int(train_per_client)
     return Partition("", "dirichlet", spec, num_classes, train_idx, test_idx)
 
 

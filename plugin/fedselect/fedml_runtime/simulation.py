@@ -10,12 +10,19 @@ client: set_model_params(global) -> on_before_local_training -> train -> on_afte
         -> get_model_params (upload)
 server: on_before_aggregation -> aggregate -> on_after_aggregation -> set_model_params
 
+An algorithm may add a planning exchange before local training (layer selection: clients
+report layer scores, the server solves which layers each trains). It opts in by giving its
+server ``needs_plan(round_idx)`` and ``plan_round(round_idx, reports) -> plans`` and its client
+``plan_report()`` and ``receive_plan(plan)``; reports and plans are JSON-safe dicts, and their
+bytes are the JSON text's, as on the cross-silo wire.
+
 Each client keeps its own trainer object (per-client persistent state); all trainers may
 share one ``nn.Module``, since a trainer's state lives in its personal values and mask.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +35,11 @@ from fedselect.algorithms.payload import payload_nbytes
 from fedselect.engine import EvalResult
 
 log = logging.getLogger(__name__)
+
+
+def json_nbytes(message: Any) -> int:
+    """Bytes of a JSON-safe planning message as sent (compact UTF-8 JSON)."""
+    return len(json.dumps(message, separators=(",", ":")).encode())
 
 
 def sample_clients(num_clients: int, participation: float, seed: int, round_idx: int) -> list[int]:
@@ -55,6 +67,8 @@ class RoundResult:
     # each sampled client's own figures of its local update (ClientTrainer.round_metrics)
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     dropped: list[tuple[int, str]] = field(default_factory=list)
+    # the server's own figures of the round (layer selection: solve time, objective)
+    server_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def client_accuracies(self) -> list[float]:
@@ -107,8 +121,12 @@ class SimulationFlow:
         losses = []
         client_metrics: dict[int, dict[str, float]] = {}
         for cid in sampled:
+            bytes_down += self.clients[cid].download_nbytes(global_params)
+        plan_up, plan_down = self.plan(round_idx, sampled, global_params)
+        bytes_up += plan_up
+        bytes_down += plan_down
+        for cid in sampled:
             trainer = self.clients[cid]
-            bytes_down += trainer.download_nbytes(global_params)
             trainer.set_model_params(global_params)
             trainer.on_before_local_training(None, self.device, self.args)
             stats = trainer.train(None, self.device, self.args)
@@ -124,6 +142,7 @@ class SimulationFlow:
         aggregated = self.server.on_after_aggregation(aggregated)
         self.server.set_model_params(aggregated)
         dropped = list(getattr(self.server, "dropped_updates", []))[dropped_before:]
+        server_metrics = self.server.round_metrics() if hasattr(self.server, "round_metrics") else {}
 
         evaluation = None
         if (round_idx + 1) % self.eval_every == 0 or round_idx + 1 == self.rounds:
@@ -132,7 +151,26 @@ class SimulationFlow:
         return RoundResult(round_idx=round_idx, sampled=sampled,
                            train_loss=float(np.mean(finite)) if finite else float("nan"),
                            bytes_up=bytes_up, bytes_down=bytes_down, evaluation=evaluation,
-                           client_metrics=client_metrics, dropped=dropped)
+                           client_metrics=client_metrics, dropped=dropped, server_metrics=server_metrics)
+
+    def plan(self, round_idx: int, sampled: list[int], global_params: Any) -> tuple[int, int]:
+        """The optional planning exchange of a two-phase algorithm; returns (bytes up, bytes down)."""
+        needs_plan = getattr(self.server, "needs_plan", None)
+        if needs_plan is None or not needs_plan(round_idx):
+            return 0, 0
+        reports = {}
+        for cid in sampled:
+            trainer = self.clients[cid]
+            trainer.set_model_params(global_params)
+            reports[cid] = trainer.plan_report()
+        plans = self.server.plan_round(round_idx, reports)
+        missing = sorted(set(sampled) - set(plans))
+        if missing:
+            raise RuntimeError(f"server.plan_round returned no plan for clients {missing}")
+        for cid in sampled:
+            self.clients[cid].receive_plan(plans[cid])
+        return (sum(json_nbytes(r) for r in reports.values()),
+                sum(json_nbytes(plans[c]) for c in sampled))
 
     def evaluate_all(self) -> dict[int, EvalResult]:
         """Every client (sampled or not) evaluates its personalized model on its own test split."""
