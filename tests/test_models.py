@@ -55,7 +55,7 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_available_models() -> None:
-    assert available_models() == ["cnn", "resnet18"]
+    assert available_models() == ["cnn", "efficientnet_lite0", "minilm", "resnet18"]
 
 
 @pytest.mark.parametrize(("channels", "size", "flat"), [(3, 32, 64 * 5 * 5), (1, 28, 64 * 4 * 4)])
@@ -94,7 +94,7 @@ def test_rejects_bad_sizes(bad: object) -> None:
 
 
 def test_unknown_model_lists_available() -> None:
-    with pytest.raises(ValueError, match="available models: cnn, resnet18"):
+    with pytest.raises(ValueError, match="available models: cnn, efficientnet_lite0, minilm, resnet18"):
         build_model("vgg11", 10)
 
 

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from fedselect import __version__
+from fedselect.compare import add_compare_parser, cmd_compare
 from fedselect.config import ConfigError
+from fedselect.launch import DEPLOY_COMMANDS, add_deploy_parsers
 
 EPILOG = """
 examples:
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("algorithms", help="list the registered algorithm names, one per line")
     check = sub.add_parser("check-config", help="validate a config and print it with defaults filled in")
     _add_config_args(check)
+    add_compare_parser(sub)
+    add_deploy_parsers(sub, _add_config_args)
     return parser
 
 
@@ -124,7 +128,9 @@ def cmd_check_config(ns: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "partition": cmd_partition, "cache-data": cmd_cache_data, "algorithms": cmd_algorithms,
-            "check-config": cmd_check_config}
+            "check-config": cmd_check_config, "compare": cmd_compare}
+
+COMMANDS.update(DEPLOY_COMMANDS)  # serve, join, launch-local (fedselect.launch)
 
 
 def main(argv: list[str] | None = None) -> int:

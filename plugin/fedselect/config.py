@@ -82,6 +82,11 @@ class DataConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     # a partition JSON written by `fedselect partition`; None: computed (and cached) by the run
     partition_file: str | None = None
+    # text datasets (amazon_reviews): tokens per sample, truncated or padded
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 8, "data.max_length", "must be >= 8 tokens")
 
 
 @dataclass(frozen=True)
@@ -111,9 +116,15 @@ class TrainConfig:
     weighted_aggregation: bool = True
     # a client update with NaN/Inf: "error" stops the run naming the client, "drop" skips it (logged)
     on_bad_update: Literal["error", "drop"] = "error"
+    # save the run's whole federated state every `checkpoint_every` rounds and after the last
+    # one, to <results_dir>/checkpoints/ (0: never); see fedselect.checkpoint
+    checkpoint_every: int = 5
+    # continue from this run's checkpoint when there is one (false: start over and overwrite it)
+    resume: bool = True
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "train.rounds", "must be >= 1")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 turns checkpoints off)")
         _check(self.local_epochs >= 0, "train.local_epochs", "must be >= 0")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
@@ -149,6 +160,8 @@ class ExperimentConfig:
     # algorithm-specific options, validated against the algorithm's own options dataclass
     algo: dict[str, Any] = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # FedML cross-silo deployment (`fedselect serve | join | launch-local`); unused by `run`
+    deploy: DeployConfig = field(default_factory=lambda: DeployConfig())
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", "must be >= 0")
@@ -306,3 +319,54 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
 def dump_config(config: ExperimentConfig) -> str:
     """The config as YAML text (round-trips through :func:`load_config_dict`)."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """A FedML cross-silo federation: addresses, timeouts, failure policy, each silo's data.
+
+    Ports: the server listens on ``server_port``, client rank k (1..num_clients) on
+    ``server_port + k`` (see docs/DEPLOYMENT.md).
+    """
+
+    # the address clients reach the server at
+    server_host: str = "127.0.0.1"
+    server_port: int = 8890
+    # client rank k is reached at client_hosts[k-1]; empty: every client at server_host (one machine)
+    client_hosts: list[str] = field(default_factory=list)
+    # the interface every process listens on; None: its own address above (0.0.0.0 behind NAT)
+    bind_host: str | None = None
+    # seconds the server waits for every client to join (and a client for the server to answer)
+    join_timeout_s: float = 300.0
+    # a peer whose port refuses connections this many seconds has failed
+    peer_timeout_s: float = 30.0
+    # seconds to wait for one expected message (an upload, an evaluation) from a reachable peer
+    response_timeout_s: float = 3600.0
+    # seconds between liveness probes of the peers a process is waiting for
+    heartbeat_s: float = 2.0
+    # a client that fails or never joins: "error" stops the federation naming it, "continue"
+    # goes on with the others (logged) while at least min_clients remain
+    on_client_failure: Literal["error", "continue"] = "error"
+    min_clients: int = 1
+    # where a client's data come from: its entry of the configured partition of data.dataset,
+    # or its own ImageFolder tree at client_data_dir ("{rank}" and "{client}" are filled in)
+    client_data: Literal["partition", "folder"] = "partition"
+    client_data_dir: str | None = None
+    # folder data: the federation's class names (label = index) and input normalization
+    classes: list[str] = field(default_factory=list)
+    norm_mean: list[float] = field(default_factory=list)
+    norm_std: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.server_port <= 65535, "deploy.server_port", "must be in 1..65535")
+        for key in ("join_timeout_s", "peer_timeout_s", "response_timeout_s", "heartbeat_s"):
+            _check(getattr(self, key) > 0, f"deploy.{key}", "must be > 0")
+        _check(self.min_clients >= 1, "deploy.min_clients", "must be >= 1")
+        if self.client_data == "folder":
+            _check(bool(self.client_data_dir), "deploy.client_data_dir", "is required for client_data=folder")
+            _check(bool(self.classes), "deploy.classes", "is required for client_data=folder (labels are "
+                   "indices into it, the same on every silo)")
+            _check(len(self.norm_mean) in (1, 3) and len(self.norm_std) == len(self.norm_mean),
+                   "deploy.norm_mean", "and deploy.norm_std are required for client_data=folder (1 or 3 "
+                   "values each, the same on every silo)")
+            _check(all(s > 0 for s in self.norm_std), "deploy.norm_std", "must be > 0")

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -294,6 +295,22 @@ def client_generator(seed: int, client_id: int, round_idx: int, stream: int = 0)
     gen = torch.Generator()
     gen.manual_seed(((seed * 1_000_003 + client_id) * 10_007 + round_idx) * 31 + stream)
     return gen
+
+
+@contextmanager
+def client_global_rng(seed: int, client_id: int, round_idx: int, device: torch.device | str,
+                      stream: int = 0) -> Iterator[None]:
+    """Torch's global random state seeded by (seed, client, round) inside the block, restored after.
+
+    Dropout draws from the global generator, not from the batch generator; seeding it per client
+    and round makes a client's update independent of which clients trained before it (the
+    same in simulation, cross-silo and after a resume).
+    """
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        state = np.random.SeedSequence([seed, client_id, round_idx, stream, 0xD509]).generate_state(1)
+        torch.manual_seed(int(state[0]))
+        yield
 
 
 def resolve_device(name: str) -> torch.device:

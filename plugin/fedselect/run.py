@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,18 @@ import numpy as np
 import torch
 
 from fedselect import __version__
-from fedselect.algorithms.base import RunContext
+from fedselect.algorithms.base import Checkpointable, RunContext
 from fedselect.algorithms.registry import get_algorithm, validate_algorithm_options
-from fedselect.config import ExperimentConfig, dump_config
+from fedselect.checkpoint import RunCheckpointer
+from fedselect.config import ConfigError, ExperimentConfig, dump_config
 from fedselect.core.masks import iou_matrix, personal_fraction
 from fedselect.data import (
     ImageData,
     Partition,
-    load_image_dataset,
+    TextData,
+    TokenTransform,
+    canonical_text_name,
+    load_dataset,
     make_partition,
     partition_key,
     partition_summary,
@@ -56,15 +61,42 @@ def default_partition_path(config: ExperimentConfig) -> Path:
     return Path(config.tracking.results_dir) / "partitions" / f"{config.data.dataset}-{key}.json"
 
 
-def load_data(config: ExperimentConfig) -> ImageData:
-    return load_image_dataset(config.data.dataset, config.data.root, download=config.data.download,
-                              cache_dir=config.data.cache_dir)
+def load_data(config: ExperimentConfig) -> ImageData | TextData:
+    """The configured dataset: images (decoded tensors) or text (token ids)."""
+    text = {"max_length": config.data.max_length} if canonical_text_name(config.data.dataset) else {}
+    return load_dataset(config.data.dataset, config.data.root, download=config.data.download,
+                        cache_dir=config.data.cache_dir, **text)
 
 
-def compute_partition(config: ExperimentConfig, data: ImageData) -> Partition:
-    """A new partition of ``data`` for the config's spec and seed (deterministic)."""
-    return make_partition(data.name, config.data.partition.kind, data.train_y.numpy(), data.test_y.numpy(),
-                          seed=config.seed, **config.data.partition.partition_params())
+def data_transform(config: ExperimentConfig, data: ImageData | TextData) -> Callable[..., torch.Tensor]:
+    """What turns a stored batch into model input: normalization (+ augmentation) or nothing for tokens."""
+    if isinstance(data, TextData):
+        return TokenTransform()
+    return ImageTransform(data.mean, data.std, augment=config.train.augment)
+
+
+def build_run_model(config: ExperimentConfig, data: ImageData | TextData) -> torch.nn.Module:
+    """The configured model for ``data`` (random init seeded by the caller, or loaded weights)."""
+    shape = {} if isinstance(data, TextData) else {"in_channels": data.in_channels, "image_size": data.image_size}
+    return build_model(config.model.name, data.num_classes, weights=config.model.weights, **shape)
+
+
+def compute_partition(config: ExperimentConfig, data: ImageData | TextData) -> Partition:
+    """A new partition of ``data`` for the config's spec and seed (deterministic).
+
+    A ``domain`` partition splits by the samples' domains (one product category per client for
+    the Amazon reviews), every other kind by their labels.
+    """
+    kind = config.data.partition.kind
+    if kind == "domain":
+        if not hasattr(data, "train_domains"):
+            raise ConfigError(f"config key 'data.partition.kind': 'domain' needs a dataset with domains "
+                              f"(amazon_reviews); {config.data.dataset!r} has none")
+        train, test = data.train_domains.numpy(), data.test_domains.numpy()
+    else:
+        train, test = data.train_y.numpy(), data.test_y.numpy()
+    return make_partition(data.name, kind, train, test, seed=config.seed,
+                          **config.data.partition.partition_params())
 
 
 def get_partition(config: ExperimentConfig, data: ImageData) -> Partition:
@@ -103,11 +135,21 @@ def git_commit() -> str:
 
 
 @dataclass
-class RoundLogger:
-    """Turns each RoundResult into MLflow metrics and keeps the running totals for the record."""
+class RoundLogger(Checkpointable):
+    """Turns each RoundResult into MLflow metrics and keeps the running totals for the record.
+
+    ``defer``: hold each round's metrics until :meth:`flush` (the run's checkpoints flush right
+    after each save, so MLflow never holds a round that a restart would run again; see
+    fedselect.checkpoint).
+    """
+
+    # the record is built from these; `pending` are rounds not yet confirmed logged
+    checkpoint_attributes = ("bytes_up", "bytes_down", "best_mean_acc", "best_round", "last_eval", "history",
+                             "client_sums", "pending")
 
     tracker: RunTracker
     num_clients: int
+    defer: bool = False
     bytes_up: int = 0
     bytes_down: int = 0
     best_mean_acc: float = float("-inf")
@@ -118,6 +160,8 @@ class RoundLogger:
         self.history: list[dict[str, float]] = []
         # each client metric summed over clients and rounds (layer selection's compute)
         self.client_sums: dict[str, float] = {}
+        # (round, timestamp ms, metrics) not yet logged; the timestamp makes a repeated log a no-op
+        self.pending: list[tuple[int, int, dict[str, float]]] = []
 
     def __call__(self, result: RoundResult) -> None:
         self.bytes_up += result.bytes_up
@@ -153,8 +197,16 @@ class RoundLogger:
             if metrics["mean_acc"] > self.best_mean_acc:
                 self.best_mean_acc, self.best_round = metrics["mean_acc"], result.round_idx
             self.last_eval = result
-        self.tracker.log_metrics(metrics, step=result.round_idx)
         self.history.append({"round": result.round_idx, **metrics})
+        self.pending.append((result.round_idx, int(time.time() * 1000), metrics))
+        if not self.defer:
+            self.flush()
+
+    def flush(self) -> None:
+        """Log the held rounds' metrics to MLflow."""
+        for step, timestamp, metrics in self.pending:
+            self.tracker.log_metrics(metrics, step=step, timestamp=timestamp)
+        self.pending = []
 
 
 def per_client_csv(result: RoundResult, clients: list[ClientDataset]) -> str:
@@ -196,6 +248,9 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
     device = resolve_device(config.device)
     results_dir = Path(config.tracking.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    run_name = config.tracking.run_name or f"{config.algorithm}-{config.data.dataset}-seed{config.seed}"
+    # read first: a checkpoint that cannot be used fails before any data is loaded
+    checkpointer = RunCheckpointer(config, run_name=run_name, device=device)
 
     data = load_data(config)
     partition = get_partition(config, data)
@@ -203,29 +258,35 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
 
     args = build_fedml_args(fedml_sections(config), home=fedml_home(results_dir))
     torch.manual_seed(config.seed)
-    model = build_model(config.model.name, data.num_classes, in_channels=data.in_channels,
-                        image_size=data.image_size, weights=config.model.weights).to(device)
-    ctx = RunContext(config=config, options=options, device=device,
-                     transform=ImageTransform(data.mean, data.std, augment=config.train.augment))
+    model = build_run_model(config, data).to(device)
+    ctx = RunContext(config=config, options=options, device=device, transform=data_transform(config, data))
     trainers = [spec.client_cls(model, args, client_id=cid, data=d, ctx=ctx) for cid, d in enumerate(clients)]
     server = spec.server_cls(model, args, ctx=ctx)
 
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(results_dir)
     prepare_store(tracking_uri)
-    run_name = config.tracking.run_name or f"{config.algorithm}-{config.data.dataset}-seed{config.seed}"
     tags = {"algorithm": config.algorithm, "dataset": config.data.dataset, "seed": str(config.seed),
             "partition": partition_key(data.name, partition_spec(config)), "fedselect_version": __version__,
             **config.tracking.tags}
     with RunTracker(tracking_uri=tracking_uri, experiment=config.tracking.experiment, run_name=run_name, tags=tags,
-                    artifact_root=results_dir / "mlartifacts") as tracker:
-        tracker.log_params(config.to_dict())
-        tracker.log_text(dump_config(config), "config.yaml")
+                    artifact_root=results_dir / "mlartifacts",
+                    run_id=checkpointer.mlflow_run_id(tracking_uri)) as tracker:
         summary = partition_summary(partition, data.train_y.numpy(), data.test_y.numpy(), data.classes)
-        tracker.log_dict(summary, "partition_summary.json")
-        logger = RoundLogger(tracker, len(clients))
+        if not checkpointer.resuming:  # a resumed run logged these when it began
+            tracker.log_params(config.to_dict())
+            tracker.log_text(dump_config(config), "config.yaml")
+            tracker.log_dict(summary, "partition_summary.json")
+        logger = RoundLogger(tracker, len(clients), defer=checkpointer.enabled)
+        # last before the flow: resuming loads every object's state and the global random states
+        start_round = checkpointer.start(model=model, clients=trainers, server=server, logger=logger,
+                                         run_id=tracker.run_id, tracking_uri=tracking_uri, started=started)
+        if checkpointer.resumed_at:
+            tracker.set_tags({"resumed_at_rounds": ",".join(map(str, checkpointer.resumed_at))})
         flow = SimulationFlow(args=args, device=device, clients=trainers, server=server, rounds=config.train.rounds,
                               participation=config.train.participation, seed=config.seed,
-                              eval_every=config.train.eval_every, on_round_end=logger, progress=progress)
+                              eval_every=config.train.eval_every, on_round_end=logger, progress=progress,
+                              start_round=start_round, checkpoint=checkpointer.save,
+                              checkpoint_every=config.train.checkpoint_every)
         import_fedml().FedMLRunner(args, device, fedml_dataset_tuple(clients, data.num_classes), model,
                           algorithm_flow=flow).run()
         final = logger.last_eval
@@ -258,7 +319,9 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
             "bytes_up_per_round": [h["bytes_up_round"] for h in logger.history],
             "bytes_down_per_round": [h["bytes_down_round"] for h in logger.history],
             "mean_acc_per_round": [h.get("mean_acc") for h in logger.history],
-            "wall_seconds": time.time() - started,
+            # over all attempts of a resumed run; rounds redone after a kill count once
+            "wall_seconds": checkpointer.elapsed_seconds(),
+            "resumed_at_rounds": checkpointer.resumed_at,
             "mlflow_run_id": tracker.run_id,
             "mlflow_experiment": config.tracking.experiment,
             "tracking_uri": tracking_uri,
@@ -279,4 +342,6 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
         tracker.log_dict(record, "run_record.json")
     if record_path is not None:
         write_run_record(record_path, record)
+    # finished and recorded: the same command again is a new run, not this one resumed
+    checkpointer.remove()
     return record

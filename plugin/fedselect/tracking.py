@@ -287,11 +287,17 @@ class RunTracker:
     ``artifact_root`` is where the experiment stores artifacts when this creates it (default
     for sqlite: ``mlartifacts`` next to the database file); an existing experiment keeps its
     own location, and a remote tracking server chooses its own, so it is ignored there.
+
+    ``run_id`` reopens that existing run of ``experiment`` instead of creating one (a training
+    run resumed from its checkpoint logs into the run it started): its status goes back to
+    RUNNING and the ``error`` tag of the interrupted attempt is removed; ``tags`` are not re-set.
     """
 
     def __init__(self, *, tracking_uri: str, experiment: str, run_name: str,
-                 tags: dict[str, str] | None = None, artifact_root: str | os.PathLike | None = None) -> None:
+                 tags: dict[str, str] | None = None, artifact_root: str | os.PathLike | None = None,
+                 run_id: str | None = None) -> None:
         self.tracking_uri = tracking_uri
+        self._reopen_id = run_id
         self.experiment = experiment
         self.run_name = run_name
         self._tags = dict(tags or {})
@@ -324,13 +330,33 @@ class RunTracker:
         client = _client(self.tracking_uri)
         self._experiment_id = _get_or_create_experiment(client, self.tracking_uri, self.experiment,
                                                         self._artifact_location)
-        tags = {k: _truncate(str(v), MAX_TAG_VALUE) for k, v in self._tags.items()}
-        run = with_retry("create run", client.create_run, self._experiment_id, run_name=self.run_name,
-                         tags=tags)
+        if self._reopen_id is not None:
+            run = self._reopen(client, self._reopen_id)
+        else:
+            tags = {k: _truncate(str(v), MAX_TAG_VALUE) for k, v in self._tags.items()}
+            run = with_retry("create run", client.create_run, self._experiment_id, run_name=self.run_name,
+                             tags=tags)
         self._client, self._run_id = client, run.info.run_id
         log.info("MLflow run %s (%s) in experiment %r at %s", self._run_id, self.run_name, self.experiment,
                  self.tracking_uri)
         return self
+
+    def _reopen(self, client: MlflowClient, run_id: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = with_retry("get run", client.get_run, run_id)
+        except MlflowException as exc:
+            raise LookupError(f"MLflow run {run_id} to reopen is not in {self.tracking_uri}: {exc.message}") from None
+        if run.info.lifecycle_stage != "active":
+            raise LookupError(f"MLflow run {run_id} to reopen is deleted in {self.tracking_uri}")
+        if run.info.experiment_id != self._experiment_id:
+            raise LookupError(f"MLflow run {run_id} to reopen belongs to experiment {run.info.experiment_id}, "
+                              f"not {self.experiment!r} ({self._experiment_id})")
+        with_retry("reopen run", client.update_run, run_id, status="RUNNING")
+        if "error" in run.data.tags:
+            with_retry("clear error tag", client.delete_tag, run_id, "error")
+        return run
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -364,12 +390,17 @@ class RunTracker:
         for batch in _chunks(items, PARAMS_PER_BATCH):
             with_retry("log params", client.log_batch, run_id, params=batch, synchronous=True)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log one round's metrics at ``step`` in one write (NaN and inf are accepted)."""
+    def log_metrics(self, metrics: Mapping[str, float], step: int, *, timestamp: int | None = None) -> None:
+        """Log one round's metrics at ``step`` in one write (NaN and inf are accepted).
+
+        ``timestamp`` (ms; default now) fixes the points' identity: logging the same values
+        with the same step and timestamp again adds nothing (a resumed run re-sends the rounds
+        its checkpoint holds as not yet confirmed logged).
+        """
         from mlflow.entities import Metric
 
         client, run_id = self._active()
-        timestamp = int(time.time() * 1000)
+        timestamp = int(time.time() * 1000) if timestamp is None else int(timestamp)
         items = []
         for key, value in metrics.items():
             try:

@@ -6,6 +6,7 @@ wildcard_constraints:
 rule all:
     input:
         f"{OUT}/summary.md",
+        f"{OUT}/report.md",
 
 
 rule run_config:
@@ -57,13 +58,45 @@ rule train:
 
 
 rule summarize:
+    # tables read from MLflow through the run records; the study file adds the paper's numbers
     input:
-        expand(f"{OUT}/runs/{{run}}-seed{{seed}}.json", run=RUNS, seed=SEEDS),
+        study=STUDY_FILE,
+        records=expand(f"{OUT}/runs/{{run}}-seed{{seed}}.json", run=RUNS, seed=SEEDS),
     output:
         table=f"{OUT}/summary.md",
         csv=f"{OUT}/summary.csv",
+    params:
+        title=STUDY.name,
     log:
         f"{OUT}/logs/summarize.log",
     shell:
-        "python -m analysis.summarize --title {STUDY.name:q} --out-md {output.table} --out-csv {output.csv} "
-        "{input} > {log} 2>&1 && cat {output.table}"
+        "python -m analysis.summarize --study {input.study} --title {params.title:q} --out-md {output.table} "
+        "--out-csv {output.csv} {input.records} > {log} 2>&1 && cat {output.table}"
+
+
+rule figures:
+    input:
+        study=STUDY_FILE,
+        records=expand(f"{OUT}/runs/{{run}}-seed{{seed}}.json", run=RUNS, seed=SEEDS),
+    output:
+        directory(f"{OUT}/figures"),
+    log:
+        f"{OUT}/logs/figures.log",
+    shell:
+        "MPLBACKEND=Agg python -m analysis.figures --study {input.study} --out-dir {output} {input.records} "
+        "> {log} 2>&1"
+
+
+rule report:
+    input:
+        study=STUDY_FILE,
+        summary=f"{OUT}/summary.md",
+        figures=f"{OUT}/figures",
+        records=expand(f"{OUT}/runs/{{run}}-seed{{seed}}.json", run=RUNS, seed=SEEDS),
+    output:
+        f"{OUT}/report.md",
+    log:
+        f"{OUT}/logs/report.log",
+    shell:
+        "python -m analysis.report --study {input.study} --summary {input.summary} --figures {input.figures} "
+        "--out {output} {input.records} > {log} 2>&1"

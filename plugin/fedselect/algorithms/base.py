@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,11 +32,11 @@ from fedselect.engine import (
     ClientDataset,
     EvalResult,
     ExtraLoss,
-    ImageTransform,
     OptimConfig,
     TrainableSpec,
     TrainStats,
     client_generator,
+    client_global_rng,
     evaluate,
     train_passes,
 )
@@ -63,7 +63,8 @@ class RunContext:
 
     config: ExperimentConfig
     options: Any
-    transform: ImageTransform
+    # stored batch -> model input (ImageTransform, or TokenTransform for text)
+    transform: Callable[..., torch.Tensor]
     device: torch.device
 
     @property
@@ -72,7 +73,43 @@ class RunContext:
         return OptimConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size)
 
 
-class FedAvgClient(ClientTrainer):
+class Checkpointable:
+    """What a client or server keeps between rounds, by attribute name (see :mod:`fedselect.checkpoint`).
+
+    Each class lists in ``checkpoint_attributes`` the attributes *it adds* that change between
+    rounds; :meth:`checkpoint_fields` collects them over the class hierarchy, so a subclass
+    never repeats its parents'. Every other attribute must come out the same when the object is
+    built again from the config, the data and the common initialization (a resumed run
+    rebuilds everything, then loads these). Values may be tensors, PackedTensor, numpy arrays,
+    dataclasses and plain containers of them.
+    """
+
+    checkpoint_attributes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def checkpoint_fields(cls) -> list[str]:
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            names.extend(n for n in vars(klass).get("checkpoint_attributes", ()) if n not in names)
+        return names
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The between-round state, by name (live references: serialize before the next round)."""
+        return {name: getattr(self, name) for name in self.checkpoint_fields()}
+
+    def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        """Put back what :meth:`checkpoint_state` returned; the names must match exactly."""
+        fields = self.checkpoint_fields()
+        missing = [n for n in fields if n not in state]
+        unexpected = sorted(set(state) - set(fields))
+        if missing or unexpected:
+            raise KeyError(f"{type(self).__name__} state does not match its checkpoint_attributes: "
+                           f"missing {missing}, unexpected {unexpected}")
+        for name in fields:
+            setattr(self, name, state[name])
+
+
+class FedAvgClient(Checkpointable, ClientTrainer):
     """FedAvg's client (McMahan et al. 2017): nothing personal, E epochs of joint SGD.
 
     Subclasses change the hooks, never the FedML interface methods below them.
@@ -80,6 +117,8 @@ class FedAvgClient(ClientTrainer):
 
     # normalization layers with all parameters frozen keep their running statistics too
     freeze_frozen_norms = False
+    # round_idx seeds the next local update's random draws; the mask and personal values are v_k
+    checkpoint_attributes = ("round_idx", "packed_mask", "personal_values", "mask_initialized", "last_train_stats")
 
     def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset, ctx: RunContext) -> None:
         super().__init__(model, args)
@@ -113,6 +152,10 @@ class FedAvgClient(ClientTrainer):
 
     def release_unpacked_mask(self) -> None:
         self._unpacked_mask = None
+
+    def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        super().load_checkpoint_state(state)
+        self.release_unpacked_mask()  # derived from packed_mask, rebuilt on next use
 
     def round_metrics(self) -> dict[str, float]:
         """Per-client figures of the last local update to log (FedSelect: personal fractions)."""
@@ -190,7 +233,8 @@ class FedAvgClient(ClientTrainer):
 
     def train(self, train_data: Any, device: Any, args: Any) -> TrainStats:
         self.ensure_personal_mask()
-        self.last_train_stats = self.local_update()
+        with client_global_rng(self.ctx.config.seed, self.id, self.round_idx, self.ctx.device):
+            self.last_train_stats = self.local_update()
         self.save_personal_values()
         self.round_idx += 1
         return self.last_train_stats
@@ -217,7 +261,8 @@ class FedAvgClient(ClientTrainer):
             return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         try:
-            self.prepare_for_evaluation()
+            with client_global_rng(self.ctx.config.seed, self.id, self.round_idx, self.ctx.device, stream=1):
+                self.prepare_for_evaluation()
             return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
         finally:
             with torch.no_grad():
@@ -238,8 +283,10 @@ class FedAvgClient(ClientTrainer):
         return total
 
 
-class FedAvgServer(ServerAggregator):
+class FedAvgServer(Checkpointable, ServerAggregator):
     """Server of the mask mechanism: entry-wise (weighted) average over the clients sharing it."""
+
+    checkpoint_attributes = ("global_state", "global_personal_mask", "dropped_updates")
 
     def __init__(self, model: nn.Module, args: Any, *, ctx: RunContext) -> None:
         super().__init__(model, args)

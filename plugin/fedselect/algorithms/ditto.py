@@ -92,6 +92,8 @@ def proximal_term(model: nn.Module, reference: dict[str, torch.Tensor], lam: flo
 class DittoClient(FedAvgClient):
     """Ditto's client: FedAvg's global update plus a proximally regularized personal model v_k."""
 
+    checkpoint_attributes = ("personal_flat", "personal_counters")
+
     def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset,
                  ctx: RunContext) -> None:
         super().__init__(model, args, client_id=client_id, data=data, ctx=ctx)

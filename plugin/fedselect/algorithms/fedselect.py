@@ -77,6 +77,7 @@ class FedSelectClient(FedAvgClient):
     """FedSelect's client: GradLTN (or growth) picks the mask, LocalAlt trains u and v."""
 
     learns_mask = True
+    checkpoint_attributes = ("participations", "last_search_fraction", "grow_snapshot")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

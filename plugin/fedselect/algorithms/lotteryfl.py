@@ -87,7 +87,13 @@ def prunable_names(model: nn.Module) -> list[str]:
 
 
 class LotteryFLClient(FedAvgClient):
-    """LotteryFL's client: a growing pruning mask, masked SGD, sparse uploads."""
+    """LotteryFL's client: a growing pruning mask, masked SGD, sparse uploads.
+
+    theta_0 (``_INITIAL_PARAMS``) is not checkpointed: it is the common initialization, which
+    a resumed run rebuilds from the seed before any client exists.
+    """
+
+    checkpoint_attributes = ("prune_steps", "sparsity_history")
 
     def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset,
                  ctx: RunContext) -> None:

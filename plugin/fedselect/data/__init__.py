@@ -5,7 +5,16 @@
 * :mod:`fedselect.data.partition`: deterministic per-client index splits (pathological,
   Dirichlet, domain) and their JSON files.
 * :mod:`fedselect.data.summary`: per-client count summaries and a figure of a partition.
+* :mod:`fedselect.data.text`: text datasets (the multi-domain Amazon reviews) as token ids.
+
+:func:`load_dataset` picks the loader by name: text datasets go to :func:`load_text_dataset`,
+everything else to :func:`load_image_dataset`.
 """
+
+from __future__ import annotations
+
+import os
+from typing import Any
 
 from .partition import (
     PARTITION_KINDS,
@@ -29,21 +38,27 @@ from .sources import (
     resolve_data_root,
 )
 from .summary import partition_summary, plot_partition
+from .text import TEXT_DATASETS, TextData, TokenTransform, canonical_text_name, load_text_dataset
 
 __all__ = [
     "CACHE_DIR_ENV",
     "DATA_ROOT_ENV",
     "KNOWN_DATASETS",
     "PARTITION_KINDS",
+    "TEXT_DATASETS",
     "DataCacheError",
     "DataNotFoundError",
     "ImageData",
     "Partition",
+    "TextData",
+    "TokenTransform",
     "decode_images",
     "default_cache_dir",
     "dirichlet_partition",
     "domain_partition",
+    "load_dataset",
     "load_image_dataset",
+    "load_text_dataset",
     "make_partition",
     "partition_key",
     "partition_summary",
@@ -51,3 +66,29 @@ __all__ = [
     "plot_partition",
     "resolve_data_root",
 ]
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    **text_options: Any,
+) -> ImageData | TextData:
+    """Load a dataset by name: ``amazon_reviews`` (aliases ``amazon-reviews``, ``reviews``) as
+    :class:`TextData`, any other name through :func:`load_image_dataset` as :class:`ImageData`.
+
+    Args:
+        text_options: keyword options of :func:`load_text_dataset` (``max_length``, ``domains``,
+            ``tokenizer_path``); an image dataset takes none.
+
+    Raises:
+        DataNotFoundError: the dataset's files are missing (and, for images, not downloadable).
+        ValueError: an unknown name, or text options given for an image dataset.
+    """
+    if canonical_text_name(name) is not None:
+        return load_text_dataset(name, root, download=download, cache_dir=cache_dir, **text_options)
+    if text_options:
+        raise ValueError(f"dataset {name!r} is an image dataset; it takes no options {sorted(text_options)}")
+    return load_image_dataset(name, root, download=download, cache_dir=cache_dir)

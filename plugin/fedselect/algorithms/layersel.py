@@ -1,0 +1,317 @@
+"""Selective layer fine-tuning (arXiv 2408.15600) as a two-phase FedML algorithm ``layersel``.
+
+Its difference from FedAvg, on the mask mechanism of :mod:`fedselect.algorithms.base`
+(nothing is personal; what changes is which layers each client trains):
+
+1. planning (the extra round trip): each sampled client evaluates the received global model on
+   ``score_batches`` local batches and reports one score per candidate layer (squared gradient
+   norm for the paper's method, SNR or RGN for those baselines; nothing for position-based
+   strategies);
+2. the server picks each client's layers under its budget (:func:`fedselect.core.selection.select_layers`;
+   the paper's MILP for ``strategy: ilp``) and sends each client its list;
+3. the client trains only those layers for E epochs: every other parameter has
+   ``requires_grad=False`` (no gradient work below the lowest selected layer, no weight
+   gradients elsewhere) and normalization layers of unselected blocks keep their statistics,
+   so unselected layers leave local training bit-identical;
+4. the client uploads only the layers it trained; the server averages each layer over the
+   clients that trained it (weighted by data size) and leaves the others unchanged.
+
+Candidate layers are the model's ``block`` groups plus the ``head``; the ``stem`` (embeddings)
+stays frozen and the head is always trained, as in the paper. Budgets and costs cover the
+candidates, the head included.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedselect.config import ConfigError
+from fedselect.core.compute import backward_flops, backward_fraction
+from fedselect.core.scores import group_scores
+from fedselect.core.selection import (
+    SCORE_KIND,
+    STRATEGIES,
+    InfeasibleBudgetError,
+    SelectionResult,
+    heterogeneous_budgets,
+    select_layers,
+)
+from fedselect.engine import TrainStats, client_generator, trainable_only
+from fedselect.models import LayerGroup, layer_groups
+from fedselect.models.flops import forward_flops_by_group
+from fedselect.plots import plot_selection_heatmap
+
+from .base import BadUpdateError, FedAvgClient, FedAvgServer, Mask, RunContext
+from .fedper import entries_of_params, options_of
+from .payload import encode_upload
+from .registry import register
+
+_SCORE_STREAM = 2000
+
+
+@dataclass(frozen=True)
+class LayerSelOptions:
+    """Options under ``algo:`` for ``algorithm: layersel``."""
+
+    # ilp: the paper's method; top/bottom/both/snr/rgn/full/random: its baselines
+    strategy: str = "ilp"
+    # lambda, the penalty per disagreeing client pair and layer, in units of the round's mean
+    # layer score (scores are divided by their mean before solving; see normalize_scores)
+    lam: float = 0.1
+    # divide the round's scores by their mean: lambda then keeps its meaning as gradients shrink
+    normalize_scores: bool = True
+    # budget as a fraction of the total cost of all candidate layers (head included)
+    budget: float = 0.5
+    # identical: every client gets `budget`; heterogeneous: seeded truncated half-normal draws
+    # with mean level `budget` in [budget_min, budget_max]
+    budgets: Literal["identical", "heterogeneous"] = "identical"
+    budget_min: float = 0.2
+    budget_max: float = 1.0
+    # a layer's cost: 1 per layer, or its parameter count
+    cost: Literal["unit", "params"] = "unit"
+    # local batches each client scores the global model on
+    score_batches: int = 2
+    # CBC time limit; hitting it keeps the best selection found and is logged
+    time_limit_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"config key 'algo.strategy': unknown strategy {self.strategy!r} "
+                              f"(choose from {', '.join(STRATEGIES)})")
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise ConfigError(f"config key 'algo.lam' must be a finite number >= 0, got {self.lam!r}")
+        for key in ("budget", "budget_min", "budget_max"):
+            value = getattr(self, key)
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"config key 'algo.{key}' must be in (0, 1], got {value!r}")
+        if self.budgets == "heterogeneous" and not self.budget_min <= self.budget <= self.budget_max:
+            raise ConfigError("config keys 'algo.budget_min' <= 'algo.budget' <= 'algo.budget_max' must hold, got "
+                              f"{self.budget_min} <= {self.budget} <= {self.budget_max}")
+        if self.score_batches < 1:
+            raise ConfigError(f"config key 'algo.score_batches' must be >= 1, got {self.score_batches!r}")
+        if self.time_limit_s <= 0:
+            raise ConfigError(f"config key 'algo.time_limit_s' must be > 0, got {self.time_limit_s!r}")
+
+
+def candidate_groups(model: torch.nn.Module) -> list[LayerGroup]:
+    """The layers selection chooses among, input to output: every block group, then the head."""
+    groups = [g for g in layer_groups(model) if g.role in ("block", "head")]
+    if not groups or groups[-1].role != "head":
+        raise ValueError(f"{type(model).__name__} has no head layer group to always train")
+    return groups
+
+
+def layer_costs(groups: list[LayerGroup], kind: str) -> np.ndarray:
+    return np.array([1.0 if kind == "unit" else float(g.num_params) for g in groups])
+
+
+class LayerSelClient(FedAvgClient):
+    """Scores the global model's layers, then trains only the layers the server assigned."""
+
+    freeze_frozen_norms = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.options = options_of(self.ctx, LayerSelOptions)
+        self.groups = candidate_groups(self.model)
+        self.selected: list[str] | None = None  # this round's plan, cleared by the upload
+        self.trained: list[str] = []  # the layers of the last local update
+        self._forward_flops: list[float] | None = None
+
+    def plan_report(self) -> dict[str, Any]:
+        """Phase 1: one score per candidate layer on the current (global) model, or nothing."""
+        kind = SCORE_KIND.get(self.options.strategy)
+        if kind is None:
+            return {}
+        grads = self.layer_gradients()
+        params = dict(self.model.named_parameters())
+        scores = group_scores({g.name: grads[g.name] for g in self.groups},
+                              {g.name: [params[n].detach() for n in g.param_names] for g in self.groups}, kind)
+        return {"kind": kind, "scores": [float(scores[g.name]) for g in self.groups]}
+
+    def layer_gradients(self) -> dict[str, list[torch.Tensor]]:
+        """Mean loss gradient over ``score_batches`` local batches, per candidate group.
+
+        The model is in eval mode, so scoring moves no BatchNorm statistics and the model the
+        client then trains is exactly the one it received.
+        """
+        batch = self.ctx.config.train.batch_size
+        generator = client_generator(self.ctx.config.seed, self.id, self.round_idx, _SCORE_STREAM)
+        n = self.data.num_train
+        order = torch.randperm(n, generator=generator).to(self.data.train_y.device)
+        batches = [order[i:i + batch] for i in range(0, n, batch)][:self.options.score_batches]
+        names = [n for g in self.groups for n in g.param_names]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with trainable_only(self.model, dict.fromkeys(names)) as params:
+                for _, param, _ in params:
+                    param.grad = None
+                for idx in batches:
+                    inputs = self.ctx.transform(self.data.train_x[idx], train=False)
+                    loss = F.cross_entropy(self.model(inputs), self.data.train_y[idx]) / len(batches)
+                    loss.backward()
+                grads = {name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                         for name, p, _ in params}
+                for _, param, _ in params:
+                    param.grad = None
+        finally:
+            self.model.train(was_training)
+        return {g.name: [grads[n] for n in g.param_names] for g in self.groups}
+
+    def receive_plan(self, plan: dict[str, Any]) -> None:
+        """Phase 2: the server's choice of layers for this round."""
+        names = {g.name for g in self.groups}
+        layers = plan.get("layers") if isinstance(plan, dict) else None
+        if not isinstance(layers, list) or not set(layers) <= names:
+            raise ValueError(f"client {self.id}: malformed layer plan {plan!r} (layers must be among {sorted(names)})")
+        self.selected = list(layers)
+
+    def local_update(self) -> TrainStats:
+        if self.selected is None:
+            raise RuntimeError(f"client {self.id}: layer selection trains only after receiving a plan")
+        chosen = set(self.selected)
+        self.trained = [g.name for g in self.groups if g.name in chosen]
+        trainable = {n: None for g in self.groups if g.name in chosen for n in g.param_names}
+        return self.train_epochs(self.ctx.config.train.local_epochs, trainable)
+
+    def get_model_params(self) -> dict[str, Any]:
+        """Upload only the layers trained this round (their parameters and buffers)."""
+        chosen = set(self.trained)
+        params = [n for g in self.groups if g.name in chosen for n in g.param_names]
+        state = self.state_entries()
+        upload = encode_upload({n: state[n] for n in entries_of_params(self.model, params)}, {},
+                               client_id=self.id, num_samples=self.local_sample_number)
+        self.release_unpacked_mask()
+        self.selected = None  # a plan is good for one round
+        return upload
+
+    def forward_flops(self) -> list[float]:
+        """Forward FLOPs per sample of every layer group (stem first), counted once."""
+        if self._forward_flops is None:
+            example = self.ctx.transform(self.data.train_x[:1], train=False)
+            by_group = forward_flops_by_group(self.model, example)
+            self._forward_flops = [by_group[g.name] for g in layer_groups(self.model)]
+        return self._forward_flops
+
+    def round_metrics(self) -> dict[str, float]:
+        chosen = set(self.trained)
+        trainable = [g.name in chosen for g in layer_groups(self.model)]
+        flops = self.forward_flops()
+        samples = self.last_train_stats.samples
+        return {
+            "layers_trained": float(len(chosen)),
+            # estimated backward GFLOPs of this local update (core.compute)
+            "compute_backward": backward_flops(flops, trainable) * samples / 1e9,
+            "backward_fraction": backward_fraction(flops, trainable),
+        }
+
+    def initial_personal_mask(self) -> Mask:
+        return {}
+
+
+class LayerSelServer(FedAvgServer):
+    """Collects layer scores, solves the selection, averages each layer over its trainers."""
+
+    # every round's selection, for the artifacts written at the end of the run
+    checkpoint_attributes = ("history",)
+
+    def __init__(self, model: torch.nn.Module, args: Any, *, ctx: RunContext) -> None:
+        super().__init__(model, args, ctx=ctx)
+        self.options = options_of(ctx, LayerSelOptions)
+        self.groups = candidate_groups(model)
+        self.costs = layer_costs(self.groups, self.options.cost)
+        self.budgets = self.client_budgets(ctx.config.data.partition.num_clients)
+        self.history: list[tuple[int, list[int], SelectionResult]] = []
+        self._metrics: dict[str, float] = {}
+
+    def client_budgets(self, num_clients: int) -> np.ndarray:
+        """Every client's budget in cost units; infeasible budgets fail here, before round 1."""
+        o = self.options
+        total = float(self.costs.sum())
+        if o.budgets == "identical":
+            budgets = np.full(num_clients, o.budget * total)
+        else:
+            budgets = heterogeneous_budgets(num_clients, level=o.budget * total, minimum=o.budget_min * total,
+                                            maximum=o.budget_max * total, seed=self.ctx.config.seed)
+        head = float(self.costs[-1])
+        short = np.flatnonzero(budgets < head)
+        if short.size:
+            key = "algo.budget" if o.budgets == "identical" else "algo.budget_min"
+            raise InfeasibleBudgetError(
+                f"config key '{key}': client {int(short[0])}'s budget {budgets[short[0]]:g} ({o.cost} cost) is "
+                f"below the cost {head:g} of the always-trained head (total cost of all layers {total:g})")
+        return budgets
+
+    def needs_plan(self, round_idx: int) -> bool:
+        return True
+
+    def plan_round(self, round_idx: int, reports: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        sampled = sorted(reports)
+        o = self.options
+        scores = self.score_matrix(sampled, reports) if o.strategy in SCORE_KIND else None
+        result = select_layers(o.strategy, costs=self.costs, budgets=self.budgets[sampled], lam=o.lam,
+                               scores=scores, required=(len(self.groups) - 1,), seed=self.ctx.config.seed,
+                               round_idx=round_idx, time_limit_s=o.time_limit_s)
+        self.history.append((round_idx, sampled, result))
+        mask = result.mask
+        self._metrics = {
+            "selection_solve_seconds": result.solve_seconds,
+            "selection_objective": result.objective,
+            "selection_optimal": float(result.status in ("optimal", "heuristic")),
+            "selection_layers_mean": float(mask.sum(axis=1).mean()),
+            "selection_disagreement": float(sum(k * (len(sampled) - k) for k in mask.sum(axis=0))),
+        }
+        return {cid: {"layers": [g.name for g, on in zip(self.groups, mask[row], strict=True) if on]}
+                for row, cid in enumerate(sampled)}
+
+    def score_matrix(self, sampled: list[int], reports: dict[int, dict[str, Any]]) -> np.ndarray:
+        kind = SCORE_KIND[self.options.strategy]
+        rows = []
+        for cid in sampled:
+            report = reports[cid]
+            scores = report.get("scores") if isinstance(report, dict) else None
+            if (report.get("kind") != kind or not isinstance(scores, list) or len(scores) != len(self.groups)
+                    or not all(isinstance(s, (int, float)) and math.isfinite(s) and s >= 0 for s in scores)):
+                raise BadUpdateError(f"client {cid} reported malformed {kind} layer scores: {report!r}")
+            rows.append(scores)
+        matrix = np.asarray(rows, dtype=float)
+        mean = matrix.mean()
+        if self.options.normalize_scores and mean > 0:
+            matrix = matrix / mean
+        return matrix
+
+    def round_metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
+
+    def write_artifacts(self, out_dir: Path) -> list[Path]:
+        """The selection of every round (CSV, clients x layers) and its heatmap over rounds."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        names = [g.name for g in self.groups]
+        table = out_dir / "selection.csv"
+        with table.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["round", "client", *names])
+            for round_idx, sampled, result in self.history:
+                for row, cid in enumerate(sampled):
+                    writer.writerow([round_idx, cid, *result.mask[row].astype(int).tolist()])
+        rounds = [r for r, _, _ in self.history]
+        share = np.stack([res.mask.mean(axis=0) for _, _, res in self.history], axis=1) if self.history else \
+            np.zeros((len(names), 0))
+        figure = out_dir / "selection_heatmap.png"
+        plot_selection_heatmap(share, figure, layers=names, rounds=rounds,
+                               title=f"layers selected ({self.options.strategy}, lambda={self.options.lam:g})")
+        return [table, figure]
+
+
+register("layersel", client=LayerSelClient, server=LayerSelServer, options=LayerSelOptions,
+         summary="selective layer fine-tuning: per-client layers chosen by the server under budgets "
+                 "(ILP of arXiv 2408.15600, or Top/Bottom/Both/SNR/RGN/Full/Random)")

@@ -1,0 +1,425 @@
+"""FedML cross-silo server manager for our algorithms: rounds, two-phase plans, evaluation, faults.
+
+FedML's stock ``FedMLServerManager`` trains every client every round, evaluates on the server
+(which holds no data here), waits forever for a client that died, and has no room for an extra
+exchange. This subclass keeps FedML's messages (INIT_CONFIG / SYNC_MODEL down, SEND_MODEL up,
+CLIENT_STATUS, FINISH) and their handlers' shape, and adds:
+
+* the same round as :class:`~fedselect.fedml_runtime.simulation.SimulationFlow`, hook for hook:
+  clients sampled by (seed, round), uploads averaged in client order, every client evaluated on
+  its own test split after the rounds the simulation evaluates;
+* the optional planning exchange of a two-phase algorithm (``needs_plan``/``plan_round`` on the
+  server, ``plan_report``/``receive_plan`` on the client) as new message types with JSON text;
+* evaluation piggybacks on the next round's model message: the model a client trains in round
+  r is the one it evaluates for round r-1, so evaluation costs no extra download;
+* faults: a client that never joins, stops answering or reports a failure is dropped or stops
+  the federation (``deploy.on_client_failure``); every peer is told to finish either way.
+
+The client side is :mod:`fedselect.fedml_runtime.cross_silo_client`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from fedselect.algorithms.payload import payload_nbytes
+from fedselect.config import ExperimentConfig
+from fedselect.engine import EvalResult
+from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
+from fedselect.fedml_runtime.runtime import import_fedml
+from fedselect.fedml_runtime.simulation import RoundResult, json_nbytes, sample_clients
+
+import_fedml()
+from fedml.core.distributed.communication.message import Message  # noqa: E402
+from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager  # noqa: E402
+from fedml.cross_silo.server.message_define import MyMessage  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# new message types (FedML's own stop below 10)
+MSG_C2S_PLAN_REPORT = 100
+MSG_S2C_PLAN = 101
+MSG_C2S_EVAL_RESULT = 102
+STATUS_FAILED = "FAILED"
+KEY_TRAIN = "fedselect_train"
+KEY_EVAL_ROUND = "fedselect_eval_round"
+KEY_PLAN = "fedselect_plan"
+KEY_REPORT = "fedselect_report"
+KEY_EVAL = "fedselect_eval"
+KEY_META = "fedselect_meta"
+KEY_DESCRIPTOR = "fedselect_descriptor"
+KEY_REASON = "fedselect_reason"
+MODEL_MESSAGES = (str(MyMessage.MSG_TYPE_S2C_INIT_CONFIG), str(MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT))
+
+
+class FederationError(RuntimeError):
+    """The federation stopped: a client failed (policy "error"), too few remain, or bad input."""
+
+
+def to_json(value: Any, what: str) -> str:
+    """Compact JSON text of a planning message; anything not JSON-safe fails here, naming it."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be a JSON-safe dict: {exc}") from exc
+
+
+def eval_to_json(result: EvalResult) -> str:
+    return json.dumps({"correct": int(result.correct), "total": int(result.total), "loss_sum": float(result.loss_sum)})
+
+
+def eval_from_json(text: str) -> EvalResult:
+    d = json.loads(text)
+    return EvalResult(correct=int(d["correct"]), total=int(d["total"]), loss_sum=float(d["loss_sum"]))
+
+
+def eval_due(round_idx: int, rounds: int, eval_every: int) -> bool:
+    """The simulation's rule: every ``eval_every`` rounds, and always after the last."""
+    return (round_idx + 1) % eval_every == 0 or round_idx + 1 == rounds
+
+
+class FedSelectServerManager(FedMLServerManager):
+    """Rank 0 of a cross-silo federation of ``num_clients`` silos (ranks 1..N, client id = rank - 1).
+
+    ``on_joined(descriptors)`` is called once every client has joined (or the join timeout let the
+    federation go on without some) and returns our ServerAggregator; ``on_round_end(result, wire)``
+    gets each finished round (a :class:`RoundResult`, as the simulation gives its logger) and the
+    bytes its messages took on the wire.
+    """
+
+    def __init__(self, args: Any, *, config: ExperimentConfig, on_joined: Callable[[dict[int, dict[str, Any]]], Any],
+                 on_round_end: Callable[[RoundResult, dict[str, float]], None]) -> None:
+        self.config = config
+        self.deploy = config.deploy
+        self.num_clients = num_clients = config.data.partition.num_clients
+        super().__init__(args, None, None, 0, num_clients, "GRPC")
+        self.rounds = config.train.rounds
+        self.on_joined = on_joined
+        self.on_round_end = on_round_end
+        self.server: Any = None
+        self.descriptors: dict[int, dict[str, Any]] = {}
+        self.live: set[int] = set()
+        self.failed: dict[int, str] = {}
+        self.phase = "join"
+        self.round_idx = 0
+        self.pending: dict[tuple[str, int], float] = {}
+        self.sampled: list[int] = []
+        self.sent_init: set[int] = set()
+        self.uploads: dict[int, tuple[float, Any, dict[str, Any]]] = {}
+        self.reports: dict[int, str] = {}
+        self.plans: dict[int, str] = {}
+        self.plan_pending = False
+        self.evals: dict[int, EvalResult] = {}
+        self.rejected: list[tuple[int, str]] = []
+        self.stashed: tuple[RoundResult, dict[str, float]] | None = None
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.round_started: dict[int, float] = {}
+        self.prober = Prober(self.com_manager, self.deploy.heartbeat_s)
+        self.com_manager.on_idle = self._guarded(self._check_deadlines)
+        self.com_manager.rpc_timeout_s = self.deploy.response_timeout_s
+
+    # ---- FedML plumbing ---------------------------------------------------------------------
+    def _init_manager(self) -> None:
+        self.com_manager = FedSelectChannel(self.args.grpc_ipconfig_path, self.rank, self.size, self.args)
+        self.com_manager.add_observer(self)
+
+    def register_message_receive_handlers(self) -> None:
+        for msg_type, handler in ((MyMessage.MSG_TYPE_CONNECTION_IS_READY, lambda _m: None),
+                                  (MyMessage.MSG_TYPE_C2S_CLIENT_STATUS, self._on_status),
+                                  (MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self._on_upload),
+                                  (MSG_C2S_PLAN_REPORT, self._on_report),
+                                  (MSG_C2S_EVAL_RESULT, self._on_eval)):
+            self.register_message_receive_handler(msg_type, self._guarded(handler, advance=True))
+
+    def receive_message(self, msg_type: Any, msg_params: Any) -> None:
+        handler = self.message_handler_dict.get(msg_type)
+        if handler is None:
+            log.warning("ignored a message of unknown type %r from rank %s", msg_type, msg_params.get_sender_id())
+            return
+        handler(msg_params)
+
+    def _guarded(self, fn: Callable[..., None], advance: bool = False) -> Callable[..., None]:
+        """Any error in a handler or deadline check stops the federation and tells every client."""
+        def run(*a: Any) -> None:
+            if self.phase == "done":
+                return
+            try:
+                fn(*a)
+                if advance:
+                    self._advance()
+            except Exception as exc:
+                log.error("federation stopped: %s", exc)
+                self._stop(f"{type(exc).__name__}: {exc}" if not isinstance(exc, FederationError) else str(exc))
+        return run
+
+    def run_federation(self) -> None:
+        """Serve until the federation ends; raise :class:`FederationError` if it failed."""
+        try:
+            self.run()
+        except KeyboardInterrupt:
+            self._stop("the server was interrupted")  # clients leave now, not after deploy.peer_timeout_s
+            raise
+        finally:
+            if self.com_manager.is_running:
+                self.com_manager.stop_receive_message()
+        if self.error is not None:
+            raise FederationError(self.error)
+
+    # ---- sending ------------------------------------------------------------------------------
+    def _send(self, cid: int, msg_type: Any, params: Mapping[str, Any], *,
+              connect_timeout: float | None = None) -> bool:
+        msg = Message(msg_type, 0, cid + 1)
+        for key, value in params.items():
+            msg.add_params(key, value)
+        self.com_manager.connect_timeout_s = connect_timeout or self.deploy.peer_timeout_s
+        try:
+            self.send_message(msg)
+            return True
+        except PeerUnreachable as exc:
+            if self.phase != "done":
+                self._fail(cid, str(exc))
+            return False
+
+    def _send_model(self, cid: int, global_params: Any, *, train: bool, eval_round: int | None, plan: bool) -> None:
+        msg_type = (MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT if cid in self.sent_init
+                    else MyMessage.MSG_TYPE_S2C_INIT_CONFIG)
+        self.sent_init.add(cid)
+        self._send(cid, msg_type, {MyMessage.MSG_ARG_KEY_MODEL_PARAMS: global_params,
+                                   MyMessage.MSG_ARG_KEY_CLIENT_INDEX: str(cid), KEY_ROUND: self.round_idx,
+                                   KEY_TRAIN: train, KEY_EVAL_ROUND: -1 if eval_round is None else eval_round,
+                                   KEY_PLAN: plan})
+
+    def _stop(self, reason: str | None) -> None:
+        """End the federation: tell every live client (briefly; it may be gone), stop serving."""
+        if self.phase == "done":
+            return
+        self.phase = "done"
+        self.error = reason
+        for cid in sorted(self.live):
+            self._send(cid, MyMessage.MSG_TYPE_S2C_FINISH, {MyMessage.MSG_ARG_KEY_CLIENT_INDEX: str(cid),
+                                                             KEY_REASON: reason or ""}, connect_timeout=2.0)
+        self.finish()
+
+    # ---- faults -------------------------------------------------------------------------------
+    def _fail(self, cid: int, reason: str) -> None:
+        if cid in self.failed:
+            return
+        self.failed[cid] = reason
+        self.live.discard(cid)
+        self.pending = {k: t for k, t in self.pending.items() if k[1] != cid}
+        what = f"client {cid} (rank {cid + 1}) failed: {reason}"
+        if self.deploy.on_client_failure == "error":
+            raise FederationError(f"{what} (deploy.on_client_failure=error)")
+        if len(self.live) < self.deploy.min_clients:
+            raise FederationError(f"{what}; {len(self.live)} clients left, fewer than deploy.min_clients="
+                                  f"{self.deploy.min_clients}")
+        log.warning("%s; continuing with clients %s (deploy.on_client_failure=continue)", what, sorted(self.live))
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        if self.phase == "join":
+            if now - self.started > self.deploy.join_timeout_s:
+                missing = [c for c in range(self.num_clients) if c not in self.descriptors]
+                why = f"did not join within deploy.join_timeout_s={self.deploy.join_timeout_s:g} s"
+                if self.deploy.on_client_failure == "error":
+                    names = ", ".join(f"client {c} (rank {c + 1})" for c in missing)
+                    raise FederationError(f"{names} {why} (deploy.on_client_failure=error)")
+                for cid in missing:
+                    self._fail(cid, why)
+                self._advance()
+            return
+        for cid in sorted({c for _, c in self.pending}):
+            down = self.prober.unreachable_for(cid + 1, now)
+            if down > self.deploy.peer_timeout_s:
+                self._fail(cid, f"its port refused connections for {down:.0f} s (deploy.peer_timeout_s)")
+                continue
+            waited = now - min(t for (_, c), t in self.pending.items() if c == cid)
+            if waited > self.deploy.response_timeout_s:
+                self._fail(cid, f"no answer for {waited:.0f} s (deploy.response_timeout_s)")
+        self._advance()
+
+    # ---- handlers -----------------------------------------------------------------------------
+    def _client_of(self, msg: Any) -> int:
+        cid = int(msg.get_sender_id()) - 1
+        if not 0 <= cid < self.num_clients:
+            raise FederationError(f"message from rank {cid + 1}, not a client of this federation")
+        return cid
+
+    def _expected(self, kind: str, cid: int, msg: Any) -> bool:
+        if (kind, cid) in self.pending and msg.get(KEY_ROUND) == self._round_of(kind):
+            del self.pending[(kind, cid)]
+            return True
+        log.warning("ignored an unexpected %s from client %d (round %s)", kind, cid, msg.get(KEY_ROUND))
+        return False
+
+    def _round_of(self, kind: str) -> int | None:
+        return self.stashed[0].round_idx if kind == "eval" and self.stashed else self.round_idx
+
+    def _on_status(self, msg: Any) -> None:
+        cid = self._client_of(msg)
+        status = msg.get(MyMessage.MSG_ARG_KEY_CLIENT_STATUS)
+        if status == STATUS_FAILED:
+            self._fail(cid, f"reported: {msg.get(KEY_REASON)}")
+        elif status == self.ONLINE_STATUS_FLAG and self.phase == "join" and cid not in self.failed:
+            self.descriptors[cid] = json.loads(msg.get(KEY_DESCRIPTOR))
+            self.live.add(cid)
+            log.info("client %d joined (%d/%d)", cid, len(self.descriptors), self.num_clients)
+        elif status == self.ONLINE_STATUS_FLAG and cid not in self.live:
+            log.warning("client %d came online after the federation started without it; ignored", cid)
+
+    def _on_upload(self, msg: Any) -> None:
+        cid = self._client_of(msg)
+        if not self._expected("upload", cid, msg):
+            return
+        payload = msg.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
+        num_samples = msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)
+        expected = self.descriptors[cid]["num_train"]
+        try:
+            meta = json.loads(msg.get(KEY_META))
+            float(meta["train_loss"]), int(meta["download_nbytes"]), dict(meta["metrics"])
+        except (TypeError, ValueError, KeyError) as exc:
+            return self._reject(cid, f"malformed upload metadata ({exc})")
+        # an upload speaks for the client that sent it, weighted by the sample count it joined with
+        if not isinstance(payload, Mapping) or payload.get("client_id") != cid:
+            claimed = payload.get("client_id") if isinstance(payload, Mapping) else None
+            return self._reject(cid, f"upload names client {claimed!r}")
+        if num_samples != expected or payload.get("num_samples") != expected:
+            return self._reject(cid, f"upload claims {num_samples} samples, the client joined with {expected}")
+        self.uploads[cid] = (float(num_samples), payload, meta)
+
+    def _reject(self, cid: int, reason: str) -> None:
+        """An upload that cannot be averaged in: stop (train.on_bad_update=error) or drop it, logged."""
+        if self.config.train.on_bad_update == "error":
+            raise FederationError(f"rejected update from client {cid}: {reason}")
+        log.warning("dropping update from client %d: %s", cid, reason)
+        self.rejected.append((cid, reason))
+
+    def _on_report(self, msg: Any) -> None:
+        cid = self._client_of(msg)
+        if self._expected("report", cid, msg):
+            self.reports[cid] = msg.get(KEY_REPORT)
+
+    def _on_eval(self, msg: Any) -> None:
+        cid = self._client_of(msg)
+        if self._expected("eval", cid, msg):
+            self.evals[cid] = eval_from_json(msg.get(KEY_EVAL))
+
+    # ---- the round ----------------------------------------------------------------------------
+    def _waiting(self, kind: str) -> bool:
+        return any(k == kind for k, _ in self.pending)
+
+    def _advance(self) -> None:
+        if self.phase == "join":
+            if len(self.descriptors) + len(self.failed) >= self.num_clients:
+                self.server = self.on_joined(dict(sorted(self.descriptors.items())))
+                self.phase = "rounds"
+                self._start_round(0)
+            else:
+                return
+        while self.phase in ("rounds", "final"):
+            if self.stashed is not None and not self._waiting("eval"):
+                result, wire = self.stashed
+                self.stashed = None
+                result.evaluation = dict(sorted(self.evals.items())) or None
+                self.on_round_end(result, wire)
+            elif self.phase == "final":
+                if self.stashed is None:
+                    self._stop(None)
+                return
+            elif self.plan_pending and not self._waiting("report"):
+                self._send_plans()
+            elif not self.plan_pending and self.stashed is None and not self._waiting("upload"):
+                self._aggregate()
+            else:
+                return
+
+    def _start_round(self, round_idx: int) -> None:
+        self.round_idx = self.args.round_idx = round_idx
+        self.round_started[round_idx] = time.monotonic()
+        final = round_idx >= self.rounds
+        train = self.config.train
+        self.sampled = [] if final else [c for c in sample_clients(self.num_clients, train.participation,
+                                                                     self.config.seed, round_idx) if c in self.live]
+        eval_round = self.stashed[0].round_idx if self.stashed else None
+        recipients = sorted(set(self.sampled) | (self.live if eval_round is not None else set()))
+        needs_plan = getattr(self.server, "needs_plan", None)
+        self.plan_pending = bool(self.sampled) and needs_plan is not None and bool(needs_plan(round_idx))
+        self.uploads, self.reports, self.plans, self.evals, self.rejected = {}, {}, {}, {}, []
+        now = time.monotonic()
+        for cid in recipients:
+            if eval_round is not None:
+                self.pending[("eval", cid)] = now
+            if cid in self.sampled:
+                self.pending[("upload", cid)] = now
+                if self.plan_pending:
+                    self.pending[("report", cid)] = now
+        global_params = self.server.get_model_params()
+        for cid in recipients:
+            if cid in self.live:
+                self._send_model(cid, global_params, train=cid in self.sampled, eval_round=eval_round,
+                                 plan=self.plan_pending and cid in self.sampled)
+        if final:
+            self.phase = "final"
+
+    def _send_plans(self) -> None:
+        self.plan_pending = False
+        reports = {cid: json.loads(text) for cid, text in sorted(self.reports.items())}
+        plans = self.server.plan_round(self.round_idx, reports) if reports else {}
+        missing = sorted(set(reports) - set(plans))
+        if missing:
+            raise FederationError(f"server.plan_round returned no plan for clients {missing}")
+        for cid in sorted(reports):
+            if cid in self.live:
+                self.plans[cid] = to_json(plans[cid], f"the plan for client {cid}")
+                self._send(cid, MSG_S2C_PLAN, {KEY_ROUND: self.round_idx, KEY_PLAN: self.plans[cid]})
+
+    def _aggregate(self) -> None:
+        """Aggregate the round exactly as SimulationFlow.run_round does, then start the next one."""
+        cids = sorted(self.uploads)
+        uploads = [(self.uploads[c][0], self.uploads[c][1]) for c in cids]
+        metas = [self.uploads[c][2] for c in cids]
+        bytes_up = sum(payload_nbytes(p) for _, p in uploads) + sum(json_nbytes(json.loads(t))
+                                                                    for t in self.reports.values())
+        bytes_down = sum(int(m["download_nbytes"]) for m in metas) + sum(len(t.encode()) for t in self.plans.values())
+        dropped_before = len(getattr(self.server, "dropped_updates", []))
+        accepted, _ = self.server.on_before_aggregation(uploads)
+        aggregated = self.server.aggregate(accepted)
+        aggregated = self.server.on_after_aggregation(aggregated)
+        self.server.set_model_params(aggregated)
+        dropped = self.rejected + list(getattr(self.server, "dropped_updates", []))[dropped_before:]
+        server_metrics = self.server.round_metrics() if hasattr(self.server, "round_metrics") else {}
+        losses = [float(m["train_loss"]) for m in metas if math.isfinite(float(m["train_loss"]))]
+        result = RoundResult(round_idx=self.round_idx, sampled=list(self.sampled),
+                             train_loss=float(np.mean(losses)) if losses else float("nan"), bytes_up=bytes_up,
+                             bytes_down=bytes_down, client_metrics={c: self.uploads[c][2]["metrics"] for c in cids},
+                             dropped=dropped, server_metrics=server_metrics)
+        wire = self.wire_bytes(self.round_idx)
+        wire["round_seconds"] = time.monotonic() - self.round_started[self.round_idx]
+        if eval_due(self.round_idx, self.rounds, self.config.train.eval_every):
+            self.stashed = (result, wire)
+        else:
+            self.on_round_end(result, wire)
+        self._start_round(self.round_idx + 1)
+
+    def wire_bytes(self, round_idx: int) -> dict[str, float]:
+        """Serialized bytes of round ``round_idx``'s training messages: model down to its trainers and
+        plans down; uploads and plan reports up (evaluation traffic is not a round's training)."""
+        up = down = 0
+        for t in self.com_manager.traffic:
+            if t.round_idx != round_idx:
+                continue
+            if t.direction == "received" and t.msg_type in (str(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER),
+                                                            str(MSG_C2S_PLAN_REPORT)):
+                up += t.nbytes
+            elif t.direction == "sent" and (t.msg_type == str(MSG_S2C_PLAN) or
+                                            (t.msg_type in MODEL_MESSAGES and t.peer - 1 in self.sampled)):
+                down += t.nbytes
+        return {"wire_bytes_up_round": up, "wire_bytes_down_round": down}

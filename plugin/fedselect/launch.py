@@ -1,0 +1,262 @@
+"""Processes of a cross-silo federation: ``launch-local``, and the ``serve``/``join`` commands.
+
+:class:`Fleet` starts processes with their output in log files, waits for them without
+spinning, and ends every survivor by its PID (its own process group, so a data-decoding pool
+goes with it) on failure, timeout or Ctrl-C. Only the standard library is imported at module
+level: the CLI imports this module on every call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+
+@dataclass
+class Member:
+    """One process of a fleet."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    killed: bool = False
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+
+@dataclass
+class Fleet:
+    """Processes started together and ended together (a context manager: exit kills survivors)."""
+
+    log_dir: Path
+    members: list[Member] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> Member:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "wb") as out:
+            # a session of its own: Ctrl-C reaches only the launcher, which then ends the members
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, cwd=cwd, start_new_session=True)
+        member = Member(name, proc, log_path)
+        self.members.append(member)
+        return member
+
+    def wait(self, *, timeout_s: float, leader: str | None = None, grace_s: float = 30.0,
+             poll_s: float = 0.2) -> dict[str, int | None]:
+        """Wait until all exit, or ``grace_s`` after ``leader`` exits, or ``timeout_s``; kill the rest.
+
+        Returns each member's exit status (negative: ended by that signal).
+        """
+        deadline = time.monotonic() + timeout_s
+        leader_done: float | None = None
+        while any(m.returncode is None for m in self.members):
+            now = time.monotonic()
+            lead = next((m for m in self.members if m.name == leader), None)
+            if lead is not None and lead.returncode is not None and leader_done is None:
+                leader_done = now
+            if now > deadline or (leader_done is not None and now - leader_done > grace_s):
+                break
+            time.sleep(poll_s)
+        self.kill_survivors()
+        return {m.name: m.returncode for m in self.members}
+
+    def kill(self, member: Member, sig: int = signal.SIGKILL) -> None:
+        """Signal one member's process group (its pgid is its PID: start_new_session)."""
+        if member.returncode is not None:
+            return
+        member.killed = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(member.proc.pid, sig)
+
+    def kill_survivors(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every running member, then SIGKILL whatever is left after ``grace_s``."""
+        for m in self.members:
+            self.kill(m, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for m in self.members:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                m.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            self.kill(m, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                m.proc.wait(timeout=5)
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill_survivors()
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", tries: int = 50) -> int:
+    """A port P such that P..P+count-1 are free on ``host`` now (another process may still take one)."""
+    import random
+
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(tries):
+        base = rng.randrange(20000, 60000 - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {count} free ports found on {host}")
+
+
+def member_argv(command: str, config: Path, overrides: list[str], plugins: list[str], *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "fedselect.cli", command, "--config", str(config)]
+    for o in overrides:
+        argv += ["--set", o]
+    for p in plugins:
+        argv += ["--plugin", p]
+    return argv + list(extra)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def launch_local(config_path: Path, overrides: list[str], *, clients: int | None = None, timeout_s: float = 3600.0,
+                 log_dir: Path | None = None, plugins: list[str] | None = None, out: Path | None = None,
+                 stream: TextIO = sys.stdout) -> int:
+    """Server + clients as processes on 127.0.0.1; 0 when every one of them succeeded, else 1."""
+    from fedselect.config import load_config
+
+    plugins = list(plugins or [])
+    config = load_config(config_path, overrides)
+    n = clients or config.data.partition.num_clients
+    port = free_port_block(n + 1)
+    extra = [f"deploy.server_port={port}", "deploy.server_host=127.0.0.1", "deploy.client_hosts=[]",
+             "deploy.bind_host=null"]
+    if n != config.data.partition.num_clients:
+        extra.append(f"data.partition.num_clients={n}")
+    overrides = [*overrides, *extra]
+    config = load_config(config_path, overrides)  # the members' config, validated before any start
+    log_dir = log_dir or Path(config.tracking.results_dir) / "deploy" / time.strftime("local-%Y%m%d-%H%M%S")
+    grace = config.deploy.peer_timeout_s + 4 * config.deploy.heartbeat_s + 30
+    print(f"launching server + {n} clients on 127.0.0.1:{port}..{port + n}; logs in {log_dir}", file=stream,
+          flush=True)
+    with Fleet(log_dir) as fleet:
+        try:
+            fleet.start("server", member_argv("serve", config_path, overrides, plugins,
+                                              *(["--out", str(out)] if out else [])))
+            for rank in range(1, n + 1):
+                fleet.start(f"client-{rank}", member_argv("join", config_path, overrides, plugins,
+                                                          "--rank", str(rank)))
+            fleet.wait(timeout_s=timeout_s, leader="server", grace_s=grace)
+        except KeyboardInterrupt:
+            fleet.kill_survivors()
+            print("interrupted: every process of the federation was ended", file=stream, flush=True)
+            return 130
+    failed = [m for m in fleet.members if m.returncode != 0]
+    for m in fleet.members:
+        state = "killed" if m.killed else f"exit {m.returncode}"
+        print(f"  {m.name}: {state} ({m.log_path})", file=stream)
+    for m in failed:
+        print(f"--- last lines of {m.name} ---\n{tail(m.log_path)}", file=stream)
+    print(tail(fleet.members[0].log_path, 3) if not failed else f"{len(failed)} process(es) failed", file=stream,
+          flush=True)
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------ the CLI
+
+def add_deploy_parsers(sub: argparse._SubParsersAction, add_config_args: object) -> None:
+    """``serve``, ``join`` and ``launch-local`` subcommands."""
+    serve = sub.add_parser("serve", help="run a FedML cross-silo server (rank 0; holds no client data)",
+                           description="Serve one configured run as a FedML cross-silo server (GRPC): wait "
+                                       "for the clients of the config's deploy section, run the rounds, log "
+                                       "to MLflow and write the run record. See docs/DEPLOYMENT.md.")
+    join = sub.add_parser("join", help="run FedML cross-silo client RANK (1..num_clients) on its own data",
+                          description="Join the server of the config's deploy section as client RANK, with "
+                                      "only this client's data. See docs/DEPLOYMENT.md.")
+    local = sub.add_parser("launch-local", help="a whole cross-silo federation as processes on 127.0.0.1",
+                           description="Start a server and N clients as separate processes on loopback "
+                                       "(free ports), wait for them, end them all on failure or timeout; "
+                                       "exit non-zero if any failed.")
+    for p in (serve, join, local):
+        add_config_args(p)  # type: ignore[operator]
+        p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                       help="import MODULE first (it registers extra algorithms); repeatable")
+    serve.add_argument("--out", type=Path, help="write the run record JSON here")
+    join.add_argument("--rank", type=int, required=True, help="this client's rank, 1..data.partition.num_clients")
+    local.add_argument("--clients", type=int, help="number of clients (default: data.partition.num_clients)")
+    local.add_argument("--timeout", type=float, default=3600.0, help="seconds before everything is ended")
+    local.add_argument("--log-dir", type=Path, help="one log file per process (default: under results_dir)")
+    local.add_argument("--out", type=Path, help="the server writes the run record JSON here")
+
+
+def _config(ns: argparse.Namespace) -> object:
+    # grpc's core logs each connection a stopping peer cancels at INFO; keep errors only
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from fedselect.config import load_config
+    from fedselect.deploy import load_plugins
+
+    load_plugins(ns.plugin)
+    return load_config(ns.config, ns.overrides)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from fedselect.deploy import serve
+    from fedselect.fedml_runtime.cross_silo import FederationError
+
+    config = _config(ns)
+    try:
+        record = serve(config, record_path=ns.out)  # type: ignore[arg-type]
+    except FederationError as exc:
+        print(f"fedselect serve: federation failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{record['algorithm']} cross-silo: final mean acc {record['final_mean_acc']:.4f}, bytes up "
+          f"{record['bytes_up']:,} (wire {sum(record['wire_bytes_up_per_round']):,}), {record['wall_seconds']:.1f} s, "
+          f"mlflow run {record['mlflow_run_id']}")
+    return 0
+
+
+def cmd_join(ns: argparse.Namespace) -> int:
+    from fedselect.deploy import join
+    from fedselect.fedml_runtime.cross_silo import FederationError
+
+    config = _config(ns)
+    try:
+        join(config, ns.rank)  # type: ignore[arg-type]
+    except FederationError as exc:
+        print(f"fedselect join: client rank {ns.rank} failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"client rank {ns.rank}: federation finished")
+    return 0
+
+
+def cmd_launch_local(ns: argparse.Namespace) -> int:
+    from fedselect.deploy import load_plugins
+
+    load_plugins(ns.plugin)
+    if ns.clients is not None and ns.clients < 1:
+        print("fedselect launch-local: error: --clients must be >= 1", file=sys.stderr)
+        return 2
+    return launch_local(ns.config, ns.overrides, clients=ns.clients, timeout_s=ns.timeout, log_dir=ns.log_dir,
+                        plugins=ns.plugin, out=ns.out)
+
+
+DEPLOY_COMMANDS = {"serve": cmd_serve, "join": cmd_join, "launch-local": cmd_launch_local}
