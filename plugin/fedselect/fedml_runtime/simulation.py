@@ -177,13 +177,14 @@ class SimulationFlow:
         for cid in sampled:
             trainer = self.clients[cid]
             trainer.set_model_params(global_params)
-            reports[cid] = trainer.plan_report()
+            # through JSON, as on the cross-silo wire: a non-JSON-safe report fails here too
+            reports[cid] = json.loads(json.dumps(trainer.plan_report()))
         plans = self.server.plan_round(round_idx, reports)
         missing = sorted(set(sampled) - set(plans))
         if missing:
             raise RuntimeError(f"server.plan_round returned no plan for clients {missing}")
         for cid in sampled:
-            self.clients[cid].receive_plan(plans[cid])
+            self.clients[cid].receive_plan(json.loads(json.dumps(plans[cid])))
         return (sum(json_nbytes(r) for r in reports.values()),
                 sum(json_nbytes(plans[c]) for c in sampled))
 
