@@ -222,6 +222,10 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
             order = torch.randperm(n, generator=generator).to(y.device)
             for start in range(0, n, optim.batch_size):
                 idx = order[start:start + optim.batch_size]
+                if idx.numel() == 1 and n > 1:
+                    # a last batch of one sample: BatchNorm cannot normalize it in train mode
+                    # (1x1 feature maps), and one sample's step is mostly noise; skip it
+                    continue
                 inputs = transform(x[idx], train=True, generator=generator)
                 loss = F.cross_entropy(model(inputs), y[idx])
                 total = loss if extra_loss is None else loss + extra_loss(model)
