@@ -52,6 +52,11 @@ rule train:
     log:
         f"{OUT}/logs/{{run}}-seed{{seed}}.log",
     threads: 1
+    # GPUs per job (`--config gpus_per_job=1`): a cluster executor requests them per job, and
+    # `--resources gpu=N` on one machine runs at most N GPU jobs at once; `device: auto` in the
+    # run config uses a visible GPU and falls back to CPU
+    resources:
+        gpu=GPUS_PER_JOB,
     shell:
         "OMP_NUM_THREADS={threads} fedselect run --config {input.config} "
         "--set data.partition_file={input.partition} --out {output} --no-progress > {log} 2>&1"
