@@ -4,6 +4,7 @@ wildcard_constraints:
 
 
 rule all:
+    default_target: True
     input:
         f"{OUT}/summary.md",
         f"{OUT}/report.md",
