@@ -268,6 +268,15 @@ def _load_state(model: nn.Module, state: Any, source: str) -> None:
     if missing:
         raise ValueError(f"key {missing[0]!r} missing from {source} ({len(missing)} missing in all)")
     model.load_state_dict({k: v for k, v in state.items() if k not in dropped}, strict=False)
+    scale = getattr(model, "new_head_scale", None)
+    if dropped and scale is not None:
+        # a new head on a pretrained body starts with small logits (loss about ln C) rather than
+        # random logits on large pretrained features; not zero, so the body's gradients (layer
+        # selection's scores) are informative from round 0
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name in head:
+                params[name].mul_(scale)
 
 
 def _fetch_url(url: str, description: str) -> Mapping[str, Any]:
