@@ -332,6 +332,11 @@ def _write_cache(path: Path, data: ImageData) -> None:
         "std": list(data.std),
         "source": data.source,
     }
+    save_cache_blob(path, blob)
+
+
+def save_cache_blob(path: Path, blob: dict[str, Any]) -> None:
+    """``torch.save`` a dataset cache atomically: readers see no file or the whole file."""
     # a unique sibling name, opened exclusively: parallel writers never share a temporary file,
     # and unlike mkstemp the file gets the usual umask permissions, so a shared cache stays readable
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
@@ -342,7 +347,7 @@ def _write_cache(path: Path, data: ImageData) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         # an unwritable cache only costs time on the next load; the data itself is fine
-        warnings.warn(f"could not write the dataset cache {path}: {exc}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"could not write the dataset cache {path}: {exc}", RuntimeWarning, stacklevel=4)
     finally:
         tmp.unlink(missing_ok=True)
 

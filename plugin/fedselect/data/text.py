@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import html
 import os
-import uuid
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .sources import DataCacheError, DataNotFoundError, default_cache_dir, resolve_data_root
+from .sources import DataCacheError, DataNotFoundError, default_cache_dir, resolve_data_root, save_cache_blob
 
 __all__ = [
     "AMAZON_FOLDER",
@@ -309,14 +307,4 @@ def _write_cache(path: Path, data: TextData) -> None:
                             "classes": list(data.classes), "source": data.source, "domains": list(data.domains),
                             "pad_id": data.pad_id, "max_length": data.max_length}
     blob.update({k: getattr(data, k) for k in _TENSORS})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as fh:
-            torch.save(blob, fh)
-        os.replace(tmp, path)
-    except OSError as exc:
-        # an unwritable cache only costs time on the next load; the data itself is fine
-        warnings.warn(f"could not write the dataset cache {path}: {exc}", RuntimeWarning, stacklevel=3)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_cache_blob(path, blob)
