@@ -190,9 +190,13 @@ def exact_instances(count, seed):
     for case in range(count):
         n, L = shapes[case % len(shapes)]
         costs = np.ones(L) if case % 2 == 0 else rng.integers(1, 4, L).astype(float)
+        if case % 8 == 7:
+            costs = np.round(rng.uniform(0.5, 3.0, L), 2)  # not integers: no budget rounding
         required = (L - 1,) if case % 3 else ()
         floor = costs[list(required)].sum()
         budgets = floor + rng.integers(0, int(costs.sum() - floor) + 1, n).astype(float)
+        if case % 5 == 1:
+            budgets = floor + rng.uniform(0.0, costs.sum() - floor, n)  # fractional budgets
         scores = rng.gamma(1.0, 1.0, (n, L))
         if case % 4 == 0:
             scores = np.round(scores, 1)  # ties
