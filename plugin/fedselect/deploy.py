@@ -160,6 +160,23 @@ def check_descriptors(descriptors: dict[int, dict[str, Any]], training: str | No
     return common
 
 
+def model_and_context(config: ExperimentConfig, options: Any, device: Any,
+                      descriptor: dict[str, Any]) -> tuple[Any, Any]:
+    """The seeded initial model and the run context for data described by ``descriptor`` (as the
+    simulation builds them from the data itself)."""
+    from fedselect.algorithms.base import RunContext
+    from fedselect.engine import ImageTransform
+    from fedselect.models import build_model
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.model.name, len(descriptor["classes"]), in_channels=descriptor["in_channels"],
+                        image_size=descriptor["image_shape"][0], weights=config.model.weights).to(device)
+    ctx = RunContext(config=config, options=options, device=device,
+                     transform=ImageTransform(tuple(descriptor["mean"]), tuple(descriptor["std"]),
+                                              augment=config.train.augment))
+    return model, ctx
+
+
 # ------------------------------------------------------------------------------------ the client
 
 def join(config: ExperimentConfig, rank: int) -> None:
@@ -167,11 +184,9 @@ def join(config: ExperimentConfig, rank: int) -> None:
     from fedml import FedMLRunner
     from fedml.cross_silo.client.fedml_trainer_dist_adapter import TrainerDistAdapter
 
-    from fedselect.algorithms.base import RunContext
     from fedselect.algorithms.registry import get_algorithm, validate_algorithm_options
-    from fedselect.engine import ImageTransform, resolve_device
+    from fedselect.engine import resolve_device
     from fedselect.fedml_runtime.cross_silo_client import FedSelectClientManager
-    from fedselect.models import build_model
 
     n = config.data.partition.num_clients
     if not 1 <= rank <= n:
@@ -182,12 +197,8 @@ def join(config: ExperimentConfig, rank: int) -> None:
     device = resolve_device(config.device)
     data, descriptor = load_silo_data(config, cid, device)
     args = cross_silo_args(config, rank)
-    torch.manual_seed(config.seed)  # the server's initial model is what counts; same seed, same shapes
-    model = build_model(config.model.name, len(descriptor["classes"]), in_channels=descriptor["in_channels"],
-                        image_size=descriptor["image_shape"][0], weights=config.model.weights).to(device)
-    ctx = RunContext(config=config, options=options, device=device,
-                     transform=ImageTransform(tuple(descriptor["mean"]), tuple(descriptor["std"]),
-                                              augment=config.train.augment))
+    # the server's initial model is what counts; same seed, same shapes
+    model, ctx = model_and_context(config, options, device, descriptor)
     trainer = spec.client_cls(model, args, client_id=cid, data=data, ctx=ctx)
     sizes = {cid: data.num_train}
     adapter = TrainerDistAdapter(args, device, rank, model, data.num_train, sizes, {cid: None}, {cid: None}, trainer)
@@ -210,11 +221,9 @@ def serve(config: ExperimentConfig, *, record_path: str | os.PathLike | None = N
     """Run the server until the federation ends; log to MLflow and return (and write) the run record."""
     from fedml import FedMLRunner
 
-    from fedselect.algorithms.base import RunContext
     from fedselect.algorithms.registry import get_algorithm, validate_algorithm_options
-    from fedselect.engine import ImageTransform, resolve_device
+    from fedselect.engine import resolve_device
     from fedselect.fedml_runtime.cross_silo import FedSelectServerManager
-    from fedselect.models import build_model
     from fedselect.run import RoundLogger, git_commit, partition_spec, per_client_csv
     from fedselect.tracking import RunTracker, default_tracking_uri, prepare_store, write_run_record
 
@@ -232,12 +241,7 @@ def serve(config: ExperimentConfig, *, record_path: str | os.PathLike | None = N
     with ExitStack() as stack:
         def on_joined(descriptors: dict[int, dict[str, Any]]) -> Any:
             common = check_descriptors(descriptors, training_fingerprint(config))
-            torch.manual_seed(config.seed)  # the simulation's initial model
-            model = build_model(config.model.name, len(common["classes"]), in_channels=common["in_channels"],
-                                image_size=common["image_shape"][0], weights=config.model.weights).to(device)
-            ctx = RunContext(config=config, options=options, device=device,
-                             transform=ImageTransform(tuple(common["mean"]), tuple(common["std"]),
-                                                      augment=config.train.augment))
+            model, ctx = model_and_context(config, options, device, common)  # the simulation's initial model
             tags = {"algorithm": config.algorithm, "dataset": config.data.dataset, "seed": str(config.seed),
                     "partition": str(common["partition_key"]), "fedselect_version": __version__,
                     "mode": "cross_silo", **config.tracking.tags}
