@@ -17,10 +17,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
-	grep '^# nodeps:' requirements.txt | cut -d' ' -f3- | xargs $(BIN)/pip install --quiet --no-deps
-	$(BIN)/pip install --quiet --no-deps -e .
+	PYTHON=$(BIN)/python bash workflows/envs/fedselect.post-deploy.sh
 	touch $@
 
 run: setup

@@ -43,6 +43,7 @@ def test_overrides_are_typed_and_nested():
         ("algo.nonsense=1", "algo.nonsense"),
         ("train.augment=3", "train.augment"),
         ("device=tpu", "device"),
+        ("data.image_size=4", "data.image_size"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -71,6 +71,20 @@ def test_augmentation_shapes_and_determinism():
     assert torch.allclose(plain, x.float() / 255.0)
 
 
+def test_resize_happens_after_augmentation_and_keeps_plain_batches_exact():
+    x = torch.randint(0, 256, (3, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    resized = ImageTransform((0.5,) * 3, (0.25,) * 3, augment=True, pad=2, resize=20)
+    plain = ImageTransform((0.5,) * 3, (0.25,) * 3, augment=True, pad=2)
+    gen = torch.Generator().manual_seed(1)
+    out = resized(x, train=True, generator=gen)
+    expected = torch.nn.functional.interpolate(plain(x, train=True, generator=torch.Generator().manual_seed(1)),
+                                               size=(20, 20), mode="bilinear", align_corners=False)
+    assert out.shape == (3, 3, 20, 20) and torch.equal(out, expected)
+    # already at the target size: untouched
+    assert torch.equal(ImageTransform((0.5,) * 3, (0.25,) * 3, augment=False, resize=8)(x, train=False),
+                       plain(x, train=False))
+
+
 def test_evaluate_counts_per_sample():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3, 2, bias=False))
     with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from fedselect.config import load_config
+from fedselect.study import load_study
 from fedselect.tracking import load_runs, metric_history
 
 from .conftest import REPO
@@ -109,3 +111,18 @@ def test_snakemake_study_end_to_end(tmp_path, data_root):
     # a second invocation has nothing left to do
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_bare_snakemake_targets_the_study(tmp_path):
+    """A bare `snakemake` (no target) from the repository root plans the whole default study."""
+    snakemake = Path(sys.executable).with_name("snakemake")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([str(snakemake), "-n", "--config", f"results_dir={tmp_path}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "Nothing to be done" not in log
+    study = load_study(REPO / "configs" / "default.yaml")
+    train_jobs = len(study.run_names()) * len(study.seeds)
+    assert re.search(rf"^train\s+{train_jobs}$", log, re.MULTILINE), log[-3000:]
+    assert re.search(r"^report\s+1$", log, re.MULTILINE)

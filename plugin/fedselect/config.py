@@ -84,9 +84,14 @@ class DataConfig:
     partition_file: str | None = None
     # text datasets (amazon_reviews): tokens per sample, truncated or padded
     max_length: int = 128
+    # image datasets: resize every batch to this side length (bilinear) before the model; None
+    # keeps the stored size. Pretrained ImageNet features need more than CIFAR's 32 pixels.
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "data.max_length", "must be >= 8 tokens")
+        _check(self.image_size is None or self.image_size >= 8, "data.image_size",
+               "must be >= 8 pixels, or null to keep the stored size")
 
 
 @dataclass(frozen=True)

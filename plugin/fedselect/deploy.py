@@ -170,10 +170,11 @@ def model_and_context(config: ExperimentConfig, options: Any, device: Any,
 
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, len(descriptor["classes"]), in_channels=descriptor["in_channels"],
-                        image_size=descriptor["image_shape"][0], weights=config.model.weights).to(device)
+                        image_size=config.data.image_size or descriptor["image_shape"][0],
+                        weights=config.model.weights).to(device)
     ctx = RunContext(config=config, options=options, device=device,
                      transform=ImageTransform(tuple(descriptor["mean"]), tuple(descriptor["std"]),
-                                              augment=config.train.augment))
+                                              augment=config.train.augment, resize=config.data.image_size))
     return model, ctx
 
 

@@ -51,18 +51,22 @@ class ClientDataset:
 
 
 class ImageTransform:
-    """uint8 NCHW batch -> normalized float batch, with optional crop+flip augmentation.
+    """uint8 NCHW batch -> normalized float batch, with optional crop+flip augmentation and resize.
 
     Augmentation (random crop with ``pad`` pixels of zero padding, horizontal flip) is done on
     the whole batch on its device, driven by an explicit ``torch.Generator`` so that runs are
     reproducible and independent of other clients' random draws.
     """
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], *, augment: bool, pad: int = 4) -> None:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], *, augment: bool, pad: int = 4,
+                 resize: int | None = None) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.augment = augment
         self.pad = pad
+        # batches are resized on the fly (after augmentation, so crops stay in stored pixels):
+        # the stored cache keeps its size and memory
+        self.resize = resize
 
     def __call__(self, x: torch.Tensor, *, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.mean.device != x.device:
@@ -70,6 +74,8 @@ class ImageTransform:
         x = x.float().div_(255.0).sub_(self.mean).div_(self.std)
         if train and self.augment:
             x = self._augment(x, generator)
+        if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
         return x
 
     def _augment(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -72,12 +72,13 @@ def data_transform(config: ExperimentConfig, data: ImageData | TextData) -> Call
     """What turns a stored batch into model input: normalization (+ augmentation) or nothing for tokens."""
     if isinstance(data, TextData):
         return TokenTransform()
-    return ImageTransform(data.mean, data.std, augment=config.train.augment)
+    return ImageTransform(data.mean, data.std, augment=config.train.augment, resize=config.data.image_size)
 
 
 def build_run_model(config: ExperimentConfig, data: ImageData | TextData) -> torch.nn.Module:
     """The configured model for ``data`` (random init seeded by the caller, or loaded weights)."""
-    shape = {} if isinstance(data, TextData) else {"in_channels": data.in_channels, "image_size": data.image_size}
+    shape = {} if isinstance(data, TextData) else {"in_channels": data.in_channels,
+                                                   "image_size": config.data.image_size or data.image_size}
     return build_model(config.model.name, data.num_classes, weights=config.model.weights, **shape)
 
 

@@ -80,6 +80,11 @@ def run_config(study: Study, run: str, seed: int, *, results_dir: str = "results
     return config
 
 
-def write_run_config(study: Study, run: str, seed: int, out: str | Path, *, results_dir: str = "results") -> None:
+def write_run_config(study: Study, run: str, seed: int, out: str | Path, *, results_dir: str = "results",
+                     log: str | Path | None = None) -> None:
+    """Write one run's merged config YAML to ``out``; with ``log``, a line saying so there."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(yaml.safe_dump(run_config(study, run, seed, results_dir=results_dir), sort_keys=False))
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text(f"wrote {out}: run {run!r}, seed {seed}, study {study.name!r}\n")

@@ -3,24 +3,21 @@ wildcard_constraints:
     seed="[0-9]+",
 
 
-rule all:
-    default_target: True
-    input:
-        f"{OUT}/summary.md",
-        f"{OUT}/report.md",
-
-
 rule run_config:
     output:
         f"{OUT}/configs/{{run}}-seed{{seed}}.yaml",
     params:
         # the merged mapping is a param so that editing the study file re-runs what it changes
         mapping=lambda wc: run_config(STUDY, wc.run, int(wc.seed), results_dir=RESULTS),
+    log:
+        f"{OUT}/logs/configs/{{run}}-seed{{seed}}.log",
     run:
-        write_run_config(STUDY, wildcards.run, int(wildcards.seed), output[0], results_dir=RESULTS)
+        write_run_config(STUDY, wildcards.run, int(wildcards.seed), output[0], results_dir=RESULTS, log=log[0])
 
 
 rule data_cache:
+    conda:
+        ENV_FILE
     # decodes the dataset once into the tensor cache, before jobs run in parallel
     input:
         f"{OUT}/configs/{RUNS[0]}-seed{SEEDS[0]}.yaml",
@@ -33,6 +30,8 @@ rule data_cache:
 
 
 rule partition:
+    conda:
+        ENV_FILE
     input:
         config=f"{OUT}/configs/{RUNS[0]}-seed{{seed}}.yaml",
         cached=f"{OUT}/.data-cached",
@@ -45,6 +44,8 @@ rule partition:
 
 
 rule train:
+    conda:
+        ENV_FILE
     input:
         config=f"{OUT}/configs/{{run}}-seed{{seed}}.yaml",
         partition=f"{OUT}/partitions/seed{{seed}}.json",
@@ -64,6 +65,8 @@ rule train:
 
 
 rule summarize:
+    conda:
+        ENV_FILE
     # tables read from MLflow through the run records; the study file adds the paper's numbers
     input:
         study=STUDY_FILE,
@@ -81,6 +84,8 @@ rule summarize:
 
 
 rule figures:
+    conda:
+        ENV_FILE
     input:
         study=STUDY_FILE,
         records=expand(f"{OUT}/runs/{{run}}-seed{{seed}}.json", run=RUNS, seed=SEEDS),
@@ -94,6 +99,8 @@ rule figures:
 
 
 rule report:
+    conda:
+        ENV_FILE
     input:
         study=STUDY_FILE,
         summary=f"{OUT}/summary.md",
