@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import fedselect.core.selection as selection
+import fedselect.core.selection_milp as selection_milp
 from fedselect.core.compute import backward_flops, backward_fraction
 from fedselect.core.scores import group_score, group_scores
 from fedselect.core.selection import (
@@ -228,10 +228,10 @@ def test_reductions_keep_every_optimum(instance):
     counts = np.ones((n + 1, L), dtype=bool)
     mu = np.zeros(n)
     for _ in range(3):
-        selection._fix_by_dominance(scores, costs, budgets, lam, fix, counts, tol)
-        upper, mu = selection._lagrange_bound(scores, costs, budgets, lam, fix, counts, best - tol, tol, mu)
+        selection_milp._fix_by_dominance(scores, costs, budgets, lam, fix, counts, tol)
+        upper, mu = selection_milp._lagrange_bound(scores, costs, budgets, lam, fix, counts, best - tol, tol, mu)
         assert upper >= best - 1e-7
-        selection._fix_by_lagrange(scores, costs, budgets, lam, fix, counts, mu, best - tol, tol)
+        selection_milp._fix_by_lagrange(scores, costs, budgets, lam, fix, counts, mu, best - tol, tol)
     for mask in optima:
         assert ((fix == -1) | (mask == (fix == 1))).all()
         assert counts[mask.sum(axis=0), np.arange(L)].all()
@@ -245,7 +245,7 @@ def test_final_milp_forms_are_exact(instance, pairwise_max, monkeypatch):
     scores, costs, budgets, lam, required = instance
     best, optima = exhaustive(scores, costs, budgets, lam, required)
     n, L = scores.shape
-    monkeypatch.setattr(selection, "_PAIRWISE_MAX", pairwise_max)
+    monkeypatch.setattr(selection_milp, "_PAIRWISE_MAX", pairwise_max)
     fix = np.full((n, L), -1, dtype=np.int8)
     fix[:, list(required)] = 1
     counts = np.ones((n + 1, L), dtype=bool)
@@ -253,13 +253,13 @@ def test_final_milp_forms_are_exact(instance, pairwise_max, monkeypatch):
         counts[:] = False
         counts[[0, n], :] = True
         counts[optima[0].sum(axis=0), np.arange(L)] = True
-        selection._fix_by_counts(fix, counts)
+        selection_milp._fix_by_counts(fix, counts)
     start = optima[0] & False
     start[:, list(required)] = True
     rows = np.flatnonzero((fix == -1).any(axis=1))
     mask = fix == 1
     if rows.size:
-        part, status = selection._solve_part(scores, costs, budgets, lam, fix, counts, rows, start, 60.0, None)
+        part, status = selection_milp._solve_part(scores, costs, budgets, lam, fix, counts, rows, start, 60.0, None)
         assert status == "optimal"
         mask[rows] = part
     assert objective_value(mask, scores, lam) == pytest.approx(best, abs=1e-7)

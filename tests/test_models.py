@@ -325,3 +325,31 @@ def test_imagenet_loads_body_and_drops_1000_way_head(tmp_path: Path, monkeypatch
 def test_imagenet_not_offered_by_cnn() -> None:
     with pytest.raises(ValueError, match="model 'cnn' has no 'imagenet' weights"):
         build_model("cnn", 10, weights="imagenet")
+
+
+def test_pretrained_weights_bring_their_input_normalization():
+    from fedselect.models import IMAGENET_STATS, INCEPTION_STATS, pretrained_input_stats
+
+    assert pretrained_input_stats("efficientnet_lite0", "imagenet") == INCEPTION_STATS
+    assert pretrained_input_stats("ResNet18", "ImageNet") == IMAGENET_STATS
+    # random init or a weights file: the data's own statistics
+    assert pretrained_input_stats("efficientnet_lite0", None) is None
+    assert pretrained_input_stats("resnet18", "some/file.pt") is None
+    assert pretrained_input_stats("cnn", "none") is None
+
+
+def test_run_transform_normalizes_with_the_pretrained_statistics():
+    from types import SimpleNamespace
+
+    from fedselect.config import load_config
+    from fedselect.run import data_transform
+
+    from .conftest import REPO
+
+    data = SimpleNamespace(mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+    smoke = REPO / "configs" / "smoke.yaml"
+    pretrained = load_config(smoke, ["model.name=efficientnet_lite0", "model.weights=imagenet", "data.image_size=64"])
+    transform = data_transform(pretrained, data)
+    assert transform.mean.flatten().tolist() == [0.5] * 3 and transform.resize == 64
+    scratch = data_transform(load_config(smoke, ["model.name=efficientnet_lite0"]), data)
+    assert torch.allclose(scratch.mean.flatten(), torch.tensor(data.mean)) and scratch.resize is None

@@ -43,7 +43,7 @@ from fedselect.fedml_runtime.runtime import (
     import_fedml,
 )
 from fedselect.fedml_runtime.simulation import RoundResult, SimulationFlow
-from fedselect.models import build_model, head_param_names
+from fedselect.models import build_model, head_param_names, pretrained_input_stats
 from fedselect.plots import plot_iou_heatmap
 from fedselect.tracking import RunTracker, default_tracking_uri, prepare_store, write_run_record
 
@@ -69,10 +69,15 @@ def load_data(config: ExperimentConfig) -> ImageData | TextData:
 
 
 def data_transform(config: ExperimentConfig, data: ImageData | TextData) -> Callable[..., torch.Tensor]:
-    """What turns a stored batch into model input: normalization (+ augmentation) or nothing for tokens."""
+    """What turns a stored batch into model input: normalization (+ augmentation, resize) or nothing for tokens.
+
+    Images are normalized with the statistics pretrained weights were trained with, if the model
+    declares them, else with the dataset's own.
+    """
     if isinstance(data, TextData):
         return TokenTransform()
-    return ImageTransform(data.mean, data.std, augment=config.train.augment, resize=config.data.image_size)
+    mean, std = pretrained_input_stats(config.model.name, config.model.weights) or (data.mean, data.std)
+    return ImageTransform(mean, std, augment=config.train.augment, resize=config.data.image_size)
 
 
 def build_run_model(config: ExperimentConfig, data: ImageData | TextData) -> torch.nn.Module:

@@ -38,6 +38,9 @@ from fedselect.models.text import MiniLMClassifier, build_minilm, minilm_pretrai
 __all__ = [
     "CNN",
     "GroupSpec",
+    "IMAGENET_STATS",
+    "INCEPTION_STATS",
+    "InputStats",
     "LayerGroup",
     "MiniLMClassifier",
     "ModelBuilder",
@@ -51,6 +54,7 @@ __all__ = [
     "load_weights",
     "network_available",
     "prefix_spec",
+    "pretrained_input_stats",
     "register_layer_groups",
     "register_model",
     "resolve_groups",
@@ -86,12 +90,24 @@ when the weights cannot be obtained.
 
 _MODELS: dict[str, tuple[ModelBuilder, dict[str, PretrainedSource]]] = {}
 
+InputStats = tuple[tuple[float, ...], tuple[float, ...]]
+"""Per-channel (mean, std) that inputs are normalized with, for images scaled to [0, 1]."""
+
+_INPUT_STATS: dict[tuple[str, str], InputStats] = {}
+
+IMAGENET_STATS: InputStats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+"""torchvision's ImageNet normalization."""
+
+INCEPTION_STATS: InputStats = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+"""TensorFlow's (x - 127.5) / 127.5, which Google's EfficientNet-Lite checkpoints were trained with."""
+
 
 def register_model(
     name: str,
     builder: ModelBuilder,
     *,
     pretrained: Mapping[str, PretrainedSource] | None = None,
+    input_stats: Mapping[str, InputStats] | None = None,
     replace: bool = False,
 ) -> None:
     """Make ``builder`` available to :func:`build_model` under ``name`` (case-insensitive).
@@ -103,6 +119,8 @@ def register_model(
             :func:`register_layer_groups` for head-aware weight loading and selective fine-tuning.
         pretrained: Named weights the model accepts, e.g. ``{"imagenet": url}``; names are
             case-insensitive and must not be ``"none"``.
+        input_stats: For named weights, the input normalization they were trained with
+            (see :func:`pretrained_input_stats`).
         replace: Allow overriding an existing registration.
 
     Raises:
@@ -116,7 +134,24 @@ def register_model(
     named = {k.strip().lower(): v for k, v in (pretrained or {}).items()}
     if "none" in named:
         raise ValueError("'none' is reserved for random initialisation")
+    stats = {k.strip().lower(): v for k, v in (input_stats or {}).items()}
+    if set(stats) - set(named):
+        raise ValueError(f"input_stats for weights the model does not offer: {sorted(set(stats) - set(named))}")
     _MODELS[key] = (builder, named)
+    for label, value in stats.items():
+        _INPUT_STATS[(key, label)] = value
+
+
+def pretrained_input_stats(name: str, weights: str | os.PathLike[str] | None) -> InputStats | None:
+    """The (mean, std) the named ``weights`` of model ``name`` expect their inputs normalized with.
+
+    ``None`` for random init, a weights file, or named weights registered without stats: the
+    data's own statistics are used then. Pretrained features are sensitive to this: a checkpoint
+    trained on (x - 0.5) / 0.5 fed (x - 0.48) / 0.25 sees inputs at twice its scale.
+    """
+    if weights is None:
+        return None
+    return _INPUT_STATS.get((name.strip().lower(), str(weights).strip().lower()))
 
 
 def available_models() -> list[str]:
@@ -298,7 +333,9 @@ def _fetch_url(url: str, description: str) -> Mapping[str, Any]:
 
 
 register_model("cnn", build_cnn)
-register_model("resnet18", build_resnet18, pretrained={"imagenet": IMAGENET_URL})
+register_model("resnet18", build_resnet18, pretrained={"imagenet": IMAGENET_URL},
+               input_stats={"imagenet": IMAGENET_STATS})
 # both load from files inside installed PyPI packages: no network, ever
-register_model("efficientnet_lite0", build_efficientnet_lite0, pretrained={"imagenet": imagenet_state_dict})
+register_model("efficientnet_lite0", build_efficientnet_lite0, pretrained={"imagenet": imagenet_state_dict},
+               input_stats={"imagenet": INCEPTION_STATS})
 register_model("minilm", build_minilm, pretrained={"pretrained": minilm_pretrained_state_dict})

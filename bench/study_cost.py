@@ -1,0 +1,238 @@
+"""Estimated cost of a whole study on one device, from a few measured rounds of each run.
+
+    python bench/study_cost.py --study fedselect_table1 --device cuda --set model.weights=null
+
+Method. Each selected run of the study (one seed: every seed is assumed to cost the same) is
+executed with `fedselect run` in a child process for K rounds, checkpoints off, into a temporary
+results dir (own MLflow store), eval_every unchanged. Each round's metrics are logged with a
+timestamp taken when the round ended, evaluation included (fedselect.run.RoundLogger); the
+start of round 0 is not observable. So:
+  s/round   = (t_end(b) - t_end(a-1)) / (b - a + 1) over a window of rounds a..b (a >= 1);
+  s per run = (t_end(a-1) - process start) + (process end - t_end(K-1)) + (R - a) * s/round,
+where R is the study's number of rounds: process start-up (imports, data load, partition, model
+build), round 0 and any warm-up rounds before a are counted as measured, the rest as steady
+rounds. "start-up s" in the table is s per run - R * s/round (start-up + teardown + the warm-up
+rounds' difference from a steady round). Study total = sum over runs of s per run x seeds;
+with --parallel-jobs J it is simply divided by J (assumes J jobs share the device without
+slowing each other down, which is optimistic).
+
+Periodic schedules. The window must hold whole periods of every periodic cost, else it
+misrepresents them: evaluation (train.eval_every), FedSelect's GradLTN (algo.search_every, on
+every n-th participation) and growth (algo.grow_every). The window is the largest whole
+number of periods starting at round a = 1, or for growth at the first round after the first
+growth (before it the personal pass is empty and skipped). The last measured round is left out
+of the window: a run always evaluates after its last round, eval_every or not. The default K
+is the smallest that fits one period (at least 5); a smaller --rounds gives a window that is
+marked "partial" (it then ends at round K-2, or is round 1 alone when K = 2, which includes
+the forced evaluation). Periods count rounds: exact with train.participation = 1.
+
+Not measured: checkpoint saves (train.checkpoint_every of the study) and the Snakemake
+workflow's own overhead. Sample passes per round are not in the logged metrics, so they are
+not reported. Pretrained weights cost the same as random init: pass --set model.weights=null
+where the weights are not available offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedselect.config import ConfigError, ExperimentConfig, load_config_dict
+from fedselect.study import Study, StudyError, load_study, run_config, write_run_config
+from fedselect.tracking import with_retry
+
+REPO = Path(__file__).resolve().parents[1]
+MIN_ROUNDS = 5
+
+
+@dataclass
+class RunCost:
+    run: str
+    rounds_measured: int
+    rounds_study: int
+    window: tuple[int, int]
+    whole_periods: bool
+    seconds_per_round: float
+    startup_seconds: float
+    seconds_per_run: float
+    wall_seconds: float
+    device: str
+    # rounds 1..K-1, from round-end timestamps (round 0's start is not observable)
+    round_seconds: list[float]
+
+
+def resolve_study(name: str) -> Study:
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):  # a bare name, as Snakemake's --config study=NAME
+        path = REPO / "configs" / f"{name}.yaml"
+    try:
+        return load_study(path)
+    except StudyError as exc:
+        raise SystemExit(f"--study {name!r}: {exc}") from None
+
+
+def steady_schedule(config: ExperimentConfig) -> tuple[int, int]:
+    """(period, first steady round): every periodic cost repeats each `period` rounds from there."""
+    from fedselect.algorithms.registry import validate_algorithm_options
+
+    periods, first = [config.train.eval_every], 1
+    options = validate_algorithm_options(config.algorithm, config.algo)
+    search = getattr(options, "mask_search", None)
+    if search == "gradltn":
+        periods.append(options.search_every)
+    elif search == "grow":
+        periods.append(options.grow_every)
+        # the first growth ends participation max(1, e-1) (FedSelectClient.grow); until then no personal pass
+        first = max(2, options.grow_every)
+    return math.lcm(*periods), first
+
+
+def window(k: int, period: int, first: int) -> tuple[int, int, bool]:
+    """Rounds a..b whose durations give the steady s/round, and whether they are whole periods."""
+    last = k - 2  # round k-1 evaluates whatever eval_every says
+    periods = (last - first + 1) // period
+    if periods >= 1:
+        return first, first + periods * period - 1, True
+    return 1, max(1, last), False
+
+
+def round_ends(record: dict[str, Any]) -> list[float]:
+    """Epoch seconds at which each round ended (RoundLogger stamps every round's metrics)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(record["tracking_uri"])
+    history = with_retry("metric history", client.get_metric_history, record["mlflow_run_id"], "train_loss")
+    ends = {int(m.step): m.timestamp / 1000 for m in history}
+    missing = [r for r in range(record["rounds"]) if r not in ends]
+    if missing:
+        raise RuntimeError(f"no train_loss timestamp for rounds {missing}")
+    return [ends[r] for r in range(record["rounds"])]
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def measure(study: Study, run: str, seed: int, config: ExperimentConfig, k: int | None, ns: argparse.Namespace,
+            work: Path) -> RunCost:
+    period, first = steady_schedule(config)
+    k = k or max(MIN_ROUNDS, first + period + 1)
+    results = work / "results"  # shared by the runs: later runs reuse the cached partition, as in the study
+    cfg, record_path, log = work / f"{run}.yaml", work / f"{run}.json", work / f"{run}.log"
+    write_run_config(study, run, seed, cfg, results_dir=str(results))
+    forced = [f"train.rounds={k}", "train.checkpoint_every=0", f"tracking.results_dir={results}",
+              "tracking.tracking_uri=null", f"device={ns.device}"]
+    cmd = [sys.executable, "-m", "fedselect.cli", "run", "--config", str(cfg), "--out", str(record_path),
+           "--no-progress", *[a for s in [*ns.set, *forced] for a in ("--set", s)]]
+    env = {key: v for key, v in os.environ.items() if key != "MLFLOW_TRACKING_URI"}  # keep the user's store clean
+    print(f"measuring {run}: {k} rounds ...", file=sys.stderr, flush=True)
+    start = time.time()
+    with log.open("w") as out:
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+    end = time.time()
+    if rc != 0:
+        raise RuntimeError(f"`fedselect run` for {run!r} exited with {rc}; last lines of its log:\n{tail(log)}")
+    record = json.loads(record_path.read_text())
+    t = round_ends(record)
+    a, b, whole = window(k, period, first)
+    per_round = (t[b] - t[a - 1]) / (b - a + 1)
+    rounds = config.train.rounds
+    per_run = (t[a - 1] - start) + (end - t[-1]) + max(rounds - a, 0) * per_round
+    return RunCost(run=run, rounds_measured=k, rounds_study=rounds, window=(a, b), whole_periods=whole,
+                   seconds_per_round=per_round, startup_seconds=per_run - rounds * per_round,
+                   seconds_per_run=per_run, wall_seconds=end - start, device=record["device"],
+                   round_seconds=[round(y - x, 3) for x, y in zip(t[:-1], t[1:], strict=True)])
+
+
+def device_name(device: str) -> tuple[str, int]:
+    """The accelerator's or CPU's model name, and torch's intra-op threads (the children inherit the env)."""
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.get_device_name(0), torch.get_num_threads()
+    models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+              if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return f"CPU: {models[0] if models else 'unknown'} ({os.cpu_count()} logical cores)", torch.get_num_threads()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", required=True, help="study name (configs/NAME.yaml) or path to a study YAML")
+    parser.add_argument("--rounds", type=int, help=f"measured rounds K per run (>= 2; default: the smallest K whose "
+                        f"window holds one whole period of the run's periodic schedule, at least {MIN_ROUNDS})")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="device of the runs")
+    parser.add_argument("--runs", help="comma-separated subset of the study's runs (default: all)")
+    parser.add_argument("--seed", type=int, help="the seed measured (default: the study's first); the cost is "
+                        "assumed equal for every seed")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to `fedselect run` (repeatable); also counts for the study's rounds")
+    parser.add_argument("--parallel-jobs", type=int, default=1, metavar="J",
+                        help="also print the total divided by J (J jobs on the one device)")
+    parser.add_argument("--out-json", type=Path, help="write every figure here")
+    ns = parser.parse_args()
+    if ns.rounds is not None and ns.rounds < 2:
+        parser.error("--rounds must be >= 2 (the per-round time is taken between round ends)")
+    if ns.parallel_jobs < 1:
+        parser.error("--parallel-jobs must be >= 1")
+
+    study = resolve_study(ns.study)
+    runs = ns.runs.split(",") if ns.runs else study.run_names()
+    unknown = [r for r in runs if r not in study.runs]
+    if unknown:
+        parser.error(f"--runs: study {study.name!r} has no run {', '.join(map(repr, unknown))} "
+                     f"(runs: {', '.join(study.run_names())})")
+    seed = study.seeds[0] if ns.seed is None else ns.seed
+    try:  # every config is checked before anything runs; the study's schedule with the user's overrides
+        configs = {r: load_config_dict(run_config(study, r, seed), ns.set) for r in runs}
+    except (ConfigError, StudyError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    name, threads = device_name(ns.device)
+
+    costs: list[RunCost] = []
+    failed: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="study-cost-") as tmp:
+        for run in runs:
+            try:
+                costs.append(measure(study, run, seed, configs[run], ns.rounds, ns, Path(tmp)))
+            except (RuntimeError, OSError, KeyError, ValueError) as exc:
+                failed[run] = str(exc)
+                print(f"FAILED {run}: {exc}", file=sys.stderr)
+
+    seeds = len(study.seeds)
+    print(f"\nstudy {study.name}: {len(runs)} of {len(study.runs)} runs x {seeds} seeds; measured seed {seed}")
+    print(f"device: {name}; torch threads {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    header = f"{'run':<18} {'K/R rounds':>10} {'window':>9} {'s/round':>9} {'start-up s':>10} " \
+             f"{'s per run':>10} {f'x {seeds} seeds':>10}"
+    print(header + "\n" + "-" * len(header))
+    for c in costs:
+        win = f"{c.window[0]}-{c.window[1]}" + ("" if c.whole_periods else "*")
+        print(f"{c.run:<18} {f'{c.rounds_measured}/{c.rounds_study}':>10} {win:>9} {c.seconds_per_round:>9.2f} "
+              f"{c.startup_seconds:>10.1f} {c.seconds_per_run:>10.0f} {c.seconds_per_run * seeds:>10.0f}")
+    if any(not c.whole_periods for c in costs):
+        print("* partial window: fewer rounds than one whole period of the run's schedule (see --help)")
+    total = sum(c.seconds_per_run for c in costs) * seeds
+    label = "total" if not failed else f"total of the {len(costs)} measured runs ({len(failed)} FAILED)"
+    print(f"{label}, sequential: {total / 3600:.2f} h ({total:.0f} s)")
+    if ns.parallel_jobs > 1:
+        print(f"{label}, {ns.parallel_jobs} parallel jobs (sequential / {ns.parallel_jobs}, assumes no slowdown): "
+              f"{total / ns.parallel_jobs / 3600:.2f} h")
+    if ns.out_json:
+        ns.out_json.parent.mkdir(parents=True, exist_ok=True)
+        ns.out_json.write_text(json.dumps({
+            "study": study.name, "seed_measured": seed, "seeds": seeds, "device_name": name, "torch_threads": threads,
+            "runs": [asdict(c) for c in costs], "failed": failed, "total_seconds": total,
+            "parallel_jobs": ns.parallel_jobs, "total_hours_parallel": total / ns.parallel_jobs / 3600}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
