@@ -44,6 +44,7 @@ def test_overrides_are_typed_and_nested():
         ("train.augment=3", "train.augment"),
         ("device=tpu", "device"),
         ("data.image_size=4", "data.image_size"),
+        ("train.norm_stats=global", "train.norm_stats"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

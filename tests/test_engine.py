@@ -94,3 +94,25 @@ def test_evaluate_counts_per_sample():
     result = evaluate(model, x, y, transform=ImageTransform((0, 0, 0), (1, 1, 1), augment=False), batch_size=2)
     assert (result.correct, result.total) == (2, 3)
     assert abs(result.accuracy - 2 / 3) < 1e-12
+
+
+def test_frozen_norm_stats_keep_running_statistics_but_train_affine_weights():
+    from fedselect.engine import train_passes
+
+    x = torch.randint(0, 256, (32, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    y = torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(1))
+    transform = ImageTransform((0.5,) * 3, (0.25,) * 3, augment=False)
+    results = {}
+    for frozen in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train_passes(model, x, y, [None], optim=OPT, transform=transform, generator=client_generator(0, 0, 0),
+                     freeze_norm_stats=frozen)
+        results[frozen] = (before, model)
+    before, model = results[True]
+    assert torch.equal(model[1].running_mean, before["1.running_mean"])
+    assert torch.equal(model[1].running_var, before["1.running_var"])
+    assert not torch.equal(model[1].weight, before["1.weight"]) and model.training
+    before, model = results[False]
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])

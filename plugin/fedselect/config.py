@@ -117,6 +117,11 @@ class TrainConfig:
     augment: bool = True
     # evaluate all clients every `eval_every` rounds (and always after the last round)
     eval_every: int = 1
+    # BatchNorm during local training: "batch" normalizes with batch statistics and updates the
+    # running ones (PyTorch's train mode); "frozen" always uses the running statistics and never
+    # changes them (the affine weights still train), the usual choice when fine-tuning a
+    # pretrained network on small, label-skewed client batches
+    norm_stats: Literal["batch", "frozen"] = "batch"
     # server weights client updates by their training-set size (False: uniform)
     weighted_aggregation: bool = True
     # a client update with NaN/Inf: "error" stops the run naming the client, "drop" skips it (logged)

@@ -200,7 +200,8 @@ class OptimConfig:
 
 def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Sequence[TrainableSpec | None], *,
                  optim: OptimConfig, transform: Callable[..., torch.Tensor], generator: torch.Generator,
-                 extra_loss: ExtraLoss | None = None, freeze_frozen_norms: bool = False) -> TrainStats:
+                 extra_loss: ExtraLoss | None = None, freeze_frozen_norms: bool = False,
+                 freeze_norm_stats: bool = False) -> TrainStats:
     """One epoch over (x, y) per entry of ``passes``, each updating only its trainable spec.
 
     All passes share one optimizer (momentum carries over) and one generator. A pass with
@@ -209,7 +210,8 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
 
     ``freeze_frozen_norms`` puts normalization layers whose parameters are all frozen in this
     pass into eval mode, so their running statistics do not move either: a layer that layer
-    selection did not pick then leaves local training bit-identical.
+    selection did not pick then leaves local training bit-identical. ``freeze_norm_stats`` puts
+    every normalization layer into eval mode (``train.norm_stats: frozen``).
     """
     stats = TrainStats()
     n = int(y.shape[0])
@@ -223,8 +225,8 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
             if not params:
                 continue
             model.train()
-            if freeze_frozen_norms:
-                _freeze_frozen_norms(model)
+            if freeze_frozen_norms or freeze_norm_stats:
+                _freeze_norms(model, only_frozen=not freeze_norm_stats)
             order = torch.randperm(n, generator=generator).to(y.device)
             for start in range(0, n, optim.batch_size):
                 idx = order[start:start + optim.batch_size]
@@ -246,10 +248,10 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
     return stats
 
 
-def _freeze_frozen_norms(model: nn.Module) -> None:
+def _freeze_norms(model: nn.Module, *, only_frozen: bool) -> None:
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in module.parameters(recurse=False)):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (not only_frozen or not any(
+                p.requires_grad for p in module.parameters(recurse=False))):
             module.eval()
 
 

@@ -188,7 +188,8 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         generator = client_generator(self.ctx.config.seed, self.id, self.round_idx, stream)
         return train_passes(self.model, self.data.train_x, self.data.train_y, passes, optim=self.ctx.optim,
                             transform=self.ctx.transform, generator=generator, extra_loss=extra_loss,
-                            freeze_frozen_norms=self.freeze_frozen_norms)
+                            freeze_frozen_norms=self.freeze_frozen_norms,
+                            freeze_norm_stats=self.ctx.config.train.norm_stats == "frozen")
 
     def state_entries(self) -> State:
         """Parameters and buffers by name: the entries a mask may cover."""
