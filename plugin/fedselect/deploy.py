@@ -165,17 +165,15 @@ def model_and_context(config: ExperimentConfig, options: Any, device: Any,
     """The seeded initial model and the run context for data described by ``descriptor`` (as the
     simulation builds them from the data itself)."""
     from fedselect.algorithms.base import RunContext
-    from fedselect.engine import ImageTransform
-    from fedselect.models import build_model, pretrained_input_stats
+    from fedselect.models import build_model
+    from fedselect.run import image_transform
 
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, len(descriptor["classes"]), in_channels=descriptor["in_channels"],
                         image_size=config.data.image_size or descriptor["image_shape"][0],
                         weights=config.model.weights).to(device)
-    mean, std = (pretrained_input_stats(config.model.name, config.model.weights)
-                 or (tuple(descriptor["mean"]), tuple(descriptor["std"])))
     ctx = RunContext(config=config, options=options, device=device,
-                     transform=ImageTransform(mean, std, augment=config.train.augment, resize=config.data.image_size))
+                     transform=image_transform(config, descriptor["mean"], descriptor["std"]))
     return model, ctx
 
 

@@ -8,7 +8,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,8 +76,13 @@ def data_transform(config: ExperimentConfig, data: ImageData | TextData) -> Call
     """
     if isinstance(data, TextData):
         return TokenTransform()
-    mean, std = pretrained_input_stats(config.model.name, config.model.weights) or (data.mean, data.std)
-    return ImageTransform(mean, std, augment=config.train.augment, resize=config.data.image_size)
+    return image_transform(config, data.mean, data.std)
+
+
+def image_transform(config: ExperimentConfig, data_mean: Sequence[float], data_std: Sequence[float]) -> ImageTransform:
+    """The config's image transform; the data's (mean, std) count only where the weights declare none."""
+    mean, std = pretrained_input_stats(config.model.name, config.model.weights) or (data_mean, data_std)
+    return ImageTransform(tuple(mean), tuple(std), augment=config.train.augment, resize=config.data.image_size)
 
 
 def build_run_model(config: ExperimentConfig, data: ImageData | TextData) -> torch.nn.Module:

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -88,12 +89,19 @@ A callable is responsible for its own failures and should raise :class:`WeightsU
 when the weights cannot be obtained.
 """
 
-_MODELS: dict[str, tuple[ModelBuilder, dict[str, PretrainedSource]]] = {}
-
 InputStats = tuple[tuple[float, ...], tuple[float, ...]]
 """Per-channel (mean, std) that inputs are normalized with, for images scaled to [0, 1]."""
 
-_INPUT_STATS: dict[tuple[str, str], InputStats] = {}
+
+@dataclass(frozen=True)
+class _Registration:
+    builder: ModelBuilder
+    # named weights (lower-case name -> source) and the input normalization some of them expect
+    pretrained: dict[str, PretrainedSource]
+    input_stats: dict[str, InputStats]
+
+
+_MODELS: dict[str, _Registration] = {}
 
 IMAGENET_STATS: InputStats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 """torchvision's ImageNet normalization."""
@@ -137,9 +145,7 @@ def register_model(
     stats = {k.strip().lower(): v for k, v in (input_stats or {}).items()}
     if set(stats) - set(named):
         raise ValueError(f"input_stats for weights the model does not offer: {sorted(set(stats) - set(named))}")
-    _MODELS[key] = (builder, named)
-    for label, value in stats.items():
-        _INPUT_STATS[(key, label)] = value
+    _MODELS[key] = _Registration(builder, named, stats)
 
 
 def pretrained_input_stats(name: str, weights: str | os.PathLike[str] | None) -> InputStats | None:
@@ -149,9 +155,10 @@ def pretrained_input_stats(name: str, weights: str | os.PathLike[str] | None) ->
     data's own statistics are used then. Pretrained features are sensitive to this: a checkpoint
     trained on (x - 0.5) / 0.5 fed (x - 0.48) / 0.25 sees inputs at twice its scale.
     """
-    if weights is None:
+    registration = _MODELS.get(name.strip().lower())
+    if weights is None or registration is None:
         return None
-    return _INPUT_STATS.get((name.strip().lower(), str(weights).strip().lower()))
+    return registration.input_stats.get(str(weights).strip().lower())
 
 
 def available_models() -> list[str]:
@@ -204,7 +211,7 @@ def build_model(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
-    builder, named = _MODELS[key]
+    builder, named = _MODELS[key].builder, _MODELS[key].pretrained
     model = builder(num_classes, in_channels=in_channels, image_size=image_size)
 
     if weights is None:
@@ -218,7 +225,7 @@ def build_model(
         state = _fetch_url(source, description) if isinstance(source, str) else source()
         _load_state(model, state, description)
         return model
-    offered = {n for _, names in _MODELS.values() for n in names}
+    offered = {n for registration in _MODELS.values() for n in registration.pretrained}
     if label in offered and not Path(weights).exists():
         raise ValueError(
             f"model {key!r} has no {label!r} weights; it accepts: "
