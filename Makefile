@@ -15,7 +15,7 @@ export PATH := $(BIN):$(PATH)
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt setup.py
+$(VENV)/.installed: requirements.txt setup.py workflows/envs/fedselect.post-deploy.sh
 	$(PYTHON) -m venv $(VENV)
 	PYTHON=$(BIN)/python bash workflows/envs/fedselect.post-deploy.sh
 	touch $@
