@@ -4,8 +4,10 @@
         --figures results/default/figures --out results/default/report.md results/default/runs/*.json
 
 Reads: the study YAML (the setting, the runs, the optional 'paper:' key), the summary table
-written by analysis.summarize, the figures folder written by analysis.figures (its index.json),
-and the run records (optional: which MLflow run holds each run and seed). Needs no MLflow.
+written by analysis.summarize (and its "Paired differences" section, for a study with a
+'paired:' key: shown as a section of its own), the figures folder written by analysis.figures
+(its index.json), and the run records (optional: which MLflow run holds each run and seed).
+Needs no MLflow.
 Writes: --out, a Markdown file whose figure links are relative to it (keep it next to the folder).
 """
 

@@ -1,16 +1,22 @@
 """Summary table of a study, read from MLflow through its run records (one JSON per run and seed).
 
     python -m analysis.summarize --study configs/default.yaml --title default \\
-        --out-md summary.md --out-csv summary.csv results/default/runs/*.json
+        --out-md summary.md --out-csv summary.csv [--out-paired-csv summary_paired.csv] \\
+        results/default/runs/*.json
 
 Reads: the run records (for their MLflow run ids and tracking URIs), the MLflow runs (tags,
 params, metrics), the study YAML (optional; its 'paper:' key adds the paper's number and our
-difference). Instead of records, --experiment/--tag/--run-id choose runs of a store.
-Writes: the Markdown table (--out-md) and the CSV (--out-csv; accuracies as fractions, bytes).
+difference, its 'paired:' key the paired differences). Instead of records,
+--experiment/--tag/--run-id choose runs of a store.
+Writes: the Markdown table (--out-md) and the CSV (--out-csv; accuracies as fractions, bytes);
+for a study with a 'paired:' key, a "Paired differences" section in the Markdown and, with
+--out-paired-csv, its CSV (differences A - B as fractions).
 
 Per run variant: final-round and best-round mean client accuracy as mean +- std over seeds,
 the spread over clients (std of per-client final accuracy, averaged over seeds), bytes sent
-per client per round, wall time, backward compute where runs log it.
+per client per round, wall time, training sample passes and backward compute where runs log
+them. Per 'paired:' pair [A, B]: A minus B per seed (final and best round) with the mean and a
+95% Student-t interval over seeds, and over (seed, client) pairs of final per-client accuracy.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import sys
 from pathlib import Path
 
+from analysis.paired import paired_csv, paired_markdown, paired_results
 from analysis.runs import add_selection_args, load_selection
 from fedselect.compare import csv_text, markdown_table
 
@@ -30,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", default="study summary", help="heading of the Markdown table")
     parser.add_argument("--out-md", type=Path, required=True, help="Markdown table to write")
     parser.add_argument("--out-csv", type=Path, required=True, help="CSV table to write")
+    parser.add_argument("--out-paired-csv", type=Path, help="CSV of the paired differences to write (the study's "
+                                                            "'paired:' pairs; only a header without them)")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         selection = load_selection(ns)
+        pairs = selection.study.paired if selection.study is not None else []
+        paired, paired_notes = paired_results(pairs, selection.groups)
     except (ValueError, FileNotFoundError) as exc:
         print(f"summarize: error: {exc}", file=sys.stderr)
         return 2
@@ -42,8 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     if selection.paper is not None:
         table = selection.paper.table
         notes.append(f"paper numbers from {table.source} (its setting: {table.setting}).")
-    ns.out_md.write_text(markdown_table(selection.rows, title=ns.title, notes=notes), encoding="utf-8")
+    text = markdown_table(selection.rows, title=ns.title, notes=notes)
+    section = paired_markdown(paired, paired_notes)
+    if section:
+        text += "\n" + "\n".join(section) + "\n"
+    ns.out_md.write_text(text, encoding="utf-8")
     ns.out_csv.write_text(csv_text(selection.rows), encoding="utf-8")
+    if ns.out_paired_csv is not None:
+        ns.out_paired_csv.parent.mkdir(parents=True, exist_ok=True)
+        ns.out_paired_csv.write_text(paired_csv(paired), encoding="utf-8")
     return 0
 
 

@@ -161,7 +161,9 @@ def profile_text(profiler: Any, top: int = 15) -> str:
 def our_config(spec: dict[str, Any]) -> Any:
     from fedselect.config import load_config_dict
 
-    algo: dict[str, Any] = {"p": spec["p"], "maskable": "weights", "personal_buffers": True}
+    # the released code: BatchNorm statistics stay on the client, and every LocalAlt epoch is a
+    # full pass over v then a full pass over u
+    algo: dict[str, Any] = {"p": spec["p"], "maskable": "weights", "localalt_epoch": "two_passes"}
     if spec["ours_search"] == "grow":
         algo.update(mask_search="grow", grow_every=spec["mask_every"], grow_target=spec["grow_target"])
     else:
@@ -179,7 +181,7 @@ def our_config(spec: dict[str, Any]) -> Any:
         "model": {"name": spec["model"]},
         "train": {"rounds": spec["rounds"], "local_epochs": spec["local_epochs"], "batch_size": spec["batch_size"],
                   "lr": spec["lr"], "momentum": 0.0, "weight_decay": 0.0, "participation": 1.0, "augment": True,
-                  "eval_every": 1, "weighted_aggregation": False},
+                  "eval_every": 1, "weighted_aggregation": False, "norm_buffers": "personal"},
         "algo": algo,
         "tracking": {"results_dir": str(Path(spec["work_dir"]) / "ours")},
     })

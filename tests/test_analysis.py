@@ -1,5 +1,6 @@
 """Analysis on a hand-made set of MLflow runs: tables (exact means and stds), the paper's
-numbers, figures, the report, and `fedselect compare` selecting by experiment, tag and run id."""
+numbers, paired differences, figures, the report, and `fedselect compare` selecting by
+experiment, tag and run id."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ RUNS = {
                      {0: ([0.4, 0.50], 0.50, 0.10, 3e6, 3e6), 1: ([0.4, 0.60], 0.60, 0.10, 3e6, 3e6)}),
 }
 COMPUTE = {0: [2.0, 4.0], 1: [6.0, 8.0]}  # layersel_top's compute_backward_mean per round, by seed
+# train_sample_passes_mean per round, same for both seeds (fedavg: an older run that logs none)
+TRAIN_PASSES = {"fedselect_p0.25": [100.0, 300.0], "fedselect_p0.75": [100.0, 300.0], "layersel_top": [50.0, 70.0]}
+EVAL_PASSES = {0: 20.0, 1: 40.0}  # fedselect_p0.75's eval_sample_passes_mean, logged at the last round only
+# per-client accuracy: client 0 at mean - offset, client 1 at mean + offset
+CLIENT_OFFSET = {"fedavg": 0.1, "fedselect_p0.25": 0.05, "fedselect_p0.75": 0.05, "layersel_top": 0.1}
+PAIRED = [["fedselect_p0.25", "fedavg"], ["fedselect_p0.75", "fedselect_p0.25"]]
 
 
 def _tiny_png(path: Path) -> Path:
@@ -47,6 +54,7 @@ def _log_run(uri: str, experiment: str, variant: str, seed: int, tmp: Path, *, f
     tags = {"study": experiment, "run": variant, "algorithm": algorithm, "seed": str(seed)}
     params = {"algorithm": algorithm, "seed": seed, "algo": options, "train": {"rounds": ROUNDS},
               "data": {"partition": {"num_clients": CLIENTS}}}
+    offset = CLIENT_OFFSET[variant]
     tracker = RunTracker(tracking_uri=uri, experiment=experiment, run_name=f"{variant}-seed{seed}", tags=tags)
     try:
         with tracker:
@@ -54,8 +62,13 @@ def _log_run(uri: str, experiment: str, variant: str, seed: int, tmp: Path, *, f
             for step, acc in enumerate(accs):
                 metrics = {"mean_acc": acc, "std_acc": spread, "bytes_up": up * (step + 1) / ROUNDS,
                            "bytes_down": down * (step + 1) / ROUNDS}
+                metrics.update({"acc_client_0": acc - offset, "acc_client_1": acc + offset})
                 if variant == "layersel_top":
                     metrics["compute_backward_mean"] = COMPUTE[seed][step]
+                if variant in TRAIN_PASSES:
+                    metrics["train_sample_passes_mean"] = TRAIN_PASSES[variant][step]
+                if variant == "fedselect_p0.75" and step == ROUNDS - 1:
+                    metrics["eval_sample_passes_mean"] = EVAL_PASSES[seed]
                 tracker.log_metrics(metrics, step=step)
             if fail:
                 raise RuntimeError("killed")
@@ -68,8 +81,8 @@ def _log_run(uri: str, experiment: str, variant: str, seed: int, tmp: Path, *, f
     except RuntimeError:
         assert fail
     record = {"algorithm": algorithm, "dataset": "cifar10", "seed": seed, "rounds": ROUNDS, "final_mean_acc": accs[-1],
-              "best_mean_acc": best, "per_client_acc": [accs[-1]] * CLIENTS, "bytes_up": up, "bytes_down": down,
-              "wall_seconds": 10.0 + seed, "mlflow_run_id": tracker.run_id, "tracking_uri": uri}
+              "best_mean_acc": best, "per_client_acc": [accs[-1] - offset, accs[-1] + offset], "bytes_up": up,
+              "bytes_down": down, "wall_seconds": 10.0 + seed, "mlflow_run_id": tracker.run_id, "tracking_uri": uri}
     if algorithm == "fedselect":  # what run.log_mask_artifacts adds to the record
         record.update(mask_iou_model_mean=0.5 + 0.1 * seed, mask_iou_head_mean=0.25, personal_fraction=[0.2, 0.4])
     return record
@@ -94,6 +107,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
              "base": {"data": {"dataset": "cifar10", "partition": {"kind": "pathological", "num_clients": CLIENTS}},
                       "train": {"rounds": ROUNDS}},
              "paper": {"table": "fedselect_table1", "column": "s2", "runs": {"layersel_top": None}},
+             "paired": PAIRED,
              "runs": {v: {"algorithm": a, "algo": o} if o else {"algorithm": a} for v, (a, o, _) in RUNS.items()}}
     study_file = root / "study_a.yaml"
     study_file.write_text(yaml.safe_dump(study))
@@ -120,12 +134,17 @@ def test_summary_means_and_stds_over_seeds_are_exact(store, tmp_path):
     assert summarize.main(argv) == 0
     text = md.read_text()
     # fedavg: final 0.30/0.40, best 0.32/0.44, spread 0.10/0.20, 4 MB up / (2 clients x 2 rounds)
+    # columns after wall s: train passes, eval adapt passes, backward GFLOPs, paper; fedavg logs no passes
     assert _row(text, "fedavg") == ("| fedavg | fedavg | 2 | 35.00 ± 5.00 | 38.00 ± 6.00 | 15.00 | 1.000 | 0.500 "
-                                    "| 10 |  | FedAvg [s2] | 33.54 | +1.46 |")
+                                    "| 10 |  |  |  | FedAvg [s2] | 33.54 | +1.46 |")
     assert _row(text, "fedselect_p0.25").startswith("| fedselect_p0.25 | fedselect | 2 | 85.00 ± 5.00 | 85.00 ± 5.00 ")
-    assert _row(text, "fedselect_p0.25").endswith("| FedSelect (p=0.25) [s2] | 84.22 | +0.78 |")
+    assert _row(text, "fedselect_p0.25").endswith("| 200 |  |  | FedSelect (p=0.25) [s2] | 84.22 | +0.78 |")
+    # eval adapt passes: mean over the rounds that log it, then over seeds: (20 + 40) / 2
+    assert "| 10 | 200 | 30 |  | FedSelect (p=0.75) [s2] |" in _row(text, "fedselect_p0.75")
     # compute: mean over rounds, then over seeds: (3 + 7) / 2; no paper row (declared null)
-    assert _row(text, "layersel_top").endswith("| 10 | 5 |  |  |  |")
+    assert _row(text, "layersel_top").endswith("| 10 | 60 |  | 5 |  |  |  |")
+    assert "| wall s | train sample passes / client / round | eval adapt passes / client / eval |" in text
+    assert "Sample passes: one forward + backward pass of one training sample" in text
     rows = {r["run"]: r for r in csv.DictReader(io.StringIO(out_csv.read_text()))}
     assert list(rows) == ["fedselect_p0.25", "fedselect_p0.75", "layersel_top", "fedavg"]  # best final first
     fa = rows["fedavg"]
@@ -135,7 +154,10 @@ def test_summary_means_and_stds_over_seeds_are_exact(store, tmp_path):
     assert float(fa["bytes_up_per_client_round"]) == pytest.approx(1e6)
     assert float(fa["wall_seconds"]) == pytest.approx(10.5)
     assert fa["compute_backward_per_client_round"] == ""
+    assert fa["train_passes_per_client_round"] == "" and fa["eval_passes_per_client_eval"] == ""
     assert float(rows["layersel_top"]["compute_backward_per_client_round"]) == pytest.approx(5.0)
+    assert float(rows["layersel_top"]["train_passes_per_client_round"]) == pytest.approx(60.0)
+    assert float(rows["fedselect_p0.75"]["eval_passes_per_client_eval"]) == pytest.approx(30.0)
     assert float(rows["fedselect_p0.75"]["diff_vs_paper_pp"]) == pytest.approx(70.0 - 85.91)
 
 

@@ -25,7 +25,7 @@ from fedselect.algorithms.lotteryfl import LotteryFLOptions
 from fedselect.algorithms.registry import available_algorithms, get_algorithm
 from fedselect.config import ConfigError, load_config, load_config_dict
 from fedselect.core.masks import target_count, unpack_mask
-from fedselect.engine import evaluate
+from fedselect.engine import SplitEpoch, evaluate
 from fedselect.models import prefix_spec, register_layer_groups
 
 from .conftest import REPO
@@ -78,7 +78,7 @@ def test_baselines_are_registered_with_frozen_options():
         options = get_algorithm(name).options_cls()
         with pytest.raises(AttributeError):
             options.__setattr__("x", 1)
-    assert FedRepOptions().head_epochs == 10 and FedRepOptions().body_epochs is None
+    assert FedRepOptions().head_epochs is None and FedRepOptions().body_epochs is None
     assert DittoOptions().lam == 1.0
     assert FedBABUOptions() == FedBABUOptions(finetune_epochs=5, finetune_part="full")
     assert LotteryFLOptions() == LotteryFLOptions(target_sparsity=0.5, prune_rate=0.2, acc_threshold=0.1)
@@ -87,7 +87,7 @@ def test_baselines_are_registered_with_frozen_options():
 # ---- fixed partitions: the personal part stays home ---------------------------------------------------
 PERSONAL = {"fedper": CNN_HEAD, "fedrep": CNN_HEAD, "fedalt": CNN_HEAD, "fedbabu": CNN_HEAD, "lg_fedavg": CNN_BODY}
 # fewer head / fine-tuning epochs than the defaults: the behaviour tested does not depend on them
-FAST = {"fedrep": {"head_epochs": 2}, "fedbabu": {"finetune_epochs": 1}}
+FAST = {"fedrep": {"head_epochs": 2, "body_epochs": 1}, "fedbabu": {"finetune_epochs": 1}}
 
 
 @pytest.mark.parametrize("algorithm", sorted(PERSONAL))
@@ -127,7 +127,8 @@ def test_personal_part_never_leaves_and_is_never_overwritten(algorithm):
 
 # ---- FedRep --------------------------------------------------------------------------------------------
 def test_fedrep_phases_each_touch_only_their_part(monkeypatch):
-    r = setup("fedrep", algo={"head_epochs": 2}, model_cls=BNNet, rounds=1)
+    # equal local work: 3 local epochs, 2 on the head, so 1 on the body
+    r = setup("fedrep", algo={"head_epochs": 2}, model_cls=BNNet, rounds=1, local_epochs=3)
     calls = []
     real = fedrep_module.train_part
 
@@ -157,23 +158,38 @@ def test_fedrep_phases_each_touch_only_their_part(monkeypatch):
 
 
 # ---- FedAlt --------------------------------------------------------------------------------------------
+def trained_names(spec) -> set[str]:
+    return {name for name, mask in spec.items() if mask is None or bool(mask.any())}
+
+
 class RecordingFedAlt(FedAltClient):
     def train_passes(self, passes, **kwargs):
-        self.recorded = [set(p) for p in passes]
+        # per epoch of local work, the parts trained in turn
+        self.recorded = [[trained_names(s) for s in (p.phases if isinstance(p, SplitEpoch) else (p,))]
+                         for p in passes]
         return super().train_passes(passes, **kwargs)
 
 
-def test_fedalt_alternates_personal_and_shared_passes():
+def test_fedalt_alternates_personal_and_shared_within_each_epoch():
     r = setup("fedalt", client_cls=RecordingFedAlt, rounds=1, local_epochs=2)
     run(r)
-    assert r.trainers[0].recorded == [CNN_HEAD, CNN_BODY, CNN_HEAD, CNN_BODY]
+    assert r.trainers[0].recorded == [[CNN_HEAD, CNN_BODY], [CNN_HEAD, CNN_BODY]]
+    # one epoch of local work is one pass over the data, split between v and u
+    assert r.trainers[0].last_train_stats.samples == 2 * r.trainers[0].data.num_train
+
+
+def test_fedalt_two_passes_per_epoch_as_the_released_code():
+    r = setup("fedalt", algo={"localalt_epoch": "two_passes"}, client_cls=RecordingFedAlt, rounds=1, local_epochs=2)
+    run(r)
+    assert r.trainers[0].recorded == [[CNN_HEAD], [CNN_BODY], [CNN_HEAD], [CNN_BODY]]
+    assert r.trainers[0].last_train_stats.samples == 4 * r.trainers[0].data.num_train
 
 
 def test_fedalt_partition_by_layer_group_names():
     r = setup("fedalt", algo={"personal_groups": ["conv1"]}, client_cls=RecordingFedAlt, rounds=1)
     run(r)
     conv1 = {"conv1.weight", "conv1.bias"}
-    assert r.trainers[0].recorded == [conv1, (CNN_BODY | CNN_HEAD) - conv1]
+    assert r.trainers[0].recorded == [[conv1, (CNN_BODY | CNN_HEAD) - conv1]]
     assert set(r.trainers[0].get_model_params()["tensors"]) == set(r.init) - conv1
     assert torch.equal(r.server.get_model_params()["conv1.weight"], r.init["conv1.weight"])
 

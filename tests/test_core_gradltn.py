@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedselect.core.gradltn import (
+    TOPK_SCOPES,
     PersonalPart,
     final_personal_fraction,
     gradltn,
@@ -17,7 +18,7 @@ from fedselect.core.gradltn import (
     split_shared_personal,
 )
 from fedselect.core.localalt import invert_mask, localalt_passes, localalt_phases
-from fedselect.core.masks import empty_mask, full_mask, target_count, topk_mask
+from fedselect.core.masks import empty_mask, full_mask, target_count, topk_mask, topk_mask_global
 
 State = dict[str, torch.Tensor]
 
@@ -200,9 +201,119 @@ def test_return_theta_l() -> None:
     res_c = gradltn(
         theta0, _mover(step), p=0.5, iterations=2, fraction_rule="compounding", return_weights="thetaL"
     )
-    # theta_L was trained with m_1 (half of the tensor), a superset of the final m_2.
-    assert int((res_c.weights["w"] != theta0["w"]).sum()) == 50
+    # theta_L is trained with the final m_2 (a quarter of the tensor), not with m_1 (half of it):
+    # the loop's two runs used m_0 and m_1, so one extra run with m_2 is recorded as iteration L.
+    assert int((res_c.weights["w"] != theta0["w"]).sum()) == 25
     assert int(res_c.mask["w"].sum()) == 25
+    assert [(s.iteration, s.trained) for s in res_c.history] == [(0, True), (1, True), (2, True)]
+
+
+def _recording_train(step: State) -> tuple[Callable[[State, State], State], list[tuple[State, State]]]:
+    """A `_mover` that also records (trainable mask, returned state) of every call."""
+    log: list[tuple[State, State]] = []
+    mover = _mover(step)
+
+    def train(start: State, trainable: State) -> State:
+        out = mover(start, trainable)
+        log.append(({k: v.clone() for k, v in trainable.items()}, {k: v.clone() for k, v in out.items()}))
+        return out
+
+    return train, log
+
+
+@pytest.mark.parametrize(
+    ("rule", "stop_when_fixed", "n_calls"),
+    [
+        ("geometric", True, 6),  # normal path: L runs, then one more with m_L
+        ("geometric", False, 6),
+        ("compounding", True, 4),
+        ("per_iteration_of_original", True, 2),  # early stop: the last run already uses m_L
+        ("per_iteration_of_original", False, 5),  # m_{L-1} == m_L: reused, no extra run
+    ],
+)
+def test_theta_l_weights_are_trained_with_final_mask(rule: str, stop_when_fixed: bool, n_calls: int) -> None:
+    theta0 = _theta0()
+    _, step = _hot_problem()
+    iterations = 5 if rule != "compounding" else 3
+    train, log = _recording_train(step)
+    res = gradltn(theta0, train, p=0.25, iterations=iterations, fraction_rule=rule,
+                  return_weights="thetaL", stop_when_fixed=stop_when_fixed)
+    sources = [m for m, out in log if all(torch.equal(out[k], res.weights[k]) for k in theta0)]
+    assert sources, "thetaL weights are not the output of any training run"
+    for m in sources:
+        assert all(torch.equal(m[k], res.mask[k]) for k in theta0)
+    assert len(log) == n_calls
+    assert sum(s.trained for s in res.history) == n_calls
+    # The returned weights moved exactly the final personal entries.
+    for k in theta0:
+        assert torch.equal(res.weights[k] != theta0[k], res.mask[k])
+
+
+def _uneven_step() -> State:
+    """"w" moves by 1..2 per entry, "b" by at most 0.1: a model-wide top-k takes only "w" entries."""
+    g = torch.Generator().manual_seed(11)
+    return {"w": 1 + torch.rand(10, 10, generator=g), "b": 0.1 * torch.rand(20, generator=g)}
+
+
+def test_model_scope_selects_globally() -> None:
+    theta0 = _theta0()
+    step = _uneven_step()
+    calls: list[tuple[State, State]] = []
+    res = gradltn(theta0, _mover(step, calls), p=0.25, iterations=3, topk_scope="model")
+    assert int(res.mask["w"].sum()) == 30 and not res.mask["b"].any()  # 25% of all 120 entries
+    assert res.personal_fraction == 0.25
+    assert len(calls) == 3
+    by_tensor = gradltn(theta0, _mover(step), p=0.25, iterations=3)
+    assert int(by_tensor.mask["w"].sum()) == 25 and int(by_tensor.mask["b"].sum()) == 5
+    # Nested global top-k of a fixed score is the one-shot global top-k of that score.
+    g = torch.Generator().manual_seed(2)
+    rnd = {k: torch.randn(v.shape, generator=g) for k, v in theta0.items()}
+    res_c = gradltn(theta0, _mover(rnd), p=0.5, iterations=3, fraction_rule="compounding", topk_scope="model")
+    expected = topk_mask_global({k: v.abs() for k, v in rnd.items()}, target_count(120, 0.125))
+    assert all(torch.equal(res_c.mask[k], expected[k]) for k in theta0)
+
+
+def test_model_scope_early_stop_uses_model_total() -> None:
+    theta0 = _theta0()
+    calls: list[tuple[State, State]] = []
+    res = gradltn(theta0, _mover(_uneven_step(), calls), p=0.25, iterations=5,
+                  fraction_rule="per_iteration_of_original", topk_scope="model")
+    # "w" holds 30 > target_count(100, 0.25) entries, but the model total (30) is at its target.
+    assert len(calls) == 1
+    assert [s.trained for s in res.history] == [True, False, False, False, False]
+    assert int(res.mask["w"].sum()) == 30
+    full = gradltn(theta0, _mover(_uneven_step()), p=0.25, iterations=5,
+                   fraction_rule="per_iteration_of_original", topk_scope="model", stop_when_fixed=False)
+    assert all(torch.equal(full.mask[k], res.mask[k]) for k in theta0)
+
+    def no_change(start: State, trainable: State) -> State:
+        return start
+
+    # All gammas tie: the first 30 entries in key order ("w" first), lower flat index first.
+    tied = gradltn(theta0, no_change, p=0.25, iterations=3, topk_scope="model")
+    assert tied.mask["w"].reshape(-1)[:30].all() and int(tied.mask["w"].sum()) == 30
+    assert not tied.mask["b"].any()
+
+
+def test_model_scope_prev_mask_and_theta_l() -> None:
+    theta0 = _theta0()
+    prev = full_mask(theta0)
+    prev["w"][:] = False
+    prev["b"][10:] = False
+    # 10 candidates < target_count(120, 0.25) = 30: all of them stay personal.
+    res = gradltn(theta0, _mover(_uneven_step()), p=0.25, iterations=2, prev_mask=prev, topk_scope="model")
+    assert all(torch.equal(res.mask[k], prev[k]) for k in theta0)
+    train, log = _recording_train(_uneven_step())
+    res_l = gradltn(theta0, train, p=0.25, iterations=3, topk_scope="model", return_weights="thetaL")
+    assert len(log) == 4
+    assert all(torch.equal(log[-1][0][k], res_l.mask[k]) for k in theta0)
+    assert all(torch.equal(res_l.weights[k], log[-1][1][k]) for k in theta0)
+
+
+def test_topk_scope_validation() -> None:
+    assert TOPK_SCOPES == ("tensor", "model")
+    with pytest.raises(ValueError, match="topk_scope"):
+        gradltn(_theta0(), _mover({}), p=0.5, iterations=2, topk_scope="layer")
 
 
 def test_prev_mask_restricts_search_and_excludes_tensors() -> None:

@@ -20,6 +20,7 @@ from fedselect.core.masks import (
     personal_fraction_by_group,
     target_count,
     topk_mask,
+    topk_mask_global,
     unpack_mask,
     validate_mask,
 )
@@ -122,6 +123,75 @@ def test_topk_matches_sort_reference() -> None:
         expected = torch.zeros(257, dtype=torch.bool)
         expected[order[:k]] = True
         assert torch.equal(topk_mask(scores, k), expected)
+
+
+def _global_reference(scores: dict[str, torch.Tensor], k: int, within: dict[str, torch.Tensor]) -> list[bool]:
+    """Sort-based reference: candidates by (-score, key position, flat index), first k chosen."""
+    entries = [
+        (-float(t.reshape(-1)[j]), pos, j)
+        for pos, (name, t) in enumerate(scores.items())
+        for j in range(t.numel())
+        if within[name].reshape(-1)[j]
+    ]
+    chosen = {(pos, j) for _, pos, j in sorted(entries)[:k]}
+    return [(pos, j) in chosen for pos, t in enumerate(scores.values()) for j in range(t.numel())]
+
+
+def test_topk_global_exact_count_and_matches_sort_reference() -> None:
+    g = torch.Generator().manual_seed(5)
+    # Few distinct values: many ties across tensors at the threshold.
+    scores = {
+        "b": torch.randint(0, 4, (6,), generator=g).float(),
+        "a": torch.randint(0, 4, (3, 5), generator=g).float(),
+        "c": torch.randint(0, 4, (2, 2, 2), generator=g).float(),
+    }
+    within = {k: torch.rand(v.shape, generator=g) < 0.7 for k, v in scores.items()}
+    n_cand = sum(int(m.sum()) for m in within.values())
+    for k in (0, 1, 7, n_cand // 2, n_cand - 1, n_cand):
+        m = topk_mask_global(scores, k, within=within)
+        assert list(m) == ["b", "a", "c"]
+        assert sum(int(t.sum()) for t in m.values()) == k
+        assert all(not (m[n] & ~within[n]).any() for n in m)
+        assert all(m[n].shape == scores[n].shape and m[n].dtype == torch.bool for n in m)
+        got = [bool(x) for t in m.values() for x in t.reshape(-1)]
+        assert got == _global_reference(scores, k, within)
+
+
+def test_topk_global_ties_follow_key_order_then_index() -> None:
+    scores = {"second": torch.zeros(4), "first": torch.zeros(2, 2)}
+    m = topk_mask_global(scores, 6)
+    # All tied: the dict's first tensor fills up before the next one, lower flat index first.
+    assert m["second"].all()
+    assert m["first"].reshape(-1).tolist() == [True, True, False, False]
+    # A larger value anywhere beats ties; mixed dtypes rank by value.
+    scores = {"x": torch.tensor([1.0, 3.0]), "y": torch.tensor([2, 3], dtype=torch.int64)}
+    m = topk_mask_global(scores, 2)
+    assert m["x"].tolist() == [False, True] and m["y"].tolist() == [False, True]
+    # The selection is model-wide: one tensor may take everything.
+    m = topk_mask_global({"big": torch.full((3,), 9.0), "small": torch.ones(5)}, 3)
+    assert m["big"].all() and not m["small"].any()
+
+
+def test_topk_global_within_and_edge_cases() -> None:
+    scores = {"a": torch.tensor([5.0, 4.0, 3.0]), "b": torch.tensor([[9.0, 1.0]])}
+    within = {"a": torch.tensor([False, True, True]), "b": torch.tensor([[False, True]])}
+    m = topk_mask_global(scores, 2, within=within)
+    assert m["a"].tolist() == [False, True, True] and not m["b"].any()
+    # Empty candidate set: only k = 0 is possible.
+    none = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in scores.items()}
+    m = topk_mask_global(scores, 0, within=none)
+    assert all(not t.any() for t in m.values())
+    with pytest.raises(ValueError, match="k=1"):
+        topk_mask_global(scores, 1, within=none)
+    with pytest.raises(ValueError, match="k=6"):
+        topk_mask_global(scores, 6)
+    assert topk_mask_global({}, 0) == {}
+    with pytest.raises(ValueError, match="k=1"):
+        topk_mask_global({}, 1)
+    with pytest.raises(ValueError, match="'b'"):
+        topk_mask_global(scores, 1, within={"a": within["a"]})
+    with pytest.raises(ValueError, match="NaN"):
+        topk_mask_global({"a": torch.tensor([1.0, math.nan])}, 1)
 
 
 def test_fractions_overall_and_by_group() -> None:

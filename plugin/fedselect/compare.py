@@ -8,7 +8,10 @@ Per variant (group of runs, one per seed): final-round and best-round mean clien
 mean +- std over seeds (population std, ddof = 0), the spread over clients (std over clients of
 the final accuracy, averaged over seeds), bytes up/down per client per round (total bytes /
 (clients x rounds)), wall time, and, where runs log it, backward compute per client per round
-(the mean over rounds of ``compute_backward_mean``, estimated backward GFLOPs).
+(the mean over rounds of ``compute_backward_mean``, estimated backward GFLOPs), and local work
+in training sample passes: per sampled client per round (mean over rounds of
+``train_sample_passes_mean``) and, for methods that adapt the model before evaluating it,
+per client per evaluation (mean over evaluated rounds of ``eval_sample_passes_mean``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import csv
 import io
 import logging
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -32,10 +36,17 @@ log = logging.getLogger(__name__)
 # tags naming a run's variant, tried in order (study.py tags every study run with `run`)
 VARIANT_TAGS: tuple[str, ...] = ("run_variant", "run")
 COMPUTE_METRIC = "compute_backward_mean"
+# training sample passes (one forward + backward of one sample) per sampled client in a round,
+# search and scoring included; and per client spent adapting before an evaluation (FedBABU)
+TRAIN_PASSES_METRIC = "train_sample_passes_mean"
+EVAL_PASSES_METRIC = "eval_sample_passes_mean"
+# each client's accuracy at an evaluated round; the latest value is the final evaluation's
+CLIENT_ACC_METRIC = re.compile(r"acc_client_(\d+)")
 FIELDS: tuple[str, ...] = (
     "run", "algorithm", "seeds", "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std",
     "client_spread", "bytes_up_per_client_round", "bytes_down_per_client_round", "wall_seconds",
-    "compute_backward_per_client_round", "paper_method", "paper_acc", "diff_vs_paper_pp",
+    "compute_backward_per_client_round", "train_passes_per_client_round", "eval_passes_per_client_eval",
+    "paper_method", "paper_acc", "diff_vs_paper_pp",
 )
 
 
@@ -64,6 +75,9 @@ class RunStats:
     start_time: int = 0
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
+    train_passes: float | None = None  # mean over rounds of train_sample_passes_mean; None: not logged
+    eval_passes: float | None = None  # mean over evaluated rounds of eval_sample_passes_mean; None: not logged
+    client_acc: dict[int, float] = field(default_factory=dict)  # client id -> final accuracy (acc_client_<id>)
 
     @property
     def algo_options(self) -> dict[str, str]:
@@ -169,17 +183,24 @@ def run_stats(run: Mapping[str, Any], tracking_uri: str, group: str) -> RunStats
     wall = metrics.get("wall_seconds")
     if wall is None:
         wall = ((run["end_time"] or run["start_time"]) - run["start_time"]) / 1000.0
-    compute = None
-    if COMPUTE_METRIC in metrics:
-        compute = float(np.mean([v for _, v in metric_history(tracking_uri, run["run_id"], COMPUTE_METRIC)]))
+    client_acc = {int(m.group(1)): float(v) for k, v in metrics.items() if (m := CLIENT_ACC_METRIC.fullmatch(k))}
     return RunStats(
         run_id=run["run_id"], run_name=run["run_name"], group=group, algorithm=_algorithm(run),
         seed=run["tags"].get("seed", run["params"].get("seed", "?")), status=run["status"],
         final_acc=float(final), best_acc=float(best), client_spread=float(metrics["std_acc"]),
         bytes_up_per_client_round=metrics["bytes_up"] * per_client_round,
         bytes_down_per_client_round=metrics["bytes_down"] * per_client_round,
-        wall_seconds=float(wall), compute_backward=compute, tracking_uri=tracking_uri,
-        start_time=run["start_time"] or 0, tags=dict(run["tags"]), params=dict(run["params"]))
+        wall_seconds=float(wall), compute_backward=_history_mean(run, tracking_uri, COMPUTE_METRIC),
+        tracking_uri=tracking_uri, start_time=run["start_time"] or 0, tags=dict(run["tags"]),
+        params=dict(run["params"]), train_passes=_history_mean(run, tracking_uri, TRAIN_PASSES_METRIC),
+        eval_passes=_history_mean(run, tracking_uri, EVAL_PASSES_METRIC), client_acc=dict(sorted(client_acc.items())))
+
+
+def _history_mean(run: Mapping[str, Any], tracking_uri: str, key: str) -> float | None:
+    """The mean over the run's logged steps of metric ``key``; None when the run never logged it."""
+    if key not in run["metrics"]:
+        return None
+    return float(np.mean([v for _, v in metric_history(tracking_uri, run["run_id"], key)]))
 
 
 def collect_stats(runs: Sequence[Mapping[str, Any]], tracking_uri: str | Mapping[str, str],
@@ -226,9 +247,6 @@ def table_rows(groups: Mapping[str, Sequence[RunStats]]) -> list[dict[str, Any]]
     for name, members in groups.items():
         final = np.array([s.final_acc for s in members])
         best = np.array([s.best_acc for s in members])
-        compute = [s.compute_backward for s in members if s.compute_backward is not None]
-        if compute and len(compute) != len(members):
-            raise CompareError(f"variant {name}: only {len(compute)} of {len(members)} runs log {COMPUTE_METRIC}")
         rows.append({
             "run": name,
             "algorithm": "+".join(sorted({s.algorithm for s in members})),
@@ -241,9 +259,19 @@ def table_rows(groups: Mapping[str, Sequence[RunStats]]) -> list[dict[str, Any]]
             "bytes_up_per_client_round": float(np.mean([s.bytes_up_per_client_round for s in members])),
             "bytes_down_per_client_round": float(np.mean([s.bytes_down_per_client_round for s in members])),
             "wall_seconds": float(np.mean([s.wall_seconds for s in members])),
-            "compute_backward_per_client_round": float(np.mean(compute)) if compute else None,
+            "compute_backward_per_client_round": _variant_mean(name, members, "compute_backward", COMPUTE_METRIC),
+            "train_passes_per_client_round": _variant_mean(name, members, "train_passes", TRAIN_PASSES_METRIC),
+            "eval_passes_per_client_eval": _variant_mean(name, members, "eval_passes", EVAL_PASSES_METRIC),
         })
     return sorted(rows, key=lambda row: (-row["final_acc_mean"], row["run"]))
+
+
+def _variant_mean(name: str, members: Sequence[RunStats], attr: str, metric: str) -> float | None:
+    """Mean over a variant's runs of an optional figure: all runs log its metric, or none does."""
+    values = [getattr(s, attr) for s in members if getattr(s, attr) is not None]
+    if values and len(values) != len(members):
+        raise CompareError(f"variant {name}: only {len(values)} of {len(members)} runs log {metric}")
+    return float(np.mean(values)) if values else None
 
 
 # ----------------------------------------------------------------------------------- output
@@ -253,13 +281,22 @@ def _pct(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def _passes(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = None,
                    notes: Sequence[str] = ()) -> str:
-    """The rows as a Markdown table; compute and paper columns appear only when some row has them."""
+    """The rows as a Markdown table; eval passes, compute and paper columns appear only when some row has them."""
+    has_eval = any(r.get("eval_passes_per_client_eval") is not None for r in rows)
     has_compute = any(r.get("compute_backward_per_client_round") is not None for r in rows)
     has_paper = any("paper_acc" in r for r in rows)
     header = ["run", "algorithm", "seeds", "final acc (%)", "best-round acc (%)", "client spread (pp)",
-              "MB up / client / round", "MB down / client / round", "wall s"]
+              "MB up / client / round", "MB down / client / round", "wall s", "train sample passes / client / round"]
+    if has_eval:
+        header.append("eval adapt passes / client / eval")
     if has_compute:
         header.append("backward GFLOPs / client / round")
     if has_paper:
@@ -270,7 +307,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = Non
         cells = [r["run"], r["algorithm"], str(r["seeds"]), _pct(r["final_acc_mean"], r["final_acc_std"]),
                  _pct(r["best_acc_mean"], r["best_acc_std"]), f"{100 * r['client_spread']:.2f}",
                  f"{r['bytes_up_per_client_round'] / 1e6:.3f}", f"{r['bytes_down_per_client_round'] / 1e6:.3f}",
-                 f"{r['wall_seconds']:.0f}"]
+                 f"{r['wall_seconds']:.0f}", _passes(r.get("train_passes_per_client_round"))]
+        if has_eval:
+            cells.append(_passes(r.get("eval_passes_per_client_eval")))
         if has_compute:
             value = r.get("compute_backward_per_client_round")
             cells.append("" if value is None else f"{value:.4g}")
@@ -283,6 +322,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = Non
               "at the final round and at the best evaluated round; ± is the std over seeds (population, ddof = 0); "
               "client spread is the std over clients of the final accuracy, averaged over seeds; bytes are the "
               "run's totals divided by (clients × rounds)."]
+    passes = ("Sample passes: one forward + backward pass of one training sample, whatever part of the model trains; "
+              "train: per sampled client per round, mask search and layer scoring included (`train_sample_passes_mean`"
+              ", averaged over rounds; empty where runs do not log it)")
+    if has_eval:
+        passes += ("; eval adapt: per client per evaluation, spent adapting the model before it is evaluated "
+                   "(FedBABU's fine-tuning; `eval_sample_passes_mean`, averaged over evaluated rounds)")
+    lines.append(passes + ".")
     if has_compute:
         lines.append("Backward GFLOPs: the run's estimate of its clients' backward compute (`compute_backward_mean`, "
                      "mean over the round's clients; layer selection: `fedselect.core.compute`), averaged over rounds.")
@@ -307,10 +353,11 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
 DESCRIPTION = """\
 Print the study tables (mean ± std over seeds of final and best-round mean client accuracy,
-client spread, bytes per client per round, wall time, compute where logged) for any set of
-MLflow runs. Reads: the MLflow store (--tracking-uri; default $MLFLOW_TRACKING_URI, else
-results/mlflow.db). Writes: the table to stdout (or --out). Only FINISHED runs unless
---any-status; a variant's repeated seed keeps its latest run (noted under the table)."""
+client spread, bytes per client per round, wall time, training sample passes and compute
+where logged) for any set of MLflow runs. Reads: the MLflow store (--tracking-uri; default
+$MLFLOW_TRACKING_URI, else results/mlflow.db). Writes: the table to stdout (or --out). Only
+FINISHED runs unless --any-status; a variant's repeated seed keeps its latest run (noted
+under the table)."""
 
 EPILOG = """\
 examples:

@@ -122,6 +122,10 @@ class TrainConfig:
     # changes them (the affine weights still train), the usual choice when fine-tuning a
     # pretrained network on small, label-skewed client batches
     norm_stats: Literal["batch", "frozen"] = "batch"
+    # BatchNorm running statistics between rounds, for every method: "averaged" over the clients
+    # like any shared entry, or "personal": kept on each client and never uploaded (FedBN, and
+    # the FedSelect authors' code). Entries a method already keeps personal stay personal.
+    norm_buffers: Literal["averaged", "personal"] = "averaged"
     # server weights client updates by their training-set size (False: uniform)
     weighted_aggregation: bool = True
     # a client update with NaN/Inf: "error" stops the run naming the client, "drop" skips it (logged)

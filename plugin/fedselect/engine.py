@@ -99,9 +99,15 @@ class MaskedSGD:
 
     ``torch.optim.SGD`` would still apply weight decay and momentum to entries whose gradient
     was zeroed, so masked-out entries would drift. Here an update is ``p -= where(m, lr*d, 0)``:
-    entries outside the mask are bit-identical after any number of steps. Momentum buffers
-    are kept per parameter name across passes, so alternating passes over different parts
-    (LocalAlt) share one optimizer, like one local optimizer per round.
+    entries outside the mask are bit-identical after any number of steps.
+
+    Momentum is masked the same way: an entry's buffer takes in gradient only in a step that
+    may update that entry, and is left as it was otherwise. Buffers are kept per parameter name
+    across passes, so alternating passes over different parts (LocalAlt) behave as one momentum
+    optimizer per part: the shared part u never spends momentum gathered from gradients of a
+    pass that held it fixed (Pillutla et al. 2022, Alg. 1: u is fixed while v trains), and a
+    v-pass followed by a u-pass equals the v-pass followed by a fresh optimizer's u-pass. A
+    whole tensor that a pass freezes has no gradient and keeps its buffer, the same rule.
     """
 
     def __init__(self, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
@@ -119,16 +125,23 @@ class MaskedSGD:
             if self.weight_decay:
                 direction = direction.add(param, alpha=self.weight_decay)
             if self.momentum:
-                buf = self.buffers.get(name)
-                if buf is None:
-                    buf = self.buffers[name] = direction.clone()
-                else:
-                    buf.mul_(self.momentum).add_(direction)
-                direction = buf
+                direction = self._momentum(name, direction, mask)
             if mask is None:
                 param.add_(direction, alpha=-self.lr)
             else:
                 param.sub_(torch.where(mask, direction * self.lr, torch.zeros((), device=param.device)))
+
+    def _momentum(self, name: str, direction: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """buf <- momentum * buf + direction on the entries this step may update; others unchanged."""
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = direction.clone() if mask is None else torch.where(mask, direction, torch.zeros_like(direction))
+            self.buffers[name] = buf
+        elif mask is None:
+            buf.mul_(self.momentum).add_(direction)
+        else:
+            buf.copy_(torch.where(mask, buf * self.momentum + direction, buf))
+        return buf
 
     @staticmethod
     def zero_grad(params: list[tuple[str, nn.Parameter, torch.Tensor | None]]) -> None:
@@ -198,15 +211,31 @@ class OptimConfig:
     batch_size: int = 32
 
 
-def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Sequence[TrainableSpec | None], *,
+@dataclass(frozen=True)
+class SplitEpoch:
+    """One epoch over the data whose shuffled samples are split, in order, between phases.
+
+    ``phases[i]`` trains on the i-th of ``len(phases)`` near-equal contiguous slices of the
+    epoch's sample order (batched within the slice). One epoch of LocalAlt at equal local work
+    is ``SplitEpoch((v_spec, u_spec))``: every sample is seen once, by the v phase or the u phase.
+    """
+
+    phases: tuple[TrainableSpec | None, ...]
+
+
+Pass = TrainableSpec | None | SplitEpoch
+
+
+def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Sequence[Pass], *,
                  optim: OptimConfig, transform: Callable[..., torch.Tensor], generator: torch.Generator,
                  extra_loss: ExtraLoss | None = None, freeze_frozen_norms: bool = False,
                  freeze_norm_stats: bool = False) -> TrainStats:
     """One epoch over (x, y) per entry of ``passes``, each updating only its trainable spec.
 
-    All passes share one optimizer (momentum carries over) and one generator. A pass with
-    nothing trainable is skipped without drawing random numbers, so e.g. LocalAlt with an
-    empty personal part is exactly plain local SGD.
+    All passes share one optimizer (masked momentum, see :class:`MaskedSGD`) and one generator.
+    A pass with nothing trainable is skipped without drawing random numbers, so e.g. LocalAlt
+    with an empty personal part is exactly plain local SGD. A :class:`SplitEpoch` draws one
+    sample order and trains each phase on its slice of it.
 
     ``freeze_frozen_norms`` puts normalization layers whose parameters are all frozen in this
     pass into eval mode, so their running statistics do not move either: a layer that layer
@@ -219,33 +248,62 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
         return stats
     optimizer = MaskedSGD(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     was_training = model.training
-    model.train()
-    for trainable in passes:
-        with trainable_only(model, trainable) as params:
-            if not params:
-                continue
-            model.train()
-            if freeze_frozen_norms or freeze_norm_stats:
-                _freeze_norms(model, only_frozen=not freeze_norm_stats)
-            order = torch.randperm(n, generator=generator).to(y.device)
-            for start in range(0, n, optim.batch_size):
-                idx = order[start:start + optim.batch_size]
-                if idx.numel() == 1 and n > 1:
-                    # a last batch of one sample: BatchNorm cannot normalize it in train mode
-                    # (1x1 feature maps), and one sample's step is mostly noise; skip it
+    for entry in passes:
+        phases = entry.phases if isinstance(entry, SplitEpoch) else (entry,)
+        if not any(_has_trainable(model, spec) for spec in phases):
+            continue
+        order = torch.randperm(n, generator=generator).to(y.device)
+        slices = torch.tensor_split(order, len(phases)) if len(phases) > 1 else (order,)
+        for spec, idx in zip(phases, slices, strict=True):
+            with trainable_only(model, spec) as params:
+                if not params:
                     continue
-                inputs = transform(x[idx], train=True, generator=generator)
-                loss = F.cross_entropy(model(inputs), y[idx])
-                total = loss if extra_loss is None else loss + extra_loss(model)
+                model.train()
+                if freeze_frozen_norms or freeze_norm_stats:
+                    _freeze_norms(model, only_frozen=not freeze_norm_stats)
+                stats += _train_order(model, x, y, idx, params, optimizer, optim.batch_size, transform,
+                                      generator, extra_loss, single_ok=n == 1)
                 optimizer.zero_grad(params)
-                total.backward()
-                optimizer.step(params)
-                stats.loss_sum += float(loss.detach()) * int(idx.shape[0])
-                stats.samples += int(idx.shape[0])
-                stats.steps += 1
-            optimizer.zero_grad(params)
     model.train(was_training)
     return stats
+
+
+def _has_trainable(model: nn.Module, spec: TrainableSpec | None) -> bool:
+    if spec is None:
+        return any(True for _ in model.parameters())
+    return any(mask is None or bool(torch.as_tensor(mask).any()) for mask in spec.values())
+
+
+def _train_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
+                 params: list[tuple[str, nn.Parameter, torch.Tensor | None]], optimizer: MaskedSGD,
+                 batch_size: int, transform: Callable[..., torch.Tensor], generator: torch.Generator,
+                 extra_loss: ExtraLoss | None, *, single_ok: bool) -> TrainStats:
+    """SGD steps over ``order`` in batches of ``batch_size`` (the last one may be smaller)."""
+    stats = TrainStats()
+    for start in range(0, int(order.shape[0]), batch_size):
+        idx = order[start:start + batch_size]
+        if idx.numel() == 1 and not single_ok:
+            # a last batch of one sample: BatchNorm cannot normalize it in train mode
+            # (1x1 feature maps), and one sample's step is mostly noise; skip it
+            continue
+        inputs = transform(x[idx], train=True, generator=generator)
+        loss = F.cross_entropy(model(inputs), y[idx])
+        total = loss if extra_loss is None else loss + extra_loss(model)
+        optimizer.zero_grad(params)
+        total.backward()
+        optimizer.step(params)
+        stats.loss_sum += float(loss.detach()) * int(idx.shape[0])
+        stats.samples += int(idx.shape[0])
+        stats.steps += 1
+    return stats
+
+
+def norm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Running statistics of the model's BatchNorm layers, by state name (``train.norm_buffers``)."""
+    return {f"{prefix}.{name}" if prefix else name: buf
+            for prefix, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for name, buf in module.named_buffers(recurse=False) if buf is not None}
 
 
 def _freeze_norms(model: nn.Module, *, only_frozen: bool) -> None:
@@ -275,6 +333,8 @@ class EvalResult:
     correct: int
     total: int
     loss_sum: float
+    # training sample passes spent adapting the model just before this evaluation (FedBABU)
+    adapt_sample_passes: int = 0
 
     @property
     def accuracy(self) -> float:

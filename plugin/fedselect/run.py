@@ -205,6 +205,10 @@ class RoundLogger(Checkpointable):
                 "test_loss": sum(e.loss_sum for e in evals) / max(1, sum(e.total for e in evals)),
             })
             metrics.update({f"acc_client_{c}": result.evaluation[c].accuracy for c in sorted(result.evaluation)})
+            adapt = [e.adapt_sample_passes for e in evals]
+            if any(adapt):
+                # work spent adapting the model just before evaluation (FedBABU's fine-tuning)
+                metrics["eval_sample_passes_mean"] = float(np.mean(adapt))
             if metrics["mean_acc"] > self.best_mean_acc:
                 self.best_mean_acc, self.best_round = metrics["mean_acc"], result.round_idx
             self.last_eval = result
@@ -345,6 +349,8 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
         if hasattr(server, "write_artifacts"):
             for path in server.write_artifacts(plots / "selection"):
                 tracker.log_artifact(path, artifact_path="selection")
+        # training sample passes of all clients over the run (docs/ALGORITHMS.md, "Local work")
+        record["train_sample_passes_total"] = logger.client_sums.get("train_sample_passes", 0.0)
         if "compute_backward" in logger.client_sums:
             # estimated backward GFLOPs of all local updates of the run (core.compute)
             record["compute_backward_total"] = logger.client_sums["compute_backward"]

@@ -2,7 +2,9 @@
 
 A study file (``configs/<name>.yaml``) is validated against ``workflows/schemas/study.schema.json``.
 Runs may change the algorithm, its options, the model and the training schedule, but never
-the data section: every method of a study and seed sees the same partition.
+the data section: every method of a study and seed sees the same partition. The optional
+``paired:`` key lists [A, B] pairs of runs whose seed-by-seed differences the summary reports
+(``analysis/paired.py``).
 Kept free of torch/fedml imports so the Snakefile parses fast.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ class Study:
     base: dict[str, Any]
     runs: dict[str, dict[str, Any]]
     path: Path
+    paired: list[tuple[str, str]] = field(default_factory=list)  # [A, B] runs compared seed by seed
 
     def run_names(self) -> list[str]:
         return list(self.runs)
@@ -63,7 +66,22 @@ def load_study(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> Study
         where = ".".join(str(p) for p in exc.absolute_path) or "<top>"
         raise StudyError(f"{path}: key '{where}': {exc.message}") from None
     return Study(name=raw["study"], description=raw.get("description", ""), seeds=list(raw["seeds"]),
-                 base=raw.get("base", {}), runs=raw["runs"], path=path)
+                 base=raw.get("base", {}), runs=raw["runs"], path=path,
+                 paired=check_paired(raw.get("paired", []), raw["runs"], path))
+
+
+def check_paired(pairs: list[list[str]], runs: Mapping[str, Any], path: Path) -> list[tuple[str, str]]:
+    """The ``paired:`` key's [A, B] pairs: two different runs of the study each (shape checked by the schema)."""
+    out = []
+    for i, (a, b) in enumerate(pairs):
+        unknown = [name for name in (a, b) if name not in runs]
+        if unknown:
+            raise StudyError(f"{path}: key 'paired.{i}': {unknown[0]!r} is not a run of the study "
+                             f"(runs: {', '.join(runs)})")
+        if a == b:
+            raise StudyError(f"{path}: key 'paired.{i}': compares run {a!r} with itself; give two different runs")
+        out.append((a, b))
+    return out
 
 
 def run_config(study: Study, run: str, seed: int, *, results_dir: str = "results") -> dict[str, Any]:

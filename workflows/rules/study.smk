@@ -64,23 +64,30 @@ rule train:
         "--set data.partition_file={input.partition} --out {output} --no-progress > {log} 2>&1"
 
 
+# the paired differences' CSV: only for a study with a `paired:` key (summary.md then has the section)
+PAIRED_OUTPUT = {"paired": f"{OUT}/summary_paired.csv"} if STUDY.paired else {}
+
+
 rule summarize:
     conda:
         ENV_FILE
     # tables read from MLflow through the run records; the study file adds the paper's numbers
+    # and the paired differences
     input:
         study=STUDY_FILE,
         records=expand(f"{OUT}/runs/{{run}}-seed{{seed}}.json", run=RUNS, seed=SEEDS),
     output:
         table=f"{OUT}/summary.md",
         csv=f"{OUT}/summary.csv",
+        **PAIRED_OUTPUT,
     params:
         title=STUDY.name,
+        paired="".join(f"--out-paired-csv {path} " for path in PAIRED_OUTPUT.values()),
     log:
         f"{OUT}/logs/summarize.log",
     shell:
         "python -m analysis.summarize --study {input.study} --title {params.title:q} --out-md {output.table} "
-        "--out-csv {output.csv} {input.records} > {log} 2>&1 && cat {output.table}"
+        "--out-csv {output.csv} {params.paired}{input.records} > {log} 2>&1 && cat {output.table}"
 
 
 rule figures:

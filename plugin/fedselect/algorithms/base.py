@@ -16,6 +16,7 @@ never reads or overwrites personal entries.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -33,11 +34,13 @@ from fedselect.engine import (
     EvalResult,
     ExtraLoss,
     OptimConfig,
+    Pass,
     TrainableSpec,
     TrainStats,
     client_generator,
     client_global_rng,
     evaluate,
+    norm_buffers,
     train_passes,
 )
 from fedselect.fedml_runtime.runtime import import_fedml
@@ -115,8 +118,10 @@ class FedAvgClient(Checkpointable, ClientTrainer):
     Subclasses change the hooks, never the FedML interface methods below them.
     """
 
-    # normalization layers with all parameters frozen keep their running statistics too
-    freeze_frozen_norms = False
+    # the BatchNorm rule of every method (docs/ALGORITHMS.md, "BatchNorm statistics"): a
+    # normalization layer's running statistics move only in a pass that trains one of its
+    # parameters, so a part held fixed stays fixed, statistics included
+    freeze_frozen_norms = True
     # round_idx seeds the next local update's random draws; the mask and personal values are v_k
     checkpoint_attributes = ("round_idx", "packed_mask", "personal_values", "mask_initialized", "last_train_stats")
 
@@ -133,6 +138,9 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         self.personal_values: State = {}
         self.mask_initialized = False
         self.last_train_stats = TrainStats()
+        # training sample passes (forward + backward) since the last round_metrics(): local
+        # training, mask search and layer scoring alike (docs/ALGORITHMS.md, "Local work")
+        self.sample_passes = 0
 
     @property
     def personal_mask(self) -> Mask:
@@ -158,8 +166,22 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         self.release_unpacked_mask()  # derived from packed_mask, rebuilt on next use
 
     def round_metrics(self) -> dict[str, float]:
-        """Per-client figures of the last local update to log (FedSelect: personal fractions)."""
+        """Per-client figures of this round to log: its local work, then the algorithm's own.
+
+        Reading them ends the round's work count. Algorithms add figures through
+        :meth:`algorithm_metrics`, never by overriding this.
+        """
+        metrics = {"train_sample_passes": float(self.sample_passes), **self.algorithm_metrics()}
+        self.sample_passes = 0
+        return metrics
+
+    def algorithm_metrics(self) -> dict[str, float]:
+        """The algorithm's per-client figures of the last local update (FedSelect: personal fractions)."""
         return {}
+
+    def add_sample_passes(self, count: int) -> None:
+        """Count forward + backward passes of ``count`` samples done outside :meth:`train_passes`."""
+        self.sample_passes += int(count)
 
     # ---- hooks an algorithm overrides -------------------------------------------------
     def initial_personal_mask(self) -> Mask:
@@ -179,17 +201,20 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         """``epochs`` passes over this client's training split, updating only ``trainable``."""
         return self.train_passes([trainable] * max(0, epochs), extra_loss=extra_loss, stream=stream)
 
-    def train_passes(self, passes: list[TrainableSpec | None], *, extra_loss: ExtraLoss | None = None,
+    def train_passes(self, passes: list[Pass], *, extra_loss: ExtraLoss | None = None,
                      stream: int = 0) -> TrainStats:
         """One epoch per pass, each with its own trainable spec, one optimizer for all.
 
-        ``stream`` separates the random draws of several calls within one round.
+        ``stream`` separates the random draws of several calls within one round. Every sample
+        trained counts towards this client's local work.
         """
         generator = client_generator(self.ctx.config.seed, self.id, self.round_idx, stream)
-        return train_passes(self.model, self.data.train_x, self.data.train_y, passes, optim=self.ctx.optim,
-                            transform=self.ctx.transform, generator=generator, extra_loss=extra_loss,
-                            freeze_frozen_norms=self.freeze_frozen_norms,
-                            freeze_norm_stats=self.ctx.config.train.norm_stats == "frozen")
+        stats = train_passes(self.model, self.data.train_x, self.data.train_y, passes, optim=self.ctx.optim,
+                             transform=self.ctx.transform, generator=generator, extra_loss=extra_loss,
+                             freeze_frozen_norms=self.freeze_frozen_norms,
+                             freeze_norm_stats=self.ctx.config.train.norm_stats == "frozen")
+        self.sample_passes += stats.samples
+        return stats
 
     def state_entries(self) -> State:
         """Parameters and buffers by name: the entries a mask may cover."""
@@ -222,7 +247,12 @@ class FedAvgClient(Checkpointable, ClientTrainer):
 
     def ensure_personal_mask(self) -> None:
         if not self.mask_initialized:
-            self.personal_mask = {n: m.to(self.ctx.device) for n, m in self.initial_personal_mask().items()}
+            mask = {n: m.to(self.ctx.device) for n, m in self.initial_personal_mask().items()}
+            if self.ctx.config.train.norm_buffers == "personal":
+                # FedBN (Li et al. 2021) and the FedSelect release: statistics never leave the client
+                mask.update({n: torch.ones_like(b, dtype=torch.bool, device=self.ctx.device)
+                             for n, b in norm_buffers(self.model).items()})
+            self.personal_mask = mask
             self.mask_initialized = True
 
     def get_model_params(self) -> dict[str, Any]:
@@ -261,11 +291,16 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         if type(self).prepare_for_evaluation is FedAvgClient.prepare_for_evaluation:
             return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        round_passes = self.sample_passes
         try:
             with client_global_rng(self.ctx.config.seed, self.id, self.round_idx, self.ctx.device, stream=1):
                 self.prepare_for_evaluation()
-            return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
+            result = evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
+            # evaluation-time adaptation (FedBABU's fine-tuning) is reported with the evaluation,
+            # not as training work of the round
+            return dataclasses.replace(result, adapt_sample_passes=self.sample_passes - round_passes)
         finally:
+            self.sample_passes = round_passes
             with torch.no_grad():
                 for name, value in self.model.state_dict(keep_vars=True).items():
                     value.copy_(saved[name])

@@ -16,6 +16,7 @@ FedAvg's, byte for byte); v_k is extra client state kept as one flat tensor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from fedselect.config import ConfigError
+from fedselect.core.work import split_local_epochs
 from fedselect.engine import ClientDataset, ExtraLoss, TrainStats
 
 from .base import FedAvgClient, FedAvgServer, RunContext
@@ -41,19 +43,25 @@ class DittoOptions:
     App. C); 1 is its value for the image benchmark Fashion-MNIST in the released experiment
     scripts (``run_fashion_clean_ditto_lam1.sh``, ``--lam=1``). lambda = 0 is local training
     of v_k; lambda -> inf gives the global model.
-    ``personal_epochs``: None = ``train.local_epochs`` (the FedSelect paper, arXiv:2306.13264,
-    Sec. 5, fixes 5 local epochs for every method; Ditto's Alg. 1 runs the same number of local
-    steps on v_k as on w).
+    Equal local work (:mod:`fedselect.core.work`): Ditto trains two models, and the two updates
+    share the round's ``train.local_epochs`` (E). With neither key set, ``global_epochs`` =
+    ceil(E/2) and ``personal_epochs`` = the rest (3 + 2 for E = 5), as close as whole epochs get
+    to Ditto's Alg. 1, which runs the same number of local steps on v_k as on w. Setting one key
+    gives the other the rest of E; setting both runs them as given (``global_epochs: 5,
+    personal_epochs: 5`` is Alg. 1 at E = 5 on each model, 2E epochs of work).
     """
 
     lam: float = 1.0
     personal_epochs: int | None = None
+    global_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if not self.lam >= 0 or self.lam == float("inf"):
             raise ConfigError(f"config key 'algo.lam' must be a finite number >= 0, got {self.lam}")
-        if self.personal_epochs is not None and self.personal_epochs < 0:
-            raise ConfigError(f"config key 'algo.personal_epochs' must be >= 0 or null, got {self.personal_epochs}")
+        for key in ("personal_epochs", "global_epochs"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"config key 'algo.{key}' must be >= 0 or null, got {value}")
 
 
 def flatten_state(state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -100,6 +108,15 @@ class DittoClient(FedAvgClient):
         # v_k: float state entries, flat; integer counters (BatchNorm's) are kept apart
         self.personal_flat: torch.Tensor | None = None
         self.personal_counters: dict[str, torch.Tensor] = {}
+        options = options_of(ctx, DittoOptions)
+        epochs = ctx.config.train.local_epochs
+        both_unset = options.global_epochs is None and options.personal_epochs is None
+        try:
+            # resolved now, so a split that does not fit train.local_epochs fails before round 1
+            self.global_epochs, self.personal_epochs = split_local_epochs(
+                epochs, math.ceil(epochs / 2) if both_unset else options.global_epochs, options.personal_epochs)
+        except ValueError as exc:
+            raise ConfigError(f"config keys 'algo.global_epochs'/'algo.personal_epochs': {exc}") from None
 
     def load_personal_model(self) -> None:
         """Put v_k into the module (no-op before this client's first local update)."""
@@ -120,18 +137,16 @@ class DittoClient(FedAvgClient):
         participation; Alg. 1 initializes v_k = w^0 for every client).
         """
         options = options_of(self.ctx, DittoOptions)
-        epochs = self.ctx.config.train.local_epochs
-        personal_epochs = epochs if options.personal_epochs is None else options.personal_epochs
         received = snapshot_state(self.model)
 
         self.load_personal_model()
         prox = proximal_term(self.model, received, options.lam) if options.lam > 0 else None
-        self.train_epochs(personal_epochs, extra_loss=prox, stream=PERSONAL_STREAM)
+        self.train_epochs(self.personal_epochs, extra_loss=prox, stream=PERSONAL_STREAM)
         self.save_personal_model()
 
         restore_state(self.model, received)
         # the round's reported loss is the global model's, as for every other method
-        return self.train_epochs(epochs)
+        return self.train_epochs(self.global_epochs)
 
     def prepare_for_evaluation(self) -> None:
         """Evaluate v_k (the global model for a client that never trained); the base restores the state."""

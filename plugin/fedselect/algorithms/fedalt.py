@@ -11,14 +11,14 @@ On the mask mechanism: personal = the configured layer groups, schedule =
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from fedselect.config import ConfigError
-from fedselect.core.localalt import localalt_passes
-from fedselect.engine import ClientDataset, TrainStats
+from fedselect.core.localalt import localalt_epochs
+from fedselect.engine import ClientDataset, SplitEpoch, TrainStats
 
 from .base import FedAvgClient, FedAvgServer, Mask, RunContext
 from .fedper import entries_of_params, group_param_names, options_of
@@ -33,11 +33,14 @@ class FedAltOptions:
     input-layer, output-layer and adapter splits; the FedSelect paper, arXiv:2306.13264, runs
     FedAlt with the classifier head personal). Any other fixed set of the model's layer groups
     (:func:`fedselect.models.layer_groups`, e.g. ["stem"] for the input-layer split) may be named.
-    Local epochs are ``train.local_epochs`` (5 in the FedSelect paper for every method), each one
-    personal pass plus one shared pass.
+    Local epochs are ``train.local_epochs`` (5 in the FedSelect paper for every method);
+    ``localalt_epoch`` says how one epoch is spent (:data:`fedselect.core.localalt.EPOCH_MODES`):
+    "split" (default, equal local work) trains v on the first half of the epoch's shuffled
+    samples and u on the second half; "two_passes" is a full pass over v, then over u.
     """
 
     personal_groups: tuple[str, ...] = ("head",)
+    localalt_epoch: Literal["split", "two_passes"] = "split"
 
     def __post_init__(self) -> None:
         if not self.personal_groups:
@@ -68,18 +71,23 @@ class FedAltClient(FedAvgClient):
         return self.full_mask(self.personal_entries)
 
     def local_update(self) -> TrainStats:
-        """Pillutla et al. 2022, Alg. 1 (LocalAlt): per epoch, a pass on v_k, then a pass on u.
-
-        The passes share one optimizer, as FedSelect's LocalAlt does, so that FedAlt and FedSelect
-        differ only in their masks. As there, BatchNorm statistics of the frozen part still move
-        during a pass (the engine runs every pass in train mode).
-        """
+        """Pillutla et al. 2022, Alg. 1 (LocalAlt): per epoch, v_k with u fixed, then u with v_k fixed."""
         personal = set(self.personal_entries)
-        # the partition is whole tensors, so the schedule runs on one 0-d flag per parameter
-        flags = {name: torch.tensor(name in personal) for name, _ in self.model.named_parameters()}
-        passes = [{name: None for name, on in trainable.items() if bool(on)}
-                  for trainable in localalt_passes(flags, self.ctx.config.train.local_epochs)]
-        return self.train_passes(passes)
+        mask = {name: torch.full_like(param, name in personal, dtype=torch.bool)
+                for name, param in self.model.named_parameters()}
+        return train_localalt(self, mask, options_of(self.ctx, FedAltOptions).localalt_epoch)
+
+
+def train_localalt(client: FedAvgClient, personal: Mask, mode: str) -> TrainStats:
+    """LocalAlt for ``train.local_epochs`` epochs on ``personal`` (a mask over every parameter).
+
+    The one LocalAlt of FedAlt and FedSelect, which differ only in their masks. The phases share
+    one optimizer whose momentum is masked per entry (:class:`fedselect.engine.MaskedSGD`), so the
+    part held fixed neither moves nor gathers momentum; normalization layers whose parameters are
+    all fixed in a phase keep their statistics (the base class's BatchNorm rule).
+    """
+    epochs = localalt_epochs(personal, client.ctx.config.train.local_epochs, mode=mode)
+    return client.train_passes([SplitEpoch(phases) if len(phases) > 1 else phases[0] for phases in epochs])
 
 
 register("fedalt", client=FedAltClient, server=FedAvgServer, options=FedAltOptions,

@@ -25,12 +25,12 @@ import torch
 
 from fedselect.config import ConfigError
 from fedselect.core.gradltn import gradltn
-from fedselect.core.localalt import localalt_passes
 from fedselect.core.masks import grow_mask, personal_fraction, personal_fraction_by_group
 from fedselect.engine import TrainStats
 from fedselect.models import layer_groups
 
 from .base import FedAvgClient, FedAvgServer, Mask, State
+from .fedalt import train_localalt
 from .registry import register
 
 # random-number streams of the calls within one round (LocalAlt uses FedAvg's stream 0)
@@ -50,18 +50,21 @@ class FedSelectOptions:
     gradltn_epochs: int = 5
     # how p maps onto the L selections (core.gradltn.selection_fractions); geometric ends at p
     fraction_rule: Literal["geometric", "per_iteration_of_original", "compounding"] = "geometric"
-    # Alg. 1 returns u, v from theta_0; the paper suggests theta_L as a variant
+    # Alg. 1 returns u, v from theta_0; the paper suggests theta_L (trained with the final mask)
     return_weights: Literal["theta0", "thetaL"] = "theta0"
+    # GradLTN's top-k per tensor (layer-wise, as the released code) or over the whole model (global)
+    topk_scope: Literal["tensor", "model"] = "tensor"
     # search the mask on every `search_every`-th participation of a client (1: every round)
     search_every: int = 1
     # which parameter tensors may hold personal entries: all, or only `*weight` tensors (released code)
     maskable: Literal["all", "weights"] = "all"
-    # keep BatchNorm running statistics on the client instead of averaging them
-    personal_buffers: bool = False
     # grow variant (released code): every `grow_every` participations, grow by `p` of the
     # still-shared entries of each tensor until its personal fraction exceeds `grow_target`
     grow_every: int = 1
     grow_target: float = 0.8
+    # one LocalAlt epoch: "split" (v on half the epoch's samples, then u on the other half: one
+    # pass, equal local work) or "two_passes" (a full pass over v, then over u: the released code)
+    localalt_epoch: Literal["split", "two_passes"] = "split"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.p < 1.0:
@@ -96,10 +99,9 @@ class FedSelectClient(FedAvgClient):
         return names if self.options.maskable == "all" else [n for n in names if n.endswith("weight")]
 
     def initial_personal_mask(self) -> Mask:
-        # before its first search a client has nothing personal (except, optionally, BN statistics)
-        if not self.options.personal_buffers:
-            return {}
-        return self.full_mask([n for n, _ in self.model.named_buffers()])
+        # before its first search a client has nothing personal (BatchNorm statistics follow
+        # train.norm_buffers, added by the base class)
+        return {}
 
     def parameter_mask(self) -> Mask:
         """The personal mask over every parameter tensor (all False where nothing is personal)."""
@@ -114,8 +116,7 @@ class FedSelectClient(FedAvgClient):
         opts = self.options
         if opts.mask_search == "gradltn" and self.participations % opts.search_every == 0:
             self.run_gradltn()
-        passes = localalt_passes(self.parameter_mask(), self.ctx.config.train.local_epochs)
-        stats = self.train_passes(passes)
+        stats = train_localalt(self, self.parameter_mask(), opts.localalt_epoch)
         if opts.mask_search == "grow":
             self.grow()
         self.participations += 1
@@ -138,7 +139,8 @@ class FedSelectClient(FedAvgClient):
             return {n: params[n].detach().clone() for n in names}
 
         result = gradltn(theta0, train, p=opts.p, iterations=opts.gradltn_iterations,
-                         fraction_rule=opts.fraction_rule, return_weights=opts.return_weights)
+                         fraction_rule=opts.fraction_rule, return_weights=opts.return_weights,
+                         topk_scope=opts.topk_scope)
         # Alg. 1's reset: continue from theta_0 (or theta_L) with the statistics of theta_0
         self._load(result.weights, buffers0)
         self.personal_mask = {**result.mask, **self.buffer_mask()}
@@ -167,7 +169,7 @@ class FedSelectClient(FedAvgClient):
             for name, value in {**values, **buffers}.items():
                 state[name].copy_(value)
 
-    def round_metrics(self) -> dict[str, float]:
+    def algorithm_metrics(self) -> dict[str, float]:
         mask = self.parameter_mask()
         groups = {g.name: list(g.param_names) for g in layer_groups(self.model)}
         metrics = {"personal_fraction": personal_fraction(mask)}

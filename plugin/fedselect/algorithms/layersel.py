@@ -202,7 +202,7 @@ class LayerSelClient(FedAvgClient):
             self._forward_flops = [by_group[g.name] for g in layer_groups(self.model)]
         return self._forward_flops
 
-    def round_metrics(self) -> dict[str, float]:
+    def algorithm_metrics(self) -> dict[str, float]:
         chosen = set(self.trained)
         trainable = [g.name in chosen for g in layer_groups(self.model)]
         flops = self.forward_flops()

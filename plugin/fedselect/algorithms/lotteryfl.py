@@ -178,7 +178,7 @@ class LotteryFLClient(FedAvgClient):
         self.sparsity_history.append(self.sparsity)
         return stats
 
-    def round_metrics(self) -> dict[str, float]:
+    def algorithm_metrics(self) -> dict[str, float]:
         return {"sparsity": self.sparsity, "prune_steps": float(self.prune_steps)}
 
 

@@ -30,6 +30,7 @@ from fedselect.core.masks import (
     personal_count,
     target_count,
     topk_mask,
+    topk_mask_global,
     unpack_mask,
     validate_mask,
     validate_same_layout,
@@ -38,6 +39,7 @@ from fedselect.core.masks import (
 __all__ = [
     "FRACTION_RULES",
     "RETURN_WEIGHTS",
+    "TOPK_SCOPES",
     "GradLTNResult",
     "GradLTNStep",
     "PersonalPart",
@@ -53,6 +55,7 @@ TrainFn = Callable[[State, Mask], State]
 
 FRACTION_RULES = ("geometric", "per_iteration_of_original", "compounding")
 RETURN_WEIGHTS = ("theta0", "thetaL")
+TOPK_SCOPES = ("tensor", "model")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,15 @@ def selection_fractions(p: float, iterations: int, fraction_rule: str) -> list[f
     * ``"compounding"``: ``[p, p^2, ..., p^L]`` -- every selection keeps the largest p fraction of the
       previous mask (the algorithm box read with r = 1 - p of the *current* mask pruned, as in
       lottery-ticket iterative pruning).
+
+    The default keeps the paper's meaning of p (the runs are named FedSelect(p) and p is "the
+    personalization rate") while every one of the L iterations still refines the mask, as Alg. 1's
+    loop intends. ``"per_iteration_of_original"`` is the paper's literal text "(1 - p) x 100% of
+    parameters are frozen during each iteration": a constant frozen fraction of the *parameters* in
+    every iteration; the runs use p in {0.25, 0.5, 0.75}, which only spans a useful range of personal
+    fractions if p is the personal fraction (compounding with L = 5 would give 0.1%, 3.1% and 23.7%).
+    Under that reading every selection happens within the previous mask, so the mask cannot change
+    after the first selection; later trainings only matter for ``return_weights="thetaL"``.
     """
     p = _check_p(p)
     if fraction_rule == "geometric":
@@ -136,48 +148,52 @@ def gradltn(
     return_weights: str = "theta0",
     prev_mask: Mapping[str, Tensor] | None = None,
     stop_when_fixed: bool = True,
+    topk_scope: str = "tensor",
 ) -> GradLTNResult:
     """GradLTN, FedSelect Alg. 1: find the personal mask m of one client by gradient-change pruning.
 
     For i = 0 .. L-1 (L = ``iterations``, the paper's pruning iterations): train from (a fresh copy
     of) theta_0 updating only the entries of m_i (Alg. 1 "train E epochs"; m_0 = all ones, or
     ``prev_mask``), then gamma = |theta_trained - theta_0| restricted to m_i, and m_{i+1} = the exact
-    top-k of gamma within m_i per tensor (ties: lower flat index). The model is reset to theta_0
-    before every training (Alg. 1's reset), so gamma is the change made by one training run. The
-    result's mask is m_L.
+    top-k of gamma within m_i (Alg. 1's "largest (1 - r) fraction of gamma"; ties: lower flat
+    index). The model is reset to theta_0 before every training (Alg. 1's reset), so gamma is the
+    change made by one training run. The result's mask is m_L.
 
-    **How p maps to the final personal fraction** (``fraction_rule``; see ``selection_fractions``):
-    per tensor of ``n`` entries, selection i keeps ``target_count(n, f_i)`` entries (capped by the
-    candidates), f_i = p^(i/L) for ``"geometric"`` (default), p for ``"per_iteration_of_original"``
-    and p^i for ``"compounding"``. So the final personal fraction is exactly p (resp. p^L) per
-    tensor up to rounding to whole entries. The default keeps the paper's meaning of p (the runs
-    are named FedSelect(p) and p is "the personalization rate") while every one of the L
-    iterations still refines the mask, as Alg. 1's loop intends. The
-    ``"per_iteration_of_original"`` rule follows the paper's text "(1 - p) x 100% of parameters
-    are frozen during each iteration": a constant frozen fraction of the *parameters* in every
-    iteration, and the runs are named FedSelect(p) for p in {0.25, 0.5, 0.75}, which only spans a
-    useful range of personal fractions if p is the personal fraction (compounding with L = 5 would
-    give 0.1%, 3.1% and 23.7%). A consequence of that reading: since every selection happens within
-    the previous mask, the mask cannot change after the first selection; later trainings only matter
-    for ``return_weights="thetaL"``. ``"compounding"`` is the literal lottery-ticket reading of the
-    algorithm box (prune r = 1 - p of the current mask every iteration).
+    **Scope of the top-k** (``topk_scope``, one of ``TOPK_SCOPES``): Alg. 1's selection line does
+    not say over which set the largest fraction is taken. ``"tensor"`` (default; layer-wise, as in
+    the released code and layer-wise lottery-ticket pruning) keeps ``target_count(n, f_i)`` of each
+    tensor's own ``n`` entries. ``"model"`` (global pruning, the other common reading; Frankle &
+    Carbin 2019 Sec. 4 prune globally for deep nets) keeps the ``target_count(N, f_i)`` largest
+    gamma over all N entries of the model at once (capped by the candidates; ties: earlier tensor in
+    theta_0's key order, then lower flat index; see ``topk_mask_global``), so layers that move more
+    get a larger personal share.
+
+    **How p maps to the final personal fraction** (``fraction_rule``; the readings and their sources
+    are in ``selection_fractions``): selection i keeps ``target_count(n, f_i)`` entries per tensor
+    (``"model"``: of the whole model), capped by the candidates, f_i = p^(i/L) for ``"geometric"``
+    (default), p for ``"per_iteration_of_original"`` and p^i for ``"compounding"``. So the final
+    personal fraction is exactly p (resp. p^L) up to rounding to whole entries.
 
     ``return_weights``: ``"theta0"`` (Alg. 1: u and v are theta_0's values) or ``"thetaL"`` (the
-    paper's suggested variant: the state after the last training run, trained with m_{L-1}, returned
-    whole).
+    paper's suggested variant: theta_L, the state of a training run from theta_0 with the final
+    mask m_L, returned whole). The last of the L runs is reused when it was trained with exactly
+    m_L (a fixed mask); otherwise -- whenever the last selection changed the mask, e.g. always with
+    ``"geometric"`` -- ``"thetaL"`` costs one extra training ``train(theta_0, m_L)``, recorded in
+    ``history`` as a trained step with ``iteration = L``.
 
     ``prev_mask`` restricts the search: only its True entries are ever trainable or selectable, and
-    a tensor whose ``prev_mask`` has fewer entries than its target keeps them all (so an all-False
-    tensor stays shared; this is how callers exclude e.g. biases). Counts are relative to the
-    tensor's full size either way.
+    a tensor (``"model"``: the model) whose ``prev_mask`` has fewer entries than its target keeps
+    them all (so an all-False tensor stays shared; this is how callers exclude e.g. biases). Counts
+    are relative to the full size either way.
 
     ``stop_when_fixed`` (not in the paper): once no remaining selection can change the mask (its
-    target count is not below the current count in any tensor) the trainings in between are skipped,
-    because with a pure ``train`` they cannot affect the result; with ``"thetaL"`` the last training
-    still runs with the fixed mask. Set False to spend exactly L trainings as in the paper's cost.
+    final target count is not below the current count in any tensor, or for ``"model"`` in the
+    whole model) the trainings in between are skipped, because with a pure ``train`` they cannot
+    affect the result; with ``"thetaL"`` the last training still runs with the fixed mask (= m_L).
+    Set False to spend exactly L trainings as in the paper's cost.
 
-    Raises ValueError for p outside (0, 1), ``iterations < 1``, an unknown rule or weights choice,
-    or a ``train`` result whose keys/shapes differ from theta_0.
+    Raises ValueError for p outside (0, 1), ``iterations < 1``, an unknown rule, weights choice or
+    scope, or a ``train`` result whose keys/shapes differ from theta_0.
     """
     p = _check_p(p)
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
@@ -186,53 +202,94 @@ def gradltn(
     fractions = selection_fractions(p, iterations, fraction_rule)
     if return_weights not in RETURN_WEIGHTS:
         raise ValueError(f"return_weights must be one of {RETURN_WEIGHTS}, got {return_weights!r}")
+    if topk_scope not in TOPK_SCOPES:
+        raise ValueError(f"topk_scope must be one of {TOPK_SCOPES}, got {topk_scope!r}")
     if prev_mask is not None:
         validate_mask(prev_mask, theta0)
         mask: Mask = {k: v.clone() for k, v in prev_mask.items()}
     else:
         mask = full_mask(theta0)
-    numel = {k: v.numel() for k, v in theta0.items()}
-    final_targets = {k: target_count(numel[k], fractions[-1]) for k in theta0}
 
     history: list[GradLTNStep] = []
     last_trained: State | None = None
+    last_mask: Mask | None = None  # the mask last_trained was trained with
     i = 0
     while i < iterations:
         trainable_fraction = _fraction(mask)
-        # A fresh copy per run: Alg. 1 resets to theta_0, and a caller's train must not be able to
-        # corrupt theta_0 for later iterations by updating its input in place.
-        trained = train(_clone_state(theta0), {k: v.clone() for k, v in mask.items()})
-        validate_same_layout(theta0, trained, "theta0", "train's result")
-        last_trained = trained
-        new_mask: Mask = {}
-        for k, t0 in theta0.items():
-            current = mask[k]
-            k_target = min(target_count(numel[k], fractions[i]), int(current.sum().item()))
-            gamma = (trained[k].detach().to(t0.device) - t0.detach()).abs()
-            new_mask[k] = topk_mask(gamma, k_target, within=current)
-        mask = new_mask
+        last_trained, last_mask = _train_run(theta0, train, mask), mask
+        mask = _select(theta0, last_trained, mask, fractions[i], topk_scope)
         history.append(GradLTNStep(i, True, trainable_fraction, _fraction(mask)))
         i += 1
-        fixed = all(final_targets[k] >= int(mask[k].sum().item()) for k in mask)
-        if stop_when_fixed and fixed and i < iterations:
-            # Trainings i .. L-2 only feed selections that keep the mask; skip them.
-            for j in range(i, iterations - 1):
-                history.append(GradLTNStep(j, False, _fraction(mask), _fraction(mask)))
+        if stop_when_fixed and i < iterations and _is_fixed(mask, theta0, fractions[-1], topk_scope):
+            # Trainings i .. L-1 only feed selections that keep the mask; skip them (for "thetaL" the
+            # last one runs below, with the fixed mask, which is m_L).
+            fr = _fraction(mask)
+            history.extend(GradLTNStep(j, False, fr, fr) for j in range(i, iterations - 1))
             if return_weights == "thetaL":
-                # The last run defines theta_L; its selection cannot change the (fixed) mask.
-                fr = _fraction(mask)
-                last_trained = train(_clone_state(theta0), {k: v.clone() for k, v in mask.items()})
-                validate_same_layout(theta0, last_trained, "theta0", "train's result")
-                history.append(GradLTNStep(iterations - 1, True, fr, fr))
-            else:
-                history.append(GradLTNStep(iterations - 1, False, _fraction(mask), _fraction(mask)))
+                last_trained, last_mask = _train_run(theta0, train, mask), mask
+            history.append(GradLTNStep(iterations - 1, return_weights == "thetaL", fr, fr))
             break
 
     if return_weights == "theta0" or last_trained is None:
-        weights = _clone_state(theta0)
-    else:
-        weights = {k: v.detach() for k, v in last_trained.items()}
+        return GradLTNResult(mask, _clone_state(theta0), _fraction(mask), history)
+    if last_mask is None or not _same_mask(last_mask, mask):
+        # theta_L is trained with m_L; the loop's last run used m_{L-1}, which differs from it.
+        fr = _fraction(mask)
+        last_trained = _train_run(theta0, train, mask)
+        history.append(GradLTNStep(iterations, True, fr, fr))
+    weights = {k: v.detach() for k, v in last_trained.items()}
     return GradLTNResult(mask=mask, weights=weights, personal_fraction=_fraction(mask), history=history)
+
+
+def _train_run(theta0: Mapping[str, Tensor], train: TrainFn, mask: Mapping[str, Tensor]) -> State:
+    """One "train E epochs" of Alg. 1 from theta_0 updating only ``mask``; result layout-checked."""
+    # A fresh copy per run: Alg. 1 resets to theta_0, and a caller's train must not be able to
+    # corrupt theta_0 (or the mask) for later iterations by updating its input in place.
+    trained = train(_clone_state(theta0), {k: v.clone() for k, v in mask.items()})
+    validate_same_layout(theta0, trained, "theta0", "train's result")
+    return trained
+
+
+def _select(
+    theta0: Mapping[str, Tensor],
+    trained: Mapping[str, Tensor],
+    mask: Mapping[str, Tensor],
+    fraction: float,
+    topk_scope: str,
+) -> Mask:
+    """Alg. 1's selection: the largest ``fraction`` of gamma = |trained - theta_0| within ``mask``."""
+
+    def gamma(k: str) -> Tensor:
+        t0 = theta0[k]
+        return (trained[k].detach().to(t0.device) - t0.detach()).abs()
+
+    if topk_scope == "model":
+        total = sum(t.numel() for t in theta0.values())
+        k_target = min(target_count(total, fraction), personal_count(mask)[0])
+        return topk_mask_global({k: gamma(k) for k in theta0}, k_target, within=mask)
+    new_mask: Mask = {}
+    for k, t0 in theta0.items():  # one gamma at a time keeps peak memory at one extra tensor
+        k_target = min(target_count(t0.numel(), fraction), int(mask[k].sum().item()))
+        new_mask[k] = topk_mask(gamma(k), k_target, within=mask[k])
+    return new_mask
+
+
+def _is_fixed(
+    mask: Mapping[str, Tensor], theta0: Mapping[str, Tensor], final_fraction: float, topk_scope: str
+) -> bool:
+    """True when no later selection can change ``mask``: no count is above its final target.
+
+    Targets never grow over the iterations (every rule's f_i is non-increasing), so a selection
+    whose target is at least the current count keeps every candidate, i.e. returns ``mask``.
+    """
+    if topk_scope == "model":
+        total = sum(t.numel() for t in theta0.values())
+        return target_count(total, final_fraction) >= personal_count(mask)[0]
+    return all(target_count(theta0[k].numel(), final_fraction) >= int(m.sum().item()) for k, m in mask.items())
+
+
+def _same_mask(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].device)) for k in a)
 
 
 def _fraction(mask: Mapping[str, Tensor]) -> float:

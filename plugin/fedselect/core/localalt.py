@@ -15,9 +15,14 @@ from torch import Tensor
 
 from fedselect.core.masks import Mask
 
-__all__ = ["PHASES", "invert_mask", "localalt_passes", "localalt_phases"]
+__all__ = ["EPOCH_MODES", "PHASES", "invert_mask", "localalt_epochs", "localalt_passes", "localalt_phases"]
 
 PHASES = ("personal", "shared")
+# how one LocalAlt epoch spends the data: "split" = one pass over the local data, the first half
+# of its shuffled samples updating v and the second half u (equal local work: E epochs are E
+# passes, as for every other method); "two_passes" = a full pass over v, then a full pass over u
+# (the FedSelect authors' code: E epochs are 2E passes)
+EPOCH_MODES = ("split", "two_passes")
 
 
 def invert_mask(mask: Mapping[str, Tensor]) -> Mask:
@@ -76,3 +81,22 @@ def localalt_passes(
         nonempty = {name: any(bool(t.any()) for t in m.values()) for name, m in by_phase.items()}
         phases = [name for name in phases if nonempty[name]]
     return [by_phase[name] for name in phases]
+
+
+def localalt_epochs(personal_mask: Mapping[str, Tensor], epochs: int, *, mode: str = "split",
+                    order: Sequence[str] = PHASES) -> list[tuple[Mask, ...]]:
+    """LocalAlt's E local epochs, each as the masks it trains in turn (Pillutla et al. 2022, Alg. 1).
+
+    Every entry is one epoch of local work: ``mode="split"`` gives ``(v, u)`` per epoch, to be
+    trained on two halves of one pass over the data (:data:`EPOCH_MODES`); ``"two_passes"``
+    gives ``(v,)`` and ``(u,)`` as separate entries, each a full pass (2E entries). Phases with no
+    trainable entry are dropped (an empty v costs nothing, and "split" then gives u the whole
+    epoch), so LocalAlt with nothing personal is exactly local SGD.
+    """
+    if mode not in EPOCH_MODES:
+        raise ValueError(f"LocalAlt epoch mode must be one of {EPOCH_MODES}, got {mode!r}")
+    localalt_phases(epochs, order=order)  # validates epochs and order
+    masks = localalt_passes(personal_mask, 1, order=order, skip_empty=True)
+    if mode == "two_passes":
+        return [(m,) for _ in range(int(epochs)) for m in masks]
+    return [tuple(masks) for _ in range(int(epochs))] if masks else []

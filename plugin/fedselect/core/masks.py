@@ -41,6 +41,7 @@ __all__ = [
     "personal_fraction_by_group",
     "target_count",
     "topk_mask",
+    "topk_mask_global",
     "unpack_mask",
     "validate_mask",
     "validate_same_layout",
@@ -156,6 +157,44 @@ def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor
     chosen = above | (tied & (torch.cumsum(tied.to(torch.int64), 0) <= need))
     out[idx[chosen]] = True
     return out.reshape(scores.shape)
+
+
+def topk_mask_global(
+    scores: Mapping[str, Tensor], k: int, *, within: Mapping[str, Tensor] | None = None
+) -> Mask:
+    """Exactly ``k`` True entries over *all* tensors: the largest ``scores`` of the whole model.
+
+    The model-wide ("global") reading of "the largest (1 - r) fraction of gamma within m" in
+    FedSelect Alg. 1, as in global lottery-ticket pruning (Frankle & Carbin 2019, Sec. 4). One score
+    vector is built by concatenating the flattened tensors in ``scores``' key order and a single
+    exact selection runs on it (``topk_mask``), so ties go to the earlier tensor in key order, then
+    to the lower flat index. ``within`` (same keys and shapes, bool; None = everything) restricts the
+    candidates; ``k`` must lie in [0, number of candidates]. Scores are compared after promotion to
+    one common dtype, so tensors of different dtypes rank against each other by value.
+    """
+    if within is not None:
+        validate_mask(within, scores)
+    keys = list(scores)
+    if not keys:
+        if k != 0:
+            raise ValueError(f"k={k} is outside [0, 0] (number of candidate entries)")
+        return {}
+    device = scores[keys[0]].device
+    dtype = scores[keys[0]].dtype
+    for name in keys[1:]:
+        dtype = torch.promote_types(dtype, scores[name].dtype)
+    flat = torch.cat([scores[name].detach().reshape(-1).to(device=device, dtype=dtype) for name in keys])
+    flat_within = None
+    if within is not None:
+        flat_within = torch.cat([within[name].reshape(-1).to(device) for name in keys])
+    chosen = topk_mask(flat, k, within=flat_within)
+    out: Mask = {}
+    offset = 0
+    for name in keys:
+        t = scores[name]
+        out[name] = chosen[offset : offset + t.numel()].reshape(t.shape).to(t.device)
+        offset += t.numel()
+    return out
 
 
 def personal_count(mask: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> tuple[int, int]:

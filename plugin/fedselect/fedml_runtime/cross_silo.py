@@ -72,12 +72,14 @@ def to_json(value: Any, what: str) -> str:
 
 
 def eval_to_json(result: EvalResult) -> str:
-    return json.dumps({"correct": int(result.correct), "total": int(result.total), "loss_sum": float(result.loss_sum)})
+    return json.dumps({"correct": int(result.correct), "total": int(result.total), "loss_sum": float(result.loss_sum),
+                       "adapt_sample_passes": int(result.adapt_sample_passes)})
 
 
 def eval_from_json(text: str) -> EvalResult:
     d = json.loads(text)
-    return EvalResult(correct=int(d["correct"]), total=int(d["total"]), loss_sum=float(d["loss_sum"]))
+    return EvalResult(correct=int(d["correct"]), total=int(d["total"]), loss_sum=float(d["loss_sum"]),
+                      adapt_sample_passes=int(d.get("adapt_sample_passes", 0)))
 
 
 def eval_due(round_idx: int, rounds: int, eval_every: int) -> bool:
