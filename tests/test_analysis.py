@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from analysis import figures, paper, report, summarize
+from analysis.paired import CSV_FIELDS
 from analysis.runs import add_selection_args, load_selection
 from fedselect import cli
-from fedselect.compare import CompareError, compare
+from fedselect.compare import CompareError, RunStats, compare, table_rows
 from fedselect.tracking import RunTracker, write_run_record
 
 ROUNDS, CLIENTS = 2, 2
@@ -33,7 +34,7 @@ RUNS = {
 COMPUTE = {0: [2.0, 4.0], 1: [6.0, 8.0]}  # layersel_top's compute_backward_mean per round, by seed
 # train_sample_passes_mean per round, same for both seeds (fedavg: an older run that logs none)
 TRAIN_PASSES = {"fedselect_p0.25": [100.0, 300.0], "fedselect_p0.75": [100.0, 300.0], "layersel_top": [50.0, 70.0]}
-EVAL_PASSES = {0: 20.0, 1: 40.0}  # fedselect_p0.75's eval_sample_passes_mean, logged at the last round only
+EVAL_PASSES = {0: 20.0, 1: 40.0}  # layersel_top's eval_sample_passes_mean, logged at the last round only
 # per-client accuracy: client 0 at mean - offset, client 1 at mean + offset
 CLIENT_OFFSET = {"fedavg": 0.1, "fedselect_p0.25": 0.05, "fedselect_p0.75": 0.05, "layersel_top": 0.1}
 PAIRED = [["fedselect_p0.25", "fedavg"], ["fedselect_p0.75", "fedselect_p0.25"]]
@@ -67,7 +68,7 @@ def _log_run(uri: str, experiment: str, variant: str, seed: int, tmp: Path, *, f
                     metrics["compute_backward_mean"] = COMPUTE[seed][step]
                 if variant in TRAIN_PASSES:
                     metrics["train_sample_passes_mean"] = TRAIN_PASSES[variant][step]
-                if variant == "fedselect_p0.75" and step == ROUNDS - 1:
+                if variant == "layersel_top" and step == ROUNDS - 1:
                     metrics["eval_sample_passes_mean"] = EVAL_PASSES[seed]
                 tracker.log_metrics(metrics, step=step)
             if fail:
@@ -130,7 +131,7 @@ def _row(markdown: str, run: str) -> str:
 def test_summary_means_and_stds_over_seeds_are_exact(store, tmp_path):
     md, out_csv = tmp_path / "summary.md", tmp_path / "summary.csv"
     argv = [*map(str, store["records"]), "--study", str(store["study"]), "--title", "A", "--out-md", str(md),
-            "--out-csv", str(out_csv)]
+            "--out-csv", str(out_csv), "--out-paired-csv", str(tmp_path / "summary_paired.csv")]
     assert summarize.main(argv) == 0
     text = md.read_text()
     # fedavg: final 0.30/0.40, best 0.32/0.44, spread 0.10/0.20, 4 MB up / (2 clients x 2 rounds)
@@ -140,9 +141,8 @@ def test_summary_means_and_stds_over_seeds_are_exact(store, tmp_path):
     assert _row(text, "fedselect_p0.25").startswith("| fedselect_p0.25 | fedselect | 2 | 85.00 ± 5.00 | 85.00 ± 5.00 ")
     assert _row(text, "fedselect_p0.25").endswith("| 200 |  |  | FedSelect (p=0.25) [s2] | 84.22 | +0.78 |")
     # eval adapt passes: mean over the rounds that log it, then over seeds: (20 + 40) / 2
-    assert "| 10 | 200 | 30 |  | FedSelect (p=0.75) [s2] |" in _row(text, "fedselect_p0.75")
     # compute: mean over rounds, then over seeds: (3 + 7) / 2; no paper row (declared null)
-    assert _row(text, "layersel_top").endswith("| 10 | 60 |  | 5 |  |  |  |")
+    assert _row(text, "layersel_top").endswith("| 10 | 60 | 30 | 5 |  |  |  |")
     assert "| wall s | train sample passes / client / round | eval adapt passes / client / eval |" in text
     assert "Sample passes: one forward + backward pass of one training sample" in text
     rows = {r["run"]: r for r in csv.DictReader(io.StringIO(out_csv.read_text()))}
@@ -157,8 +157,48 @@ def test_summary_means_and_stds_over_seeds_are_exact(store, tmp_path):
     assert fa["train_passes_per_client_round"] == "" and fa["eval_passes_per_client_eval"] == ""
     assert float(rows["layersel_top"]["compute_backward_per_client_round"]) == pytest.approx(5.0)
     assert float(rows["layersel_top"]["train_passes_per_client_round"]) == pytest.approx(60.0)
-    assert float(rows["fedselect_p0.75"]["eval_passes_per_client_eval"]) == pytest.approx(30.0)
+    assert float(rows["layersel_top"]["eval_passes_per_client_eval"]) == pytest.approx(30.0)
+    assert rows["fedselect_p0.75"]["eval_passes_per_client_eval"] == ""
     assert float(rows["fedselect_p0.75"]["diff_vs_paper_pp"]) == pytest.approx(70.0 - 85.91)
+
+
+def test_summary_pairs_runs_by_seed_and_client(store, tmp_path):
+    md, paired_csv = tmp_path / "summary.md", tmp_path / "summary_paired.csv"
+    outs = ["--out-md", str(md), "--out-csv", str(tmp_path / "summary.csv"), "--out-paired-csv", str(paired_csv)]
+    assert summarize.main([*map(str, store["records"]), "--study", str(store["study"]), *outs]) == 0
+    section = md.read_text().split("## Paired differences\n", 1)[1]
+    assert "treating clients as independent, hence optimistic" in section
+    # p0.75 - p0.25: final -0.10, -0.20 per seed; t(0.975, 1) = 12.706, se = 0.05; best -0.10, -0.15;
+    # clients (offsets cancel): -0.10, -0.10, -0.20, -0.20, t(0.975, 3) = 3.182, se = 0.0289
+    assert _row(section, "fedselect_p0.75") == ("| fedselect_p0.75 | fedselect_p0.25 | 2 | -15.00 [-78.53, +48.53] "
+                                                "| 0/2 | -12.50 [-44.27, +19.27] | -15.00 [-24.19, -5.81] | 0/4 |")
+    # p0.25 - fedavg: +0.50 on both seeds (no spread); clients 0.75 - 0.20, 0.85 - 0.40, ...
+    assert _row(section, "fedselect_p0.25") == ("| fedselect_p0.25 | fedavg | 2 | +50.00 [+50.00, +50.00] | 2/2 "
+                                                "| +47.00 [+34.29, +59.71] | +50.00 [+40.81, +59.19] | 4/4 |")
+    rows = list(csv.DictReader(io.StringIO(paired_csv.read_text())))
+    assert [(r["a"], r["b"], r["seeds"], r["client_pairs"]) for r in rows] == [
+        ("fedselect_p0.25", "fedavg", "2", "4"), ("fedselect_p0.75", "fedselect_p0.25", "2", "4")]
+    assert float(rows[1]["final_diff_mean"]) == pytest.approx(-0.15)
+    assert float(rows[1]["final_diff_ci_low"]) == pytest.approx(-0.15 - 12.7062047 * 0.05)
+    assert float(rows[1]["client_diff_ci_high"]) == pytest.approx(-0.15 + 3.1824463 * 0.05 / 3 ** 0.5)
+    assert rows[0]["final_a_wins"] == "2" and rows[0]["client_a_wins"] == "4" and rows[0]["client_ties"] == "0"
+    # without a study (no 'paired:' key) there is no section, and the CSV is a bare header
+    assert summarize.main([*map(str, store["records"]), *outs]) == 0
+    assert "Paired differences" not in md.read_text()
+    assert paired_csv.read_text().splitlines() == [",".join(CSV_FIELDS)]
+
+
+def test_variant_with_passes_logged_by_some_runs_only_is_an_error():
+    def stats(seed: str, passes: float | None) -> RunStats:
+        return RunStats(run_id=f"r{seed}", run_name="x", group="v", algorithm="fedavg", seed=seed, status="FINISHED",
+                        final_acc=0.5, best_acc=0.5, client_spread=0.0, bytes_up_per_client_round=1.0,
+                        bytes_down_per_client_round=1.0, wall_seconds=1.0, compute_backward=None, tracking_uri="x",
+                        train_passes=passes)
+
+    assert table_rows({"v": [stats("0", 10.0), stats("1", 30.0)]})[0]["train_passes_per_client_round"] == 20.0
+    assert table_rows({"v": [stats("0", None), stats("1", None)]})[0]["train_passes_per_client_round"] is None
+    with pytest.raises(CompareError, match="variant v: only 1 of 2 runs log train_sample_passes_mean"):
+        table_rows({"v": [stats("0", 10.0), stats("1", None)]})
 
 
 def test_paper_matching_and_spec_errors():
@@ -217,6 +257,10 @@ def test_figures_and_report_are_written_from_the_store(store, tmp_path):
     assert "figures/artifacts/fedselect_p0.25-seed0-mask_iou_model.png" in text
     assert "`fedselect compare --experiment study_a" in text
     assert "| fedselect_p0.25 | 2 | 0.550 | 0.250 | 0.300 |" in text  # mask IoU and personal fraction, seed means
+    # the summary's paired differences: a section of their own after the results, with what the interval means
+    paired_at = text.index("## Paired differences")
+    assert text.index("## Results") < paired_at < text.index("## Figures")
+    assert "95% Student-t interval" in text[paired_at:] and "| fedselect_p0.75 | fedselect_p0.25 | 2 |" in text
     with pytest.raises(paper.PaperSpecError, match="paper.column' is missing"):
         paper.parse_paper_spec({"table": "fedselect_table1"}, ["a"])
 

@@ -1,12 +1,13 @@
 """Selective layer fine-tuning (arXiv 2408.15600) as a two-phase FedML algorithm ``layersel``.
 
 Its difference from FedAvg, on the mask mechanism of :mod:`fedselect.algorithms.base`
-(nothing is personal; what changes is which layers each client trains):
+(nothing is personal but what ``train.norm_buffers: personal`` keeps home; what changes is which
+layers each client trains):
 
-1. planning (the extra round trip): each sampled client evaluates the received global model on
-   ``score_batches`` local batches and reports one score per candidate layer (squared gradient
-   norm for the paper's method, SNR or RGN for those baselines; nothing for position-based
-   strategies);
+1. planning (the extra round trip): each sampled client takes the loss gradient of the received
+   global model on ``score_batches`` local batches (counted as local work) and reports one score
+   per selectable layer (squared gradient norm for the paper's method, SNR or RGN for those
+   baselines; nothing for position-based strategies);
 2. the server picks each client's layers under its budget (:func:`fedselect.core.selection.select_layers`;
    the paper's MILP for ``strategy: ilp``) and sends each client its list;
 3. the client trains only those layers for E epochs: every other parameter has
@@ -18,7 +19,9 @@ Its difference from FedAvg, on the mask mechanism of :mod:`fedselect.algorithms.
 
 Candidate layers are the model's ``block`` groups plus the ``head``; the ``stem`` (embeddings)
 stays frozen and the head is always trained, as in the paper. Budgets and costs cover the
-candidates, the head included.
+candidates, the head included (``head_in_budget: false``: the body layers alone, the head on top;
+:mod:`fedselect.algorithms.layersel_budget`). Where this implementation and the authors' release
+differ, :class:`LayerSelOptions` says so and offers the release's reading.
 """
 
 from __future__ import annotations
@@ -36,21 +39,15 @@ import torch.nn.functional as F
 from fedselect.config import ConfigError
 from fedselect.core.compute import backward_flops, backward_fraction
 from fedselect.core.scores import group_scores
-from fedselect.core.selection import (
-    SCORE_KIND,
-    STRATEGIES,
-    InfeasibleBudgetError,
-    SelectionResult,
-    heterogeneous_budgets,
-    select_layers,
-)
-from fedselect.engine import TrainStats, client_generator, trainable_only
+from fedselect.core.selection import SCORE_KIND, STRATEGIES, SelectionResult
+from fedselect.engine import TrainStats, client_generator, client_global_rng, trainable_only
 from fedselect.models import LayerGroup, layer_groups
 from fedselect.models.flops import forward_flops_by_group
 from fedselect.plots import plot_selection_heatmap
 
 from .base import BadUpdateError, FedAvgClient, FedAvgServer, Mask, RunContext
 from .fedper import entries_of_params, options_of
+from .layersel_budget import client_budgets, layer_costs, select_round, selectable
 from .payload import encode_upload
 from .registry import register
 
@@ -59,17 +56,53 @@ _SCORE_STREAM = 2000
 
 @dataclass(frozen=True)
 class LayerSelOptions:
-    """Options under ``algo:`` for ``algorithm: layersel``."""
+    """Options under ``algo:`` for ``algorithm: layersel``.
+
+    Three choices differ from the authors' release (github.com/hiyuchang/fed_sel_tune, read at
+    commit 66f07d3, "the release" below); each is an option whose default is ours. The release's
+    reading is ``head_in_budget: false``, ``score_mode: train``, ``normalize_scores: false``.
+
+    ``head_in_budget`` (default true). True: the always-trained head is a candidate layer like the
+    blocks: its cost counts against every client's budget and is part of the total ``budget`` is a
+    fraction of; its score is in the problem (a constant term, the head being forced) and in the
+    mean ``normalize_scores`` divides by. False (the release): budgets cover the body layers only
+    (``budget`` is a fraction of their total cost) and every client trains the head in addition;
+    clients do not score the head, so it is neither in the problem nor in the normalization.
+    Release: src/server.py ``select_layers`` solves over the layers that are neither
+    ``fixed_layers`` nor ``common_layers`` with ``n_layers`` (a count of body layers) per client and
+    appends ``common_layers`` afterwards, for every strategy; src/client.py ``init_train`` leaves
+    ``common_layers`` out of the gradient-norm and RGN scores (src/helpers/config.py:
+    ``classifier``, and for CLIP also ``ln_post`` and ``proj``). The paper's problem (P) (Sec. 4.2)
+    charges every selected layer's cost to the budget; this option decides whether the forced head
+    is one of those layers.
+
+    ``score_mode`` (default eval). eval: scores are taken with the model in eval mode (dropout off,
+    BatchNorm normalizing with its running statistics, which do not move). train (the release:
+    src/client.py ``init_train`` calls ``model.train()``): the forward of local training (dropout
+    on, BatchNorm on batch statistics; normalization layers local training keeps in eval mode,
+    ``train.norm_stats: frozen`` or frozen layers such as the stem, stay so); dropout is seeded per
+    (seed, client, round) and every buffer is restored afterwards, so the model the client then
+    trains is bit-identical to the one it received. Either way inputs are not augmented (the
+    release scores on its training loader, whose transform is the model's fixed preprocessing).
+    """
 
     # ilp: the paper's method; top/bottom/both/snr/rgn/full/random: its baselines
     strategy: str = "ilp"
     # lambda, the penalty per disagreeing client pair and layer, in units of the round's mean
     # layer score (scores are divided by their mean before solving; see normalize_scores)
     lam: float = 0.1
-    # divide the round's scores by their mean: lambda then keeps its meaning as gradients shrink
+    # divide the round's scores (clients x scored layers) by their mean, so that lambda keeps its
+    # meaning as gradients shrink over rounds and across models. The release (src/helpers/util.py
+    # find_selection_set, weight `balance`, default 0) uses the raw scores: false reproduces it,
+    # and lambda then is in the scores' own units (squared gradient norms). Which layers enter the
+    # mean follows head_in_budget (the release never scores the head)
     normalize_scores: bool = True
-    # budget as a fraction of the total cost of all candidate layers (head included)
+    # budget as a fraction of the total cost of the layers budgets cover: all candidate layers
+    # (head included) with head_in_budget, the body layers without it
     budget: float = 0.5
+    # true: the head counts against each budget; false (the release): budgets cover the body
+    # layers and the head is trained on top (see the class docstring)
+    head_in_budget: bool = True
     # identical: every client gets `budget`; heterogeneous: seeded truncated half-normal draws
     # with mean level `budget` in [budget_min, budget_max]
     budgets: Literal["identical", "heterogeneous"] = "identical"
@@ -77,8 +110,13 @@ class LayerSelOptions:
     budget_max: float = 1.0
     # a layer's cost: 1 per layer, or its parameter count
     cost: Literal["unit", "params"] = "unit"
-    # local batches each client scores the global model on
+    # local batches each client scores the global model on (counted as local work); the release
+    # scores on all of them (src/helpers/args.py sel_batch = -1): set it to at least the number of
+    # local batches for that
     score_batches: int = 2
+    # eval: score with the model in eval mode; train (the release): in local training's mode,
+    # dropout seeded, BatchNorm statistics restored afterwards (see the class docstring)
+    score_mode: Literal["eval", "train"] = "eval"
     # CBC time limit; hitting it keeps the best selection found and is logged
     time_limit_s: float = 60.0
 
@@ -109,10 +147,6 @@ def candidate_groups(model: torch.nn.Module) -> list[LayerGroup]:
     return groups
 
 
-def layer_costs(groups: list[LayerGroup], kind: str) -> np.ndarray:
-    return np.array([1.0 if kind == "unit" else float(g.num_params) for g in groups])
-
-
 class LayerSelClient(FedAvgClient):
     """Scores the global model's layers, then trains only the layers the server assigned."""
 
@@ -127,45 +161,84 @@ class LayerSelClient(FedAvgClient):
         self._forward_flops: list[float] | None = None
 
     def plan_report(self) -> dict[str, Any]:
-        """Phase 1: one score per candidate layer on the current (global) model, or nothing."""
+        """Phase 1: one score per selectable layer on the current (global) model, or nothing."""
         kind = SCORE_KIND.get(self.options.strategy)
         if kind is None:
             return {}
-        grads = self.layer_gradients()
+        groups = selectable(self.groups, self.options.head_in_budget)
+        grads = self.layer_gradients(groups)
         params = dict(self.model.named_parameters())
-        scores = group_scores({g.name: grads[g.name] for g in self.groups},
-                              {g.name: [params[n].detach() for n in g.param_names] for g in self.groups}, kind)
-        return {"kind": kind, "scores": [float(scores[g.name]) for g in self.groups]}
+        scores = group_scores({g.name: grads[g.name] for g in groups},
+                              {g.name: [params[n].detach() for n in g.param_names] for g in groups}, kind)
+        return {"kind": kind, "scores": [float(scores[g.name]) for g in groups]}
 
-    def layer_gradients(self) -> dict[str, list[torch.Tensor]]:
-        """Mean loss gradient over ``score_batches`` local batches, per candidate group.
+    def scoring_batches(self) -> list[torch.Tensor]:
+        """The first ``score_batches`` batches of a seeded order of the local training samples.
 
-        The model is in eval mode, so scoring moves no BatchNorm statistics and the model the
-        client then trains is exactly the one it received.
+        In train mode a batch of one sample is left out (BatchNorm cannot normalize it), as local
+        training leaves it out, unless it is the client's only sample.
         """
         batch = self.ctx.config.train.batch_size
         generator = client_generator(self.ctx.config.seed, self.id, self.round_idx, _SCORE_STREAM)
         n = self.data.num_train
         order = torch.randperm(n, generator=generator).to(self.data.train_y.device)
         batches = [order[i:i + batch] for i in range(0, n, batch)][:self.options.score_batches]
-        names = [n for g in self.groups for n in g.param_names]
+        if self.options.score_mode == "train" and n > 1:
+            batches = [idx for idx in batches if idx.numel() > 1]
+        return batches
+
+    def layer_gradients(self, groups: list[LayerGroup]) -> dict[str, list[torch.Tensor]]:
+        """Mean loss gradient over the :meth:`scoring_batches`, per group of ``groups``.
+
+        The forward runs in ``score_mode``; in train mode every buffer (BatchNorm statistics) is
+        restored afterwards and dropout draws from a generator seeded per (seed, client, round).
+        Either way the model the client then trains is exactly the one it received. Every
+        sample scored counts as one training sample pass (forward and backward) of local work.
+        """
+        batches = self.scoring_batches()
+        names = [n for g in groups for n in g.param_names]
+        train_mode = self.options.score_mode == "train"
+        saved = {n: b.detach().clone() for n, b in self.model.named_buffers()} if train_mode else {}
         was_training = self.model.training
-        self.model.eval()
         try:
-            with trainable_only(self.model, dict.fromkeys(names)) as params:
-                for _, param, _ in params:
-                    param.grad = None
-                for idx in batches:
-                    inputs = self.ctx.transform(self.data.train_x[idx], train=False)
-                    loss = F.cross_entropy(self.model(inputs), self.data.train_y[idx]) / len(batches)
-                    loss.backward()
-                grads = {name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                         for name, p, _ in params}
-                for _, param, _ in params:
-                    param.grad = None
+            with client_global_rng(self.ctx.config.seed, self.id, self.round_idx, self.ctx.device,
+                                   stream=_SCORE_STREAM), trainable_only(self.model, dict.fromkeys(names)) as params:
+                self.set_score_mode(train_mode)
+                grads = self.mean_gradients(params, batches)
         finally:
+            with torch.no_grad():
+                for name, buf in self.model.named_buffers():
+                    if name in saved:
+                        buf.copy_(saved[name])
             self.model.train(was_training)
-        return {g.name: [grads[n] for n in g.param_names] for g in self.groups}
+        self.add_sample_passes(sum(int(idx.numel()) for idx in batches))
+        return {g.name: [grads[n] for n in g.param_names] for g in groups}
+
+    def set_score_mode(self, train_mode: bool) -> None:
+        """eval: the whole model in eval mode. train: the modes local training would use."""
+        if not train_mode:
+            self.model.eval()
+            return
+        self.model.train()
+        frozen_stats = self.ctx.config.train.norm_stats == "frozen"
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and (frozen_stats or (
+                    self.freeze_frozen_norms and not any(p.requires_grad for p in module.parameters(recurse=False)))):
+                module.eval()
+
+    def mean_gradients(self, params: list[tuple[str, torch.nn.Parameter, Any]],
+                       batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        for _, param, _ in params:
+            param.grad = None
+        for idx in batches:
+            inputs = self.ctx.transform(self.data.train_x[idx], train=False)
+            loss = F.cross_entropy(self.model(inputs), self.data.train_y[idx]) / len(batches)
+            loss.backward()
+        grads = {name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                 for name, p, _ in params}
+        for _, param, _ in params:
+            param.grad = None
+        return grads
 
     def receive_plan(self, plan: dict[str, Any]) -> None:
         """Phase 2: the server's choice of layers for this round."""
@@ -184,11 +257,12 @@ class LayerSelClient(FedAvgClient):
         return self.train_epochs(self.ctx.config.train.local_epochs, trainable)
 
     def get_model_params(self) -> dict[str, Any]:
-        """Upload only the layers trained this round (their parameters and buffers)."""
+        """Upload only the layers trained this round (their parameters and buffers), less the
+        entries personal to this client (``train.norm_buffers: personal``: BatchNorm statistics)."""
         chosen = set(self.trained)
         params = [n for g in self.groups if g.name in chosen for n in g.param_names]
         state = self.state_entries()
-        upload = encode_upload({n: state[n] for n in entries_of_params(self.model, params)}, {},
+        upload = encode_upload({n: state[n] for n in entries_of_params(self.model, params)}, self.personal_mask,
                                client_id=self.id, num_samples=self.local_sample_number)
         self.release_unpacked_mask()
         self.selected = None  # a plan is good for one round
@@ -229,27 +303,10 @@ class LayerSelServer(FedAvgServer):
         self.options = options_of(ctx, LayerSelOptions)
         self.groups = candidate_groups(model)
         self.costs = layer_costs(self.groups, self.options.cost)
-        self.budgets = self.client_budgets(ctx.config.data.partition.num_clients)
+        self.budgets = client_budgets(self.costs, ctx.config.data.partition.num_clients, self.options,
+                                      seed=ctx.config.seed)
         self.history: list[tuple[int, list[int], SelectionResult]] = []
         self._metrics: dict[str, float] = {}
-
-    def client_budgets(self, num_clients: int) -> np.ndarray:
-        """Every client's budget in cost units; infeasible budgets fail here, before round 1."""
-        o = self.options
-        total = float(self.costs.sum())
-        if o.budgets == "identical":
-            budgets = np.full(num_clients, o.budget * total)
-        else:
-            budgets = heterogeneous_budgets(num_clients, level=o.budget * total, minimum=o.budget_min * total,
-                                            maximum=o.budget_max * total, seed=self.ctx.config.seed)
-        head = float(self.costs[-1])
-        short = np.flatnonzero(budgets < head)
-        if short.size:
-            key = "algo.budget" if o.budgets == "identical" else "algo.budget_min"
-            raise InfeasibleBudgetError(
-                f"config key '{key}': client {int(short[0])}'s budget {budgets[short[0]]:g} ({o.cost} cost) is "
-                f"below the cost {head:g} of the always-trained head (total cost of all layers {total:g})")
-        return budgets
 
     def needs_plan(self, round_idx: int) -> bool:
         return True
@@ -258,9 +315,8 @@ class LayerSelServer(FedAvgServer):
         sampled = sorted(reports)
         o = self.options
         scores = self.score_matrix(sampled, reports) if o.strategy in SCORE_KIND else None
-        result = select_layers(o.strategy, costs=self.costs, budgets=self.budgets[sampled], lam=o.lam,
-                               scores=scores, required=(len(self.groups) - 1,), seed=self.ctx.config.seed,
-                               round_idx=round_idx, time_limit_s=o.time_limit_s)
+        result = select_round(o, self.costs, self.budgets[sampled], scores, seed=self.ctx.config.seed,
+                              round_idx=round_idx)
         self.history.append((round_idx, sampled, result))
         mask = result.mask
         self._metrics = {
@@ -274,12 +330,15 @@ class LayerSelServer(FedAvgServer):
                 for row, cid in enumerate(sampled)}
 
     def score_matrix(self, sampled: list[int], reports: dict[int, dict[str, Any]]) -> np.ndarray:
+        """Clients x selectable layers (the head only with ``head_in_budget``), normalized if asked."""
         kind = SCORE_KIND[self.options.strategy]
+        expected = len(selectable(self.groups, self.options.head_in_budget))
         rows = []
         for cid in sampled:
             report = reports[cid]
             scores = report.get("scores") if isinstance(report, dict) else None
-            if (report.get("kind") != kind or not isinstance(scores, list) or len(scores) != len(self.groups)
+            if (not isinstance(report, dict) or report.get("kind") != kind or not isinstance(scores, list)
+                    or len(scores) != expected
                     or not all(isinstance(s, (int, float)) and math.isfinite(s) and s >= 0 for s in scores)):
                 raise BadUpdateError(f"client {cid} reported malformed {kind} layer scores: {report!r}")
             rows.append(scores)

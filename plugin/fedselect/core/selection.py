@@ -10,7 +10,10 @@ where D(m) = sum_l sum_{i<j} (m_il - m_jl)^2 penalizes clients training differen
 binaries D(m) = sum_l k_l (N - k_l) with k_l = sum_i m_il, the number of clients training l.
 
 Layers are indexed from the input (0) to the output (L-1). ``required`` layers (the classifier
-head) are trained by every client and their cost counts against each budget.
+head) are trained by every client and their cost counts against each budget. A layer every client
+trains *outside* its budget (the authors' release treats the head so; ``layersel``'s
+``head_in_budget: false``) is no part of the problem: the caller leaves it out of the costs and
+scores and adds it to every selection afterwards (:mod:`fedselect.algorithms.layersel_budget`).
 
 This module is the public interface: the strategies, input checks and results. The exact solver's
 internals (reductions, splitting, the MILPs) are in :mod:`fedselect.core.selection_milp`.
