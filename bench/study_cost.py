@@ -27,8 +27,9 @@ marked "partial" (it then ends at round K-2, or is round 1 alone when K = 2, whi
 the forced evaluation). Periods count rounds: exact with train.participation = 1.
 
 Not measured: checkpoint saves (train.checkpoint_every of the study) and the Snakemake
-workflow's own overhead. Sample passes per round are not in the logged metrics, so they are
-not reported. Pretrained weights cost the same as random init: pass --set model.weights=null
+workflow's own overhead. Training sample passes per round (all clients) are the measured
+rounds' mean from the run record (`train_sample_passes_total`); a periodic search makes the
+mean depend on K. Pretrained weights cost the same as random init: pass --set model.weights=null
 where the weights are not available offline.
 """
 
@@ -68,6 +69,9 @@ class RunCost:
     device: str
     # rounds 1..K-1, from round-end timestamps (round 0's start is not observable)
     round_seconds: list[float]
+    # training sample passes (forward + backward) of all clients per measured round, from the
+    # run record (mask search and layer scoring included; docs/ALGORITHMS.md, "Local work")
+    passes_per_round: float | None = None
 
 
 def resolve_study(name: str) -> Study:
@@ -150,7 +154,9 @@ def measure(study: Study, run: str, seed: int, config: ExperimentConfig, k: int 
     return RunCost(run=run, rounds_measured=k, rounds_study=rounds, window=(a, b), whole_periods=whole,
                    seconds_per_round=per_round, startup_seconds=per_run - rounds * per_round,
                    seconds_per_run=per_run, wall_seconds=end - start, device=record["device"],
-                   round_seconds=[round(y - x, 3) for x, y in zip(t[:-1], t[1:], strict=True)])
+                   round_seconds=[round(y - x, 3) for x, y in zip(t[:-1], t[1:], strict=True)],
+                   passes_per_round=(record["train_sample_passes_total"] / k
+                                     if "train_sample_passes_total" in record else None))
 
 
 def device_name(device: str) -> tuple[str, int]:
@@ -211,12 +217,13 @@ def main() -> int:
     print(f"\nstudy {study.name}: {len(runs)} of {len(study.runs)} runs x {seeds} seeds; measured seed {seed}")
     print(f"device: {name}; torch threads {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     header = f"{'run':<18} {'K/R rounds':>10} {'window':>9} {'s/round':>9} {'start-up s':>10} " \
-             f"{'s per run':>10} {f'x {seeds} seeds':>10}"
+             f"{'s per run':>10} {f'x {seeds} seeds':>10} {'passes/round':>12}"
     print(header + "\n" + "-" * len(header))
     for c in costs:
         win = f"{c.window[0]}-{c.window[1]}" + ("" if c.whole_periods else "*")
         print(f"{c.run:<18} {f'{c.rounds_measured}/{c.rounds_study}':>10} {win:>9} {c.seconds_per_round:>9.2f} "
-              f"{c.startup_seconds:>10.1f} {c.seconds_per_run:>10.0f} {c.seconds_per_run * seeds:>10.0f}")
+              f"{c.startup_seconds:>10.1f} {c.seconds_per_run:>10.0f} {c.seconds_per_run * seeds:>10.0f} "
+              f"{'' if c.passes_per_round is None else f'{c.passes_per_round:.0f}':>12}")
     if any(not c.whole_periods for c in costs):
         print("* partial window: fewer rounds than one whole period of the run's schedule (see --help)")
     total = sum(c.seconds_per_run for c in costs) * seeds
