@@ -310,9 +310,7 @@ def serve(config: ExperimentConfig, *, record_path: str | os.PathLike | None = N
             plots = results_dir / "plots" / config.tracking.experiment / run_name
             for path in server.write_artifacts(plots / "selection"):
                 tracker.log_artifact(path, artifact_path="selection")
-        record["train_sample_passes_total"] = logger.client_sums.get("train_sample_passes", 0.0)
-        if "compute_backward" in logger.client_sums:
-            record["compute_backward_total"] = logger.client_sums["compute_backward"]
+        record.update(logger.work_totals())
         tracker.log_metrics({"final_mean_acc": record["final_mean_acc"], "best_mean_acc": record["best_mean_acc"],
                              "wall_seconds": record["wall_seconds"]}, step=config.train.rounds)
         tracker.log_dict(record, "run_record.json")

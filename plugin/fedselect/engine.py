@@ -259,8 +259,7 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
                 if not params:
                     continue
                 model.train()
-                if freeze_frozen_norms or freeze_norm_stats:
-                    _freeze_norms(model, only_frozen=not freeze_norm_stats)
+                freeze_norms(model, frozen_layers=freeze_frozen_norms, all_layers=freeze_norm_stats)
                 stats += _train_order(model, x, y, idx, params, optimizer, optim.batch_size, transform,
                                       generator, extra_loss, single_ok=n == 1)
                 optimizer.zero_grad(params)
@@ -306,9 +305,16 @@ def norm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, buf in module.named_buffers(recurse=False) if buf is not None}
 
 
-def _freeze_norms(model: nn.Module, *, only_frozen: bool) -> None:
+def freeze_norms(model: nn.Module, *, frozen_layers: bool, all_layers: bool) -> None:
+    """Put BatchNorm layers into eval mode so their running statistics stay as they are.
+
+    ``all_layers``: every one (``train.norm_stats: frozen``); else, with ``frozen_layers``, those
+    whose parameters all have ``requires_grad=False`` in this pass (the BatchNorm rule).
+    """
+    if not (frozen_layers or all_layers):
+        return
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (not only_frozen or not any(
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (all_layers or not any(
                 p.requires_grad for p in module.parameters(recurse=False))):
             module.eval()
 

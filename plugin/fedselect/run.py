@@ -217,6 +217,17 @@ class RoundLogger(Checkpointable):
         if not self.defer:
             self.flush()
 
+    def work_totals(self) -> dict[str, float]:
+        """The run record's totals of all clients' local work over the run.
+
+        Training sample passes (docs/ALGORITHMS.md, "Local work") always; estimated backward
+        GFLOPs (core.compute) where the algorithm logs them.
+        """
+        totals = {"train_sample_passes_total": self.client_sums.get("train_sample_passes", 0.0)}
+        if "compute_backward" in self.client_sums:
+            totals["compute_backward_total"] = self.client_sums["compute_backward"]
+        return totals
+
     def flush(self) -> None:
         """Log the held rounds' metrics to MLflow."""
         for step, timestamp, metrics in self.pending:
@@ -349,11 +360,7 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
         if hasattr(server, "write_artifacts"):
             for path in server.write_artifacts(plots / "selection"):
                 tracker.log_artifact(path, artifact_path="selection")
-        # training sample passes of all clients over the run (docs/ALGORITHMS.md, "Local work")
-        record["train_sample_passes_total"] = logger.client_sums.get("train_sample_passes", 0.0)
-        if "compute_backward" in logger.client_sums:
-            # estimated backward GFLOPs of all local updates of the run (core.compute)
-            record["compute_backward_total"] = logger.client_sums["compute_backward"]
+        record.update(logger.work_totals())
         tracker.log_metrics({"final_mean_acc": record["final_mean_acc"], "best_mean_acc": record["best_mean_acc"],
                              "wall_seconds": record["wall_seconds"]}, step=config.train.rounds)
         tracker.log_dict(record, "run_record.json")

@@ -40,7 +40,7 @@ from fedselect.config import ConfigError
 from fedselect.core.compute import backward_flops, backward_fraction
 from fedselect.core.scores import group_scores
 from fedselect.core.selection import SCORE_KIND, STRATEGIES, SelectionResult
-from fedselect.engine import TrainStats, client_generator, client_global_rng, trainable_only
+from fedselect.engine import TrainStats, client_generator, client_global_rng, freeze_norms, trainable_only
 from fedselect.models import LayerGroup, layer_groups
 from fedselect.models.flops import forward_flops_by_group
 from fedselect.plots import plot_selection_heatmap
@@ -220,11 +220,8 @@ class LayerSelClient(FedAvgClient):
             self.model.eval()
             return
         self.model.train()
-        frozen_stats = self.ctx.config.train.norm_stats == "frozen"
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and (frozen_stats or (
-                    self.freeze_frozen_norms and not any(p.requires_grad for p in module.parameters(recurse=False)))):
-                module.eval()
+        freeze_norms(self.model, frozen_layers=self.freeze_frozen_norms,
+                     all_layers=self.ctx.config.train.norm_stats == "frozen")
 
     def mean_gradients(self, params: list[tuple[str, torch.nn.Parameter, Any]],
                        batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
