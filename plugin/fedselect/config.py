@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +20,10 @@ from typing import Any, Literal
 
 import yaml
 
+from fedselect.algorithms.registry import validate_algorithm_options
+from fedselect.options import ConfigError, build_dataclass, check
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, missing, mistyped or out of range."""
+__all__ = ["ConfigError", "build_dataclass"]  # re-exported: configs and callers raise and catch these
 
 
 @dataclass(frozen=True)
@@ -46,15 +45,15 @@ class PartitionConfig:
     train_per_client: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.num_clients >= 1, "data.partition.num_clients", "must be >= 1")
+        check(self.num_clients >= 1, "data.partition.num_clients", "must be >= 1")
         if self.kind == "pathological":
             for key in ("classes_per_client", "train_per_class", "test_per_class"):
                 value = getattr(self, key)
-                _check(value is not None and value >= 1, f"data.partition.{key}",
+                check(value is not None and value >= 1, f"data.partition.{key}",
                        "must be an integer >= 1 for kind=pathological")
-            _check(self.alpha is None, "data.partition.alpha", "is only used by kind=dirichlet")
+            check(self.alpha is None, "data.partition.alpha", "is only used by kind=dirichlet")
         if self.kind == "dirichlet":
-            _check(self.alpha is not None and self.alpha > 0, "data.partition.alpha",
+            check(self.alpha is not None and self.alpha > 0, "data.partition.alpha",
                    "must be > 0 for kind=dirichlet")
 
     def partition_params(self) -> dict[str, Any]:
@@ -89,8 +88,8 @@ class DataConfig:
     image_size: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.max_length >= 8, "data.max_length", "must be >= 8 tokens")
-        _check(self.image_size is None or self.image_size >= 8, "data.image_size",
+        check(self.max_length >= 8, "data.max_length", "must be >= 8 tokens")
+        check(self.image_size is None or self.image_size >= 8, "data.image_size",
                "must be >= 8 pixels, or null to keep the stored size")
 
 
@@ -137,15 +136,15 @@ class TrainConfig:
     resume: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.rounds >= 1, "train.rounds", "must be >= 1")
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 turns checkpoints off)")
-        _check(self.local_epochs >= 0, "train.local_epochs", "must be >= 0")
-        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _check(0 < self.participation <= 1, "train.participation", "must be in (0, 1]")
-        _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        check(self.rounds >= 1, "train.rounds", "must be >= 1")
+        check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 turns checkpoints off)")
+        check(self.local_epochs >= 0, "train.local_epochs", "must be >= 0")
+        check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check(self.lr > 0, "train.lr", "must be > 0")
+        check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
+        check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        check(0 < self.participation <= 1, "train.participation", "must be in (0, 1]")
+        check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -178,97 +177,13 @@ class ExperimentConfig:
     deploy: DeployConfig = field(default_factory=lambda: DeployConfig())
 
     def __post_init__(self) -> None:
-        _check(self.seed >= 0, "seed", "must be >= 0")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        check(self.seed >= 0, "seed", "must be >= 0")
+        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe) that :func:`load_config_dict` turns back into this."""
         return dataclasses.asdict(self)
-
-
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config key '{key}' {message}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or origin is types.UnionType:
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(f"config key '{key}' must not be null")
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} matches no allowed type")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
-        return build_dataclass(tp, value, prefix=f"{key}.")
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-        return value
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") if item_tp is not Any else v for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple or tp is tuple else items
-    if tp is Any:
-        return value
-    raise ConfigError(f"config key '{key}' has unsupported type {_type_name(tp)}")
-
-
-def build_dataclass(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from ``values``, rejecting unknown keys by their dotted name."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (known keys under "
-            f"'{prefix.rstrip('.') or '<top>'}': {', '.join(sorted(known))})"
-        )
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field without default
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}': {exc}") from exc
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -306,9 +221,6 @@ def load_config_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> E
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
     config = build_dataclass(ExperimentConfig, apply_overrides(raw, overrides))
-    # imported here: the registry imports algorithms, which import torch
-    from fedselect.algorithms.registry import validate_algorithm_options
-
     validate_algorithm_options(config.algorithm, config.algo)
     return config
 
@@ -372,15 +284,15 @@ class DeployConfig:
     norm_std: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check(1 <= self.server_port <= 65535, "deploy.server_port", "must be in 1..65535")
+        check(1 <= self.server_port <= 65535, "deploy.server_port", "must be in 1..65535")
         for key in ("join_timeout_s", "peer_timeout_s", "response_timeout_s", "heartbeat_s"):
-            _check(getattr(self, key) > 0, f"deploy.{key}", "must be > 0")
-        _check(self.min_clients >= 1, "deploy.min_clients", "must be >= 1")
+            check(getattr(self, key) > 0, f"deploy.{key}", "must be > 0")
+        check(self.min_clients >= 1, "deploy.min_clients", "must be >= 1")
         if self.client_data == "folder":
-            _check(bool(self.client_data_dir), "deploy.client_data_dir", "is required for client_data=folder")
-            _check(bool(self.classes), "deploy.classes", "is required for client_data=folder (labels are "
+            check(bool(self.client_data_dir), "deploy.client_data_dir", "is required for client_data=folder")
+            check(bool(self.classes), "deploy.classes", "is required for client_data=folder (labels are "
                    "indices into it, the same on every silo)")
-            _check(len(self.norm_mean) in (1, 3) and len(self.norm_std) == len(self.norm_mean),
+            check(len(self.norm_mean) in (1, 3) and len(self.norm_std) == len(self.norm_mean),
                    "deploy.norm_mean", "and deploy.norm_std are required for client_data=folder (1 or 3 "
                    "values each, the same on every silo)")
-            _check(all(s > 0 for s in self.norm_std), "deploy.norm_std", "must be > 0")
+            check(all(s > 0 for s in self.norm_std), "deploy.norm_std", "must be > 0")

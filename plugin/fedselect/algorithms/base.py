@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -43,12 +44,12 @@ from fedselect.engine import (
     norm_buffers,
     train_passes,
 )
-from fedselect.fedml_runtime.runtime import import_fedml
+from fedselect.fedml_bridge import fedml_interfaces
+from fedselect.options import NoOptions
 
 from .payload import decode_tensor, encode_upload, validate_upload
 
-import_fedml()
-from fedml.core import ClientTrainer, ServerAggregator  # noqa: E402  (needs the offline patch first)
+ClientTrainer, ServerAggregator = fedml_interfaces()
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,25 @@ class RunContext:
     def optim(self) -> OptimConfig:
         t = self.config.train
         return OptimConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size)
+
+
+@dataclass
+class RunArtifacts:
+    """What an algorithm leaves at the end of a run: files (logged to MLflow under their folder's
+    path below the run's artifact folder) and fields it adds to the run record."""
+
+    files: list[Path] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_options(ctx: RunContext, cls: type) -> Any:
+    """The run's validated options, or ``cls``'s defaults where a caller built the context by hand
+    (tests); a run validated for another algorithm is a programming error."""
+    if ctx.options is None:
+        return cls()
+    if cls is not NoOptions and not isinstance(ctx.options, cls):
+        raise TypeError(f"expected options of type {cls.__name__}, got {type(ctx.options).__name__}")
+    return ctx.options
 
 
 class Checkpointable:
@@ -115,8 +135,16 @@ class Checkpointable:
 class FedAvgClient(Checkpointable, ClientTrainer):
     """FedAvg's client (McMahan et al. 2017): nothing personal, E epochs of joint SGD.
 
-    Subclasses change the hooks, never the FedML interface methods below them.
+    Subclasses change the hooks, never the FedML interface methods below them. Every hook
+    an algorithm may override is declared here with FedAvg's behaviour, so runners call them
+    unconditionally (docs/ARCHITECTURE.md, "Hooks").
     """
+
+    # the algorithm's options dataclass (config key ``algo``), resolved once into ``self.options``
+    Options: ClassVar[type] = NoOptions
+    # per-client metrics (from round_metrics) summed over clients and rounds into the run
+    # record as ``<name>_total``: local work always (docs/ALGORITHMS.md, "Local work")
+    totaled_metrics: ClassVar[tuple[str, ...]] = ("train_sample_passes",)
 
     # the BatchNorm rule of every method (docs/ALGORITHMS.md, "BatchNorm statistics"): a
     # normalization layer's running statistics move only in a pass that trains one of its
@@ -130,6 +158,7 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         self.id = client_id
         self.data = data
         self.ctx = ctx
+        self.options = resolve_options(ctx, type(self).Options)
         self.local_sample_number = data.num_train
         self.round_idx = 0
         # between rounds a client holds only its bit-packed mask and 1-D personal values
@@ -195,6 +224,25 @@ class FedAvgClient(Checkpointable, ClientTrainer):
     def prepare_for_evaluation(self) -> None:
         """Adjust the model just before it is evaluated (FedBABU fine-tunes its head here)."""
 
+    def plan_report(self) -> dict[str, Any]:
+        """Phase 1 of a round with a planning exchange (the server's :meth:`FedAvgServer.needs_plan`):
+        a JSON-safe report on the current global model (layer selection: layer scores)."""
+        return {}
+
+    def receive_plan(self, plan: dict[str, Any]) -> None:
+        """Phase 2: the server's JSON-safe plan for this client's local update."""
+
+    def upload_entries(self) -> Collection[str] | None:
+        """State entries this round's upload covers (None: all; layer selection: the layers it trained).
+        Personal entries are left out of whatever is named here."""
+        return None
+
+    @classmethod
+    def federation_artifacts(cls, clients: Sequence[FedAvgClient], out_dir: Path) -> RunArtifacts:
+        """Files and record fields made from all clients at the end of a simulated run (FedSelect:
+        the clients' mask overlap); cross-silo servers hold no clients and skip this."""
+        return RunArtifacts()
+
     # ---- helpers for algorithms ---------------------------------------------------------
     def train_epochs(self, epochs: int, trainable: TrainableSpec | None = None, *,
                      extra_loss: ExtraLoss | None = None, stream: int = 0) -> TrainStats:
@@ -257,8 +305,11 @@ class FedAvgClient(Checkpointable, ClientTrainer):
 
     def get_model_params(self) -> dict[str, Any]:
         """The upload: this client's shared entries (and its mask where it is element-wise)."""
-        upload = encode_upload(self.state_entries(), self.personal_mask, client_id=self.id,
-                               num_samples=self.local_sample_number)
+        state = self.state_entries()
+        names = self.upload_entries()
+        if names is not None:
+            state = {n: state[n] for n in names}
+        upload = encode_upload(state, self.personal_mask, client_id=self.id, num_samples=self.local_sample_number)
         self.release_unpacked_mask()  # the upload ends this client's round
         return upload
 
@@ -320,13 +371,19 @@ class FedAvgClient(Checkpointable, ClientTrainer):
 
 
 class FedAvgServer(Checkpointable, ServerAggregator):
-    """Server of the mask mechanism: entry-wise (weighted) average over the clients sharing it."""
+    """Server of the mask mechanism: entry-wise (weighted) average over the clients sharing it.
+
+    Its hooks (planning, round metrics, artifacts) are declared here with FedAvg's behaviour.
+    """
 
     checkpoint_attributes = ("global_state", "global_personal_mask", "dropped_updates")
+    # the options of an algorithm whose server has its own (layer selection), as on its client
+    Options: ClassVar[type] = NoOptions
 
     def __init__(self, model: nn.Module, args: Any, *, ctx: RunContext) -> None:
         super().__init__(model, args)
         self.ctx = ctx
+        self.options = resolve_options(ctx, type(self).Options)
         self.global_state: OrderedDict[str, torch.Tensor] = OrderedDict(
             (k, v.detach().clone()) for k, v in model.state_dict().items())
         self.dropped_updates: list[tuple[int, str]] = []
@@ -384,6 +441,25 @@ class FedAvgServer(Checkpointable, ServerAggregator):
             new_state[name] = averaged[name]
             self.global_personal_mask[name] = global_mask[name]
         return new_state
+
+    # ---- hooks an algorithm overrides -------------------------------------------------
+    def needs_plan(self, round_idx: int) -> bool:
+        """Whether round ``round_idx`` starts with a planning exchange (clients' plan_report up,
+        :meth:`plan_round`'s plans down). FedAvg: never."""
+        return False
+
+    def plan_round(self, round_idx: int, reports: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """One JSON-safe plan per reporting client, from their reports."""
+        return {cid: {} for cid in reports}
+
+    def round_metrics(self) -> dict[str, float]:
+        """Server-side figures of the round just aggregated, to log (layer selection: its solve)."""
+        return {}
+
+    def run_artifacts(self, out_dir: Path) -> RunArtifacts:
+        """Files and record fields the server writes at the end of a run (layer selection: the
+        selection of every round)."""
+        return RunArtifacts()
 
     def test(self, test_data: Any, device: Any, args: Any) -> None:
         """The server holds no data: evaluation happens on every client's own test split."""

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedselect.config import ConfigError
+from fedselect.options import ConfigError
 from fedselect.core.work import split_local_epochs
 from fedselect.engine import ClientDataset, ExtraLoss, TrainStats
 
 from .base import FedAvgClient, FedAvgServer, RunContext
-from .fedper import options_of, restore_state, snapshot_state
+from .fedper import restore_state, snapshot_state
 from .registry import register
 
 # generator stream of the personal update, independent of the global update's draws
@@ -100,6 +100,8 @@ def proximal_term(model: nn.Module, reference: dict[str, torch.Tensor], lam: flo
 class DittoClient(FedAvgClient):
     """Ditto's client: FedAvg's global update plus a proximally regularized personal model v_k."""
 
+    Options = DittoOptions
+
     checkpoint_attributes = ("personal_flat", "personal_counters")
 
     def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset,
@@ -108,7 +110,7 @@ class DittoClient(FedAvgClient):
         # v_k: float state entries, flat; integer counters (BatchNorm's) are kept apart
         self.personal_flat: torch.Tensor | None = None
         self.personal_counters: dict[str, torch.Tensor] = {}
-        options = options_of(ctx, DittoOptions)
+        options = self.options
         epochs = ctx.config.train.local_epochs
         both_unset = options.global_epochs is None and options.personal_epochs is None
         try:
@@ -136,7 +138,7 @@ class DittoClient(FedAvgClient):
         v_k starts from the first global model this client trains on (w^0 under full
         participation; Alg. 1 initializes v_k = w^0 for every client).
         """
-        options = options_of(self.ctx, DittoOptions)
+        options = self.options
         received = snapshot_state(self.model)
 
         self.load_personal_model()
@@ -154,6 +156,6 @@ class DittoClient(FedAvgClient):
             self.load_personal_model()
 
 
-register("ditto", client=DittoClient, server=FedAvgServer, options=DittoOptions,
+register("ditto", client=DittoClient, server=FedAvgServer,
          summary="FedAvg's global model plus a whole personal model per client trained with the proximal "
                  "term lambda/2 ||v - w||^2; evaluation uses the personal model (Li et al. 2021)")

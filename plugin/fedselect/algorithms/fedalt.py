@@ -16,12 +16,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fedselect.config import ConfigError
+from fedselect.options import ConfigError
 from fedselect.core.localalt import localalt_epochs
 from fedselect.engine import ClientDataset, SplitEpoch, TrainStats
 
 from .base import FedAvgClient, FedAvgServer, Mask, RunContext
-from .fedper import entries_of_params, group_param_names, options_of
+from .fedper import entries_of_params, group_param_names
 from .registry import register
 
 
@@ -54,10 +54,12 @@ class FedAltOptions:
 class FedAltClient(FedAvgClient):
     """FedAlt's client: a fixed layer-wise mask and the LocalAlt schedule."""
 
+    Options = FedAltOptions
+
     def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset,
                  ctx: RunContext) -> None:
         super().__init__(model, args, client_id=client_id, data=data, ctx=ctx)
-        options = options_of(ctx, FedAltOptions)
+        options = self.options
         # resolved now, so a bad group name fails before the first round
         personal = set(entries_of_params(model, group_param_names(model, options.personal_groups,
                                                                   "algo.personal_groups")))
@@ -75,7 +77,7 @@ class FedAltClient(FedAvgClient):
         personal = set(self.personal_entries)
         mask = {name: torch.full_like(param, name in personal, dtype=torch.bool)
                 for name, param in self.model.named_parameters()}
-        return train_localalt(self, mask, options_of(self.ctx, FedAltOptions).localalt_epoch)
+        return train_localalt(self, mask, self.options.localalt_epoch)
 
 
 def train_localalt(client: FedAvgClient, personal: Mask, mode: str) -> TrainStats:
@@ -90,6 +92,6 @@ def train_localalt(client: FedAvgClient, personal: Mask, mode: str) -> TrainStat
     return client.train_passes([SplitEpoch(phases) if len(phases) > 1 else phases[0] for phases in epochs])
 
 
-register("fedalt", client=FedAltClient, server=FedAvgServer, options=FedAltOptions,
+register("fedalt", client=FedAltClient, server=FedAvgServer,
          summary="fixed layer-wise partition (head personal by default) trained by LocalAlt: per epoch a "
                  "personal pass then a shared pass (Pillutla et al. 2022)")

@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from fedselect.config import ConfigError
+from fedselect.options import ConfigError
 from fedselect.engine import TrainStats
 
 from .base import FedAvgClient, FedAvgServer, Mask
-from .fedper import head_entries, options_of, train_part
+from .fedper import head_entries, train_part
 from .registry import register
 
 # generator stream of evaluation-time fine-tuning, independent of the training draws
@@ -55,6 +55,8 @@ class FedBABUOptions:
 class FedBABUClient(FedAvgClient):
     """FedBABU's client: head frozen at initialization in training; fine-tuned on a copy for evaluation."""
 
+    Options = FedBABUOptions
+
     def initial_personal_mask(self) -> Mask:
         return self.full_mask(head_entries(self.model))
 
@@ -68,11 +70,11 @@ class FedBABUClient(FedAvgClient):
 
     def prepare_for_evaluation(self) -> None:
         """Oh et al. 2022, Sec. 4.2: fine-tune the received global model on the local training split."""
-        options = options_of(self.ctx, FedBABUOptions)
+        options = self.options
         part = self.state_entries() if options.finetune_part == "full" else head_entries(self.model)
         train_part(self, options.finetune_epochs, part, stream=FINETUNE_STREAM)
 
 
-register("fedbabu", client=FedBABUClient, server=FedAvgServer, options=FedBABUOptions,
+register("fedbabu", client=FedBABUClient, server=FedAvgServer,
          summary="head frozen at its common initialization, body trained and averaged; per-client "
                  "fine-tuning before evaluation (Oh et al. 2022)")

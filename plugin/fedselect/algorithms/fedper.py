@@ -18,11 +18,11 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from fedselect.config import ConfigError
+from fedselect.options import ConfigError
 from fedselect.engine import ExtraLoss, TrainStats
 from fedselect.models import head_param_names, layer_groups
 
-from .base import FedAvgClient, FedAvgServer, Mask, RunContext
+from .base import FedAvgClient, FedAvgServer, Mask
 from .registry import register
 
 __all__ = [
@@ -30,26 +30,12 @@ __all__ = [
     "entries_of_params",
     "group_param_names",
     "head_entries",
-    "options_of",
     "snapshot_state",
     "restore_state",
     "train_part",
 ]
 
 OptionsT = TypeVar("OptionsT")
-
-
-def options_of(ctx: RunContext, cls: type[OptionsT]) -> OptionsT:
-    """The run's options for an algorithm whose options dataclass is ``cls``.
-
-    ``ctx.options`` is None when a caller builds clients by hand without validating a config
-    (tests of the mechanism do); the algorithm's defaults apply then.
-    """
-    if ctx.options is None:
-        return cls()
-    if not isinstance(ctx.options, cls):
-        raise TypeError(f"expected options of type {cls.__name__}, got {type(ctx.options).__name__}")
-    return ctx.options
 
 
 def entries_of_params(model: nn.Module, param_names: Iterable[str]) -> list[str]:

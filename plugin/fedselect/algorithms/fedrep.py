@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedselect.config import ConfigError
+from fedselect.options import ConfigError
 from fedselect.core.work import split_local_epochs
 from fedselect.engine import TrainStats
 
 from .base import FedAvgServer
-from .fedper import FedPerClient, head_entries, options_of, train_part
+from .fedper import FedPerClient, head_entries, train_part
 from .registry import register
 
 # generator streams of the two phases, so their sample orders are independent draws
@@ -53,9 +53,11 @@ class FedRepOptions:
 class FedRepClient(FedPerClient):
     """FedRep's client: FedPer's mask, with the head and body trained in two separate phases."""
 
+    Options = FedRepOptions
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        options = options_of(self.ctx, FedRepOptions)
+        options = self.options
         epochs = self.ctx.config.train.local_epochs
         body = min(1, epochs) if options.head_epochs is None and options.body_epochs is None else options.body_epochs
         try:
@@ -73,6 +75,6 @@ class FedRepClient(FedPerClient):
         return stats
 
 
-register("fedrep", client=FedRepClient, server=FedAvgServer, options=FedRepOptions,
+register("fedrep", client=FedRepClient, server=FedAvgServer,
          summary="personal head; local update = head epochs (body fixed), then body epochs (head fixed) "
                  "(Collins et al. 2021)")

@@ -18,18 +18,22 @@ leaves a choice open, the option and its default are documented below and in doc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
-from fedselect.config import ConfigError
 from fedselect.core.gradltn import gradltn
-from fedselect.core.masks import grow_mask, personal_fraction, personal_fraction_by_group
+from fedselect.core.masks import grow_mask, iou_matrix, personal_fraction, personal_fraction_by_group
 from fedselect.engine import TrainStats
-from fedselect.models import layer_groups
+from fedselect.models import head_param_names, layer_groups
+from fedselect.options import ConfigError
+from fedselect.plots import plot_iou_heatmap
 
-from .base import FedAvgClient, FedAvgServer, Mask, State
+from .base import FedAvgClient, FedAvgServer, Mask, RunArtifacts, State
 from .fedalt import train_localalt
 from .registry import register
 
@@ -79,7 +83,8 @@ class FedSelectOptions:
 class FedSelectClient(FedAvgClient):
     """FedSelect's client: GradLTN (or growth) picks the mask, LocalAlt trains u and v."""
 
-    learns_mask = True
+    Options = FedSelectOptions
+
     checkpoint_attributes = ("participations", "last_search_fraction", "grow_snapshot")
 
     def __init__(self, *args, **kwargs) -> None:
@@ -89,10 +94,6 @@ class FedSelectClient(FedAvgClient):
         # grow variant only: the maskable values when the mask last grew (a full copy, by design
         # of that variant; GradLTN needs none)
         self.grow_snapshot: State | None = None
-
-    @property
-    def options(self) -> FedSelectOptions:
-        return self.ctx.options
 
     def maskable_names(self) -> list[str]:
         names = [n for n, _ in self.model.named_parameters()]
@@ -169,6 +170,25 @@ class FedSelectClient(FedAvgClient):
             for name, value in {**values, **buffers}.items():
                 state[name].copy_(value)
 
+    @classmethod
+    def federation_artifacts(cls, clients: Sequence[FedAvgClient], out_dir: Path) -> RunArtifacts:
+        """Clients' personal-mask IoU (whole model and final linear layer) as CSV + heatmap, their
+        mean off-diagonal overlap and every client's personal fraction for the run record."""
+        out_dir = out_dir / "masks"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        masks = [c.parameter_mask() for c in clients]
+        head_weights = [n for n in head_param_names(clients[0].model) if n.endswith("weight")]
+        artifacts = RunArtifacts(record={"personal_fraction": [personal_fraction(m) for m in masks]})
+        for label, keys in (("model", None), ("head", head_weights)):
+            matrix = iou_matrix(masks, keys=keys)
+            np.savetxt(out_dir / f"mask_iou_{label}.csv", matrix, delimiter=",", fmt="%.6f")
+            title = "mask IoU, whole model" if keys is None else "mask IoU, final linear layer"
+            plot_iou_heatmap(matrix, out_dir / f"mask_iou_{label}.png", title=title)
+            artifacts.files += [out_dir / f"mask_iou_{label}.csv", out_dir / f"mask_iou_{label}.png"]
+            off_diagonal = matrix[~np.eye(len(masks), dtype=bool)]
+            artifacts.record[f"mask_iou_{label}_mean"] = float(off_diagonal.mean()) if off_diagonal.size else 1.0
+        return artifacts
+
     def algorithm_metrics(self) -> dict[str, float]:
         mask = self.parameter_mask()
         groups = {g.name: list(g.param_names) for g in layer_groups(self.model)}
@@ -177,6 +197,6 @@ class FedSelectClient(FedAvgClient):
         return metrics
 
 
-register("fedselect", client=FedSelectClient, server=FedAvgServer, options=FedSelectOptions,
+register("fedselect", client=FedSelectClient, server=FedAvgServer,
          summary="GradLTN picks each client's personal entries; LocalAlt trains personal then shared entries; "
                  "the server averages each entry over the clients sharing it")

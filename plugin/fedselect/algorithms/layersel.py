@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedselect.config import ConfigError
+from fedselect.options import ConfigError
 from fedselect.core.compute import backward_flops, backward_fraction
 from fedselect.core.scores import group_scores
 from fedselect.core.selection import SCORE_KIND, STRATEGIES, SelectionResult
@@ -45,10 +45,9 @@ from fedselect.models import LayerGroup, layer_groups
 from fedselect.models.flops import forward_flops_by_group
 from fedselect.plots import plot_selection_heatmap
 
-from .base import BadUpdateError, FedAvgClient, FedAvgServer, Mask, RunContext
-from .fedper import entries_of_params, options_of
+from .base import BadUpdateError, FedAvgClient, FedAvgServer, Mask, RunArtifacts, RunContext
+from .fedper import entries_of_params
 from .layersel_budget import client_budgets, layer_costs, select_round, selectable
-from .payload import encode_upload
 from .registry import register
 
 _SCORE_STREAM = 2000
@@ -150,13 +149,14 @@ def candidate_groups(model: torch.nn.Module) -> list[LayerGroup]:
 class LayerSelClient(FedAvgClient):
     """Scores the global model's layers, then trains only the layers the server assigned."""
 
+    Options = LayerSelOptions
+
     freeze_frozen_norms = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.options = options_of(self.ctx, LayerSelOptions)
         self.groups = candidate_groups(self.model)
-        self.selected: list[str] | None = None  # this round's plan, cleared by the upload
+        self.selected: list[str] | None = None  # this round's plan, consumed by the local update
         self.trained: list[str] = []  # the layers of the last local update
         self._forward_flops: list[float] | None = None
 
@@ -250,20 +250,15 @@ class LayerSelClient(FedAvgClient):
             raise RuntimeError(f"client {self.id}: layer selection trains only after receiving a plan")
         chosen = set(self.selected)
         self.trained = [g.name for g in self.groups if g.name in chosen]
+        self.selected = None  # a plan is good for one round
         trainable = {n: None for g in self.groups if g.name in chosen for n in g.param_names}
         return self.train_epochs(self.ctx.config.train.local_epochs, trainable)
 
-    def get_model_params(self) -> dict[str, Any]:
-        """Upload only the layers trained this round (their parameters and buffers), less the
-        entries personal to this client (``train.norm_buffers: personal``: BatchNorm statistics)."""
+    def upload_entries(self) -> list[str]:
+        """Only the layers trained this round (their parameters and buffers); the base class leaves
+        out entries personal to this client (``train.norm_buffers: personal``: BatchNorm statistics)."""
         chosen = set(self.trained)
-        params = [n for g in self.groups if g.name in chosen for n in g.param_names]
-        state = self.state_entries()
-        upload = encode_upload({n: state[n] for n in entries_of_params(self.model, params)}, self.personal_mask,
-                               client_id=self.id, num_samples=self.local_sample_number)
-        self.release_unpacked_mask()
-        self.selected = None  # a plan is good for one round
-        return upload
+        return entries_of_params(self.model, [n for g in self.groups if g.name in chosen for n in g.param_names])
 
     def forward_flops(self) -> list[float]:
         """Forward FLOPs per sample of every layer group (stem first), counted once."""
@@ -292,12 +287,13 @@ class LayerSelClient(FedAvgClient):
 class LayerSelServer(FedAvgServer):
     """Collects layer scores, solves the selection, averages each layer over its trainers."""
 
+    Options = LayerSelOptions
+
     # every round's selection, for the artifacts written at the end of the run
     checkpoint_attributes = ("history",)
 
     def __init__(self, model: torch.nn.Module, args: Any, *, ctx: RunContext) -> None:
         super().__init__(model, args, ctx=ctx)
-        self.options = options_of(ctx, LayerSelOptions)
         self.groups = candidate_groups(model)
         self.costs = layer_costs(self.groups, self.options.cost)
         self.budgets = client_budgets(self.costs, ctx.config.data.partition.num_clients, self.options,
@@ -348,6 +344,9 @@ class LayerSelServer(FedAvgServer):
     def round_metrics(self) -> dict[str, float]:
         return dict(self._metrics)
 
+    def run_artifacts(self, out_dir: Path) -> RunArtifacts:
+        return RunArtifacts(files=self.write_artifacts(out_dir / "selection"))
+
     def write_artifacts(self, out_dir: Path) -> list[Path]:
         """The selection of every round (CSV, clients x layers) and its heatmap over rounds."""
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -368,6 +367,6 @@ class LayerSelServer(FedAvgServer):
         return [table, figure]
 
 
-register("layersel", client=LayerSelClient, server=LayerSelServer, options=LayerSelOptions,
+register("layersel", client=LayerSelClient, server=LayerSelServer,
          summary="selective layer fine-tuning: per-client layers chosen by the server under budgets "
                  "(ILP of arXiv 2408.15600, or Top/Bottom/Both/SNR/RGN/Full/Random)")

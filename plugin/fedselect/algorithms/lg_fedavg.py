@@ -14,11 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from fedselect.config import ConfigError
+from fedselect.options import ConfigError
 from fedselect.engine import ClientDataset
 
 from .base import FedAvgClient, FedAvgServer, Mask, RunContext
-from .fedper import entries_of_params, group_param_names, options_of
+from .fedper import entries_of_params, group_param_names
 from .registry import register
 
 
@@ -45,10 +45,12 @@ class LGFedAvgOptions:
 class LGFedAvgClient(FedAvgClient):
     """LG-FedAvg's client: the body is personal, the shared groups are averaged."""
 
+    Options = LGFedAvgOptions
+
     def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset,
                  ctx: RunContext) -> None:
         super().__init__(model, args, client_id=client_id, data=data, ctx=ctx)
-        options = options_of(ctx, LGFedAvgOptions)
+        options = self.options
         # resolved now, so a bad group name fails before the first round
         shared = set(entries_of_params(model, group_param_names(model, options.shared_groups,
                                                                 "algo.shared_groups")))
@@ -61,5 +63,5 @@ class LGFedAvgClient(FedAvgClient):
         return self.full_mask(self.personal_entries)
 
 
-register("lg_fedavg", client=LGFedAvgClient, server=FedAvgServer, options=LGFedAvgOptions,
+register("lg_fedavg", client=LGFedAvgClient, server=FedAvgServer,
          summary="personal representation (body), shared head; E epochs of joint SGD (Liang et al. 2020)")

@@ -34,12 +34,11 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import nn
 
-from fedselect.config import ConfigError
+from fedselect.options import ConfigError
 from fedselect.core.masks import target_count, topk_mask
 from fedselect.engine import ClientDataset, TrainStats, evaluate
 
 from .base import FedAvgClient, FedAvgServer, Mask, RunContext
-from .fedper import options_of
 from .registry import register
 
 # theta_0 of every module clients were built on: one copy per module, shared by its clients
@@ -92,6 +91,8 @@ class LotteryFLClient(FedAvgClient):
     theta_0 (``_INITIAL_PARAMS``) is not checkpointed: it is the common initialization, which
     a resumed run rebuilds from the seed before any client exists.
     """
+
+    Options = LotteryFLOptions
 
     checkpoint_attributes = ("prune_steps", "sparsity_history")
 
@@ -164,7 +165,7 @@ class LotteryFLClient(FedAvgClient):
 
     def local_update(self) -> TrainStats:
         """Li et al. 2021, Alg. 1 (client): maybe prune and rewind, then E epochs of masked SGD."""
-        options = options_of(self.ctx, LotteryFLOptions)
+        options = self.options
         if self.below_target(options):
             accuracy = evaluate(self.model, self.data.train_x, self.data.train_y,
                                 transform=self.ctx.transform).accuracy
@@ -182,6 +183,6 @@ class LotteryFLClient(FedAvgClient):
         return {"sparsity": self.sparsity, "prune_steps": float(self.prune_steps)}
 
 
-register("lotteryfl", client=LotteryFLClient, server=FedAvgServer, options=LotteryFLOptions,
+register("lotteryfl", client=LotteryFLClient, server=FedAvgServer,
          summary="personal sparse subnetworks by iterative magnitude pruning with rewind; masked SGD; "
                  "uploads only unpruned entries (Li et al. 2021)")

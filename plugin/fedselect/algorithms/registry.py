@@ -1,7 +1,7 @@
 """Algorithms by name: each is a FedML ClientTrainer + ServerAggregator pair plus its options.
 
-An algorithm registers itself with :func:`register` when its module is imported; the
-package ``fedselect.algorithms`` imports every built-in one. Options under the config's
+An algorithm registers itself with :func:`register` when its module is imported; the first
+lookup imports every built-in one (:data:`BUILTIN_MODULES`). Options under the config's
 ``algo:`` key are validated against the algorithm's options dataclass, so a misspelled
 option fails before training with the key's name.
 """
@@ -9,16 +9,12 @@ option fails before training with the key's name.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedselect.config import ConfigError, build_dataclass
-
-
-@dataclass(frozen=True)
-class NoOptions:
-    """An algorithm without options of its own."""
+from fedselect.options import ConfigError, build_dataclass
 
 
 @dataclass(frozen=True)
@@ -33,8 +29,13 @@ class AlgorithmSpec:
 _REGISTRY: dict[str, AlgorithmSpec] = {}
 
 
-def register(name: str, *, client: type, server: type, options: type = NoOptions, summary: str = "") -> None:
-    """Make an algorithm available to configs as ``algorithm: <name>``."""
+def register(name: str, *, client: type, server: type, options: type | None = None, summary: str = "") -> None:
+    """Make an algorithm available to configs as ``algorithm: <name>``.
+
+    Its options dataclass is the client's ``Options`` (``options`` names it for a client that
+    declares none).
+    """
+    options = options or client.Options
     if name in _REGISTRY and _REGISTRY[name].client_cls is not client:
         raise ValueError(f"algorithm '{name}' is already registered by {_REGISTRY[name].client_cls.__module__}")
     if not dataclasses.is_dataclass(options):
@@ -42,8 +43,16 @@ def register(name: str, *, client: type, server: type, options: type = NoOptions
     _REGISTRY[name] = AlgorithmSpec(name, client, server, options, summary)
 
 
+# imported on first lookup, not with this module: configs are validated without importing torch
+BUILTIN_MODULES = tuple(f"fedselect.algorithms.{name}" for name in (
+    "fedavg", "local", "fedper", "fedrep", "lg_fedavg", "fedbabu", "fedalt", "ditto", "lotteryfl",
+    "fedselect", "layersel"))
+
+
 def _load_builtins() -> None:
-    import fedselect.algorithms  # noqa: F401  (registers the built-in algorithms)
+    """Import (and so register) every built-in algorithm."""
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def available_algorithms() -> list[str]:

@@ -32,8 +32,8 @@ import numpy as np
 from fedselect.algorithms.payload import payload_nbytes
 from fedselect.config import ExperimentConfig
 from fedselect.engine import EvalResult
+from fedselect.fedml_bridge import import_fedml
 from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
-from fedselect.fedml_runtime.runtime import import_fedml
 from fedselect.fedml_runtime.simulation import RoundResult, json_nbytes, sample_clients
 
 import_fedml()

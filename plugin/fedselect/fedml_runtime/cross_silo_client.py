@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from fedselect.config import DeployConfig
+from fedselect.fedml_bridge import import_fedml
 from fedselect.fedml_runtime.cross_silo import (
     KEY_DESCRIPTOR,
     KEY_EVAL,
@@ -40,7 +41,6 @@ from fedselect.fedml_runtime.cross_silo import (
     to_json,
 )
 from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
-from fedselect.fedml_runtime.runtime import import_fedml
 
 import_fedml()
 from fedml.core.distributed.communication.message import Message  # noqa: E402

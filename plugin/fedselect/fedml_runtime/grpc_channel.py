@@ -32,7 +32,7 @@ import grpc
 import torch
 
 from fedselect.core.masks import PackedTensor
-from fedselect.fedml_runtime.runtime import import_fedml
+from fedselect.fedml_bridge import import_fedml
 
 import_fedml()
 from fedml.core.distributed.communication.grpc import (  # noqa: E402  (needs the offline patch first)

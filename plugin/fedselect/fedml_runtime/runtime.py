@@ -16,61 +16,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedselect.config import ExperimentConfig
+from fedselect.fedml_bridge import fedml_home, import_fedml, isolated_home
+
+__all__ = ["build_fedml_args", "fedml_dataset_tuple", "fedml_home", "fedml_sections", "import_fedml"]
 
 log = logging.getLogger(__name__)
-
-_fedml_module = None
-
-
-@contextmanager
-def _isolated_home(home: Path) -> Iterator[None]:
-    home.mkdir(parents=True, exist_ok=True)
-    old = os.environ.get("HOME")
-    os.environ["HOME"] = str(home.resolve())
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("HOME", None)
-        else:
-            os.environ["HOME"] = old
-
-
-def fedml_home(results_dir: str | os.PathLike | None = None) -> Path:
-    """The folder FedML may write its ``.fedml`` state into."""
-    env = os.environ.get("FEDSELECT_FEDML_HOME")
-    if env:
-        return Path(env)
-    return Path(results_dir or "results") / ".fedml-home"
-
-
-def import_fedml(home: Path | None = None) -> Any:
-    """Import fedml once, with its network calls disabled and HOME isolated."""
-    global _fedml_module
-    if _fedml_module is not None:
-        return _fedml_module
-    with _isolated_home(home or fedml_home()), warnings.catch_warnings():
-        # fedml imports pkg_resources; the deprecation warning is fedml's, not ours
-        warnings.simplefilter("ignore", UserWarning)
-        import fedml
-        import fedml.core.mlops as mlops
-
-    def _no_cloud_config(*_args: Any, **_kwargs: Any) -> bool:
-        return False
-
-    # mlops.init looks fetch_config up in its module globals at call time
-    mlops.fetch_config = _no_cloud_config
-    _fedml_module = fedml
-    return fedml
 
 
 def fedml_sections(config: ExperimentConfig, *, training_type: str = "simulation", backend: str = "sp",
@@ -133,7 +89,7 @@ def build_fedml_args(sections: Mapping[str, Mapping[str, Any]], *, home: Path | 
         raise RuntimeError("FedML args were not built as configured (training_type missing)")
     argv, sys.argv = sys.argv, sys.argv[:1]  # fedml must never read our command line
     try:
-        with _isolated_home(home or fedml_home()):
+        with isolated_home(home or fedml_home()):
             args = fedml.init(args, check_env=False, should_init_logs=False)
     finally:
         sys.argv = argv
