@@ -33,12 +33,12 @@ def child(ns: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from fedselect.algorithms.base import RunContext
-    from fedselect.algorithms.registry import get_algorithm, validate_algorithm_options
     from fedselect.config import load_config_dict
     from fedselect.engine import ImageTransform
     from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_sections
     from fedselect.fedml_runtime.simulation import SimulationFlow
+    from fedselect.models import build_model
+    from fedselect.runner.federation import build_participants
     from tests.conftest import synthetic_clients
 
     torch.set_num_threads(2)
@@ -46,17 +46,13 @@ def child(ns: argparse.Namespace) -> None:
     config = load_config_dict({"algorithm": "fedselect", "device": "cpu", "algo": algo,
                                "data": {"partition": {"num_clients": ns.clients}},
                                "train": {"rounds": 1, "local_epochs": 1, "batch_size": 8, "augment": False}})
-    from fedselect.models import build_model
-
     clients = synthetic_clients(ns.clients, n_train=8, n_test=4, size=32)
     args = build_fedml_args(fedml_sections(config))
     torch.manual_seed(0)
     model = build_model(ns.model, 3)
-    ctx = RunContext(config=config, options=validate_algorithm_options("fedselect", config.algo),
-                     device=torch.device("cpu"), transform=ImageTransform((0.5,) * 3, (0.25,) * 3, augment=False))
-    spec = get_algorithm("fedselect")
-    trainers = [spec.client_cls(model, args, client_id=c, data=d, ctx=ctx) for c, d in enumerate(clients)]
-    server = spec.server_cls(model, args, ctx=ctx)
+    # synthetic images: their own fixed normalization, no pretrained statistics to respect
+    _, trainers, server = build_participants(config, model, clients, device=torch.device("cpu"), args=args,
+                                             transform=ImageTransform((0.5,) * 3, (0.25,) * 3, augment=False))
     copies = []
     if ns.variant == "full-copy":
         copies = [{k: v.clone() for k, v in model.state_dict().items()} for _ in trainers]

@@ -196,7 +196,7 @@ def child_prep(spec: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
 
-    from fedselect.run import default_partition_path, get_partition, load_data
+    from fedselect.runner.federation import default_partition_path, get_partition, load_data
 
     config = our_config(spec)
     data = load_data(config)
@@ -236,9 +236,6 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     t_setup = time.perf_counter()
-    from fedselect.algorithms.base import RunContext
-    from fedselect.algorithms.registry import get_algorithm, validate_algorithm_options
-    from fedselect.engine import ImageTransform
     from fedselect.fedml_runtime.runtime import (
         build_fedml_args,
         fedml_dataset_tuple,
@@ -247,24 +244,14 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         import_fedml,
     )
     from fedselect.fedml_runtime.simulation import SimulationFlow
-    from fedselect.models import build_model
-    from fedselect.run import client_datasets, get_partition, load_data
+    from fedselect.runner.federation import build_federation
 
     config = our_config(spec)
-    algo = get_algorithm(config.algorithm)
-    options = validate_algorithm_options(config.algorithm, config.algo)
     device = torch.device("cpu")
-    data = load_data(config)
-    partition = get_partition(config, data)
-    clients = client_datasets(data, partition, device)
     args = build_fedml_args(fedml_sections(config), home=fedml_home(Path(spec["work_dir"]) / "ours"))
-    torch.manual_seed(config.seed)
-    model = build_model(config.model.name, data.num_classes, in_channels=data.in_channels,
-                        image_size=data.image_size, weights=None).to(device)
-    ctx = RunContext(config=config, options=options, device=device,
-                     transform=ImageTransform(data.mean, data.std, augment=config.train.augment))
-    trainers = [algo.client_cls(model, args, client_id=cid, data=d, ctx=ctx) for cid, d in enumerate(clients)]
-    server = algo.server_cls(model, args, ctx=ctx)
+    # the same builder as `fedselect run`: data, partition, seeded model, transform, clients, server
+    fed = build_federation(config, device, args)
+    data, clients, model, trainers, server = fed.data, fed.client_data, fed.model, fed.clients, fed.server
 
     counter = PassCounter(model)
     clock = RoundClock(counter)

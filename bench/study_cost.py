@@ -5,7 +5,7 @@
 Method. Each selected run of the study (one seed: every seed is assumed to cost the same) is
 executed with `fedselect run` in a child process for K rounds, checkpoints off, into a temporary
 results dir (own MLflow store), eval_every unchanged. Each round's metrics are logged with a
-timestamp taken when the round ended, evaluation included (fedselect.run.RoundLogger); the
+timestamp taken when the round ended, evaluation included (fedselect.runner.record.RoundLogger); the
 start of round 0 is not observable. So:
   s/round   = (t_end(b) - t_end(a-1)) / (b - a + 1) over a window of rounds a..b (a >= 1);
   s per run = (t_end(a-1) - process start) + (process end - t_end(K-1)) + (R - a) * s/round,

@@ -19,7 +19,7 @@ from fedselect.algorithms import fedrep as fedrep_module
 from fedselect.algorithms.ditto import DittoOptions, flatten_state, load_flat_state
 from fedselect.algorithms.fedalt import FedAltClient
 from fedselect.algorithms.fedbabu import FedBABUOptions
-from fedselect.algorithms.fedper import snapshot_state
+from fedselect.algorithms.parts import snapshot_state
 from fedselect.algorithms.fedrep import FedRepOptions
 from fedselect.algorithms.lotteryfl import LotteryFLOptions
 from fedselect.algorithms.registry import available_algorithms, get_algorithm
@@ -396,7 +396,7 @@ def smoke_results(tmp_path_factory):
 @pytest.mark.integration
 @pytest.mark.parametrize("algorithm", BASELINES)
 def test_smoke_config_runs_end_to_end(algorithm, smoke_results, data_root):
-    from fedselect.run import run_experiment
+    from fedselect.runner.simulate import run_experiment
 
     fast = [f"algo.{key}={value}" for key, value in FAST.get(algorithm, {}).items()]
     config = load_config(REPO / "configs" / "smoke.yaml", [

@@ -1,7 +1,7 @@
 """FedML cross-silo deployment with real processes on loopback: same results as the simulation,
 two-phase rounds, a client that never joins or dies, a poisoned update; plus the pieces offline.
 
-Every federation runs under a :class:`~fedselect.launch.Fleet` with a time limit; whatever is
+Every federation runs under a :class:`~fedselect.runner.processes.Fleet` with a time limit; whatever is
 still running when a test ends is killed by PID. Test-only algorithms are registered here and
 reach the server and client processes through ``--plugin tests.test_cross_silo``.
 """
@@ -29,7 +29,7 @@ from PIL import Image
 from fedselect.algorithms.base import FedAvgClient, FedAvgServer
 from fedselect.algorithms.registry import available_algorithms, register
 from fedselect.config import ConfigError, load_config_dict
-from fedselect.launch import Fleet, free_port_block, member_argv
+from fedselect.runner.processes import Fleet, free_port_block, member_argv
 
 from .conftest import REPO
 
@@ -166,7 +166,7 @@ def wait_for(member: Any, text: str, timeout_s: float = FEDERATION_TIMEOUT_S) ->
 
 
 def simulate(raw: dict) -> dict:
-    from fedselect.run import run_experiment
+    from fedselect.runner.simulate import run_experiment
 
     return run_experiment(load_config_dict(raw), progress=False)
 
@@ -319,8 +319,8 @@ def test_client_killed_mid_run_federation_continues(tmp_path, tiny_folder):
 # ------------------------------------------------------------------ the pieces, offline
 
 def test_endpoints_and_ipconfig(tmp_path):
-    from fedselect.deploy import endpoints
     from fedselect.fedml_runtime.grpc_channel import write_ipconfig
+    from fedselect.runner.cross_silo import endpoints
 
     config = load_config_dict({"data": {"partition": {"num_clients": 2}},
                                "deploy": {"server_host": "10.0.0.1", "server_port": 9000,
@@ -376,8 +376,8 @@ def test_wire_format_round_trips_and_refuses_code():
 
 
 def test_descriptors_must_agree():
-    from fedselect.deploy import check_descriptors
     from fedselect.fedml_runtime.cross_silo import FederationError
+    from fedselect.runner.silo import check_descriptors
 
     d = {"dataset": "x", "partition_key": "k", "classes": ["a", "b"], "in_channels": 3, "image_shape": [8, 8],
          "mean": [0.5] * 3, "std": [0.2] * 3}
@@ -392,7 +392,7 @@ def test_folder_silo_labels_follow_the_federation_classes(tmp_path, tiny_folder)
     """A silo holding classes 1 and 2 only keeps their federation labels (not 0 and 1)."""
     import shutil
 
-    from fedselect.deploy import load_silo_data
+    from fedselect.runner.silo import load_silo_data
 
     silo = tmp_path / "silo2"
     for split in ("train", "test"):

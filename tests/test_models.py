@@ -342,7 +342,7 @@ def test_run_transform_normalizes_with_the_pretrained_statistics():
     from types import SimpleNamespace
 
     from fedselect.config import load_config
-    from fedselect.run import data_transform
+    from fedselect.runner.federation import data_transform
 
     from .conftest import REPO
 

@@ -52,7 +52,7 @@ def test_missing_data_offline_is_a_clear_error(tmp_path):
 
 
 def test_run_end_to_end_logs_to_mlflow_and_is_deterministic(tmp_path, data_root):
-    from fedselect.run import run_experiment
+    from fedselect.runner.simulate import run_experiment
 
     records = []
     for i in range(2):

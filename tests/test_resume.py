@@ -21,9 +21,15 @@ import numpy as np
 import pytest
 import torch
 
-import fedselect.run as run_module
+import fedselect.runner.record as record_module
+import fedselect.runner.simulate as run_module
 from fedselect.algorithms.registry import available_algorithms
-from fedselect.checkpoint import (
+from fedselect.config import load_config_dict
+from fedselect.core.masks import pack_mask
+from fedselect.data import ImageData
+from fedselect.engine import EvalResult
+from fedselect.fedml_runtime.simulation import SimulationFlow
+from fedselect.runner.checkpoint import (
     CheckpointError,
     RunCheckpointer,
     checkpoint_path,
@@ -32,11 +38,6 @@ from fedselect.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from fedselect.config import load_config_dict
-from fedselect.core.masks import pack_mask
-from fedselect.data import ImageData
-from fedselect.engine import EvalResult
-from fedselect.fedml_runtime.simulation import SimulationFlow
 from fedselect.tracking import load_runs, metric_history
 
 from .conftest import REPO
@@ -235,7 +236,7 @@ def test_kill_while_logging_after_a_checkpoint_loses_and_doubles_nothing(tmp_pat
     whole = run_experiment(tiny_config(tmp_path / "whole", "fedavg"), progress=False)
     config = tiny_config(tmp_path / "resumed", "fedavg")
     # the checkpoint after round 3 is written; its rounds 2 and 3 go to MLflow: die between the two
-    original = run_module.RunTracker.log_metrics
+    original = record_module.RunTracker.log_metrics
     armed = [True]
 
     def log_metrics(self, metrics, step, **kwargs):
@@ -244,7 +245,7 @@ def test_kill_while_logging_after_a_checkpoint_loses_and_doubles_nothing(tmp_pat
             raise Interrupted("killed while logging round 3")
         return original(self, metrics, step, **kwargs)
 
-    monkeypatch.setattr(run_module.RunTracker, "log_metrics", log_metrics)
+    monkeypatch.setattr(record_module.RunTracker, "log_metrics", log_metrics)
     with pytest.raises(Interrupted):
         run_experiment(config, progress=False)
     assert read_checkpoint(checkpoint_path(config, "fedavg-tiny-seed3"))["round"] == 3
@@ -256,7 +257,7 @@ def test_kill_while_logging_after_a_checkpoint_loses_and_doubles_nothing(tmp_pat
 def test_kill_after_the_last_round_finishes_without_training_again(tmp_path, tiny, monkeypatch):
     whole = run_experiment(tiny_config(tmp_path / "whole", "fedselect", {"gradltn_iterations": 2}), progress=False)
     config = tiny_config(tmp_path / "resumed", "fedselect", {"gradltn_iterations": 2})
-    original = run_module.per_client_csv
+    original = record_module.per_client_csv
     armed = [True]
 
     def per_client_csv(*args):
@@ -265,7 +266,7 @@ def test_kill_after_the_last_round_finishes_without_training_again(tmp_path, tin
             raise Interrupted("killed while writing the artifacts")
         return original(*args)
 
-    monkeypatch.setattr(run_module, "per_client_csv", per_client_csv)
+    monkeypatch.setattr(record_module, "per_client_csv", per_client_csv)
     with pytest.raises(Interrupted):
         run_experiment(config, progress=False)
     assert read_checkpoint(checkpoint_path(config, "fedselect-tiny-seed3"))["round"] == ROUNDS - 1

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedselect import __version__
-from fedselect.compare import add_compare_parser, cmd_compare
 from fedselect.config import ConfigError
-from fedselect.launch import DEPLOY_COMMANDS, add_deploy_parsers
+from fedselect.tracking.compare import add_compare_parser, cmd_compare
 
 EPILOG = """
 examples:
@@ -66,13 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config and print it with defaults filled in")
     _add_config_args(check)
     add_compare_parser(sub)
-    add_deploy_parsers(sub, _add_config_args)
+    _add_deploy_parsers(sub)
     return parser
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
     from fedselect.config import load_config
-    from fedselect.run import run_experiment
+    from fedselect.runner.simulate import run_experiment
 
     config = load_config(ns.config, ns.overrides)
     record = run_experiment(config, record_path=ns.out, progress=not ns.no_progress)
@@ -86,7 +87,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 def cmd_partition(ns: argparse.Namespace) -> int:
     from fedselect.config import load_config
     from fedselect.data import partition_summary, plot_partition
-    from fedselect.run import compute_partition, load_data
+    from fedselect.runner.federation import compute_partition, load_data
 
     config = load_config(ns.config, ns.overrides)
     data = load_data(config)
@@ -105,7 +106,7 @@ def cmd_partition(ns: argparse.Namespace) -> int:
 
 def cmd_cache_data(ns: argparse.Namespace) -> int:
     from fedselect.config import load_config
-    from fedselect.run import load_data
+    from fedselect.runner.federation import load_data
 
     data = load_data(load_config(ns.config, ns.overrides))
     print(f"{data.name}: {len(data.train_y)} train / {len(data.test_y)} test images, {data.num_classes} classes "
@@ -127,10 +128,86 @@ def cmd_check_config(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "partition": cmd_partition, "cache-data": cmd_cache_data, "algorithms": cmd_algorithms,
-            "check-config": cmd_check_config, "compare": cmd_compare}
+def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    """``serve``, ``join`` and ``launch-local`` subcommands."""
+    serve = sub.add_parser("serve", help="run a FedML cross-silo server (rank 0; holds no client data)",
+                           description="Serve one configured run as a FedML cross-silo server (GRPC): wait "
+                                       "for the clients of the config's deploy section, run the rounds, log "
+                                       "to MLflow and write the run record. See docs/DEPLOYMENT.md.")
+    join = sub.add_parser("join", help="run FedML cross-silo client RANK (1..num_clients) on its own data",
+                          description="Join the server of the config's deploy section as client RANK, with "
+                                      "only this client's data. See docs/DEPLOYMENT.md.")
+    local = sub.add_parser("launch-local", help="a whole cross-silo federation as processes on 127.0.0.1",
+                           description="Start a server and N clients as separate processes on loopback "
+                                       "(free ports), wait for them, end them all on failure or timeout; "
+                                       "exit non-zero if any failed.")
+    for p in (serve, join, local):
+        _add_config_args(p)
+        p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                       help="import MODULE first (it registers extra algorithms); repeatable")
+    serve.add_argument("--out", type=Path, help="write the run record JSON here")
+    join.add_argument("--rank", type=int, required=True, help="this client's rank, 1..data.partition.num_clients")
+    local.add_argument("--clients", type=int, help="number of clients (default: data.partition.num_clients)")
+    local.add_argument("--timeout", type=float, default=3600.0, help="seconds before everything is ended")
+    local.add_argument("--log-dir", type=Path, help="one log file per process (default: under results_dir)")
+    local.add_argument("--out", type=Path, help="the server writes the run record JSON here")
 
-COMMANDS.update(DEPLOY_COMMANDS)  # serve, join, launch-local (fedselect.launch)
+
+def _deploy_config(ns: argparse.Namespace) -> Any:
+    # grpc's core logs each connection a stopping peer cancels at INFO; keep errors only
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from fedselect.algorithms.registry import load_plugins
+    from fedselect.config import load_config
+
+    load_plugins(ns.plugin)
+    return load_config(ns.config, ns.overrides)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from fedselect.fedml_runtime.cross_silo import FederationError
+    from fedselect.runner.cross_silo import serve
+
+    config = _deploy_config(ns)
+    try:
+        record = serve(config, record_path=ns.out)
+    except FederationError as exc:
+        print(f"fedselect serve: federation failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{record['algorithm']} cross-silo: final mean acc {record['final_mean_acc']:.4f}, bytes up "
+          f"{record['bytes_up']:,} (wire {sum(record['wire_bytes_up_per_round']):,}), {record['wall_seconds']:.1f} s, "
+          f"mlflow run {record['mlflow_run_id']}")
+    return 0
+
+
+def cmd_join(ns: argparse.Namespace) -> int:
+    from fedselect.fedml_runtime.cross_silo import FederationError
+    from fedselect.runner.cross_silo import join
+
+    config = _deploy_config(ns)
+    try:
+        join(config, ns.rank)
+    except FederationError as exc:
+        print(f"fedselect join: client rank {ns.rank} failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"client rank {ns.rank}: federation finished")
+    return 0
+
+
+def cmd_launch_local(ns: argparse.Namespace) -> int:
+    from fedselect.algorithms.registry import load_plugins
+    from fedselect.runner.processes import launch_local
+
+    load_plugins(ns.plugin)
+    if ns.clients is not None and ns.clients < 1:
+        print("fedselect launch-local: error: --clients must be >= 1", file=sys.stderr)
+        return 2
+    return launch_local(ns.config, ns.overrides, clients=ns.clients, timeout_s=ns.timeout, log_dir=ns.log_dir,
+                        plugins=ns.plugin, out=ns.out)
+
+
+COMMANDS = {"run": cmd_run, "partition": cmd_partition, "cache-data": cmd_cache_data, "algorithms": cmd_algorithms,
+            "check-config": cmd_check_config, "compare": cmd_compare, "serve": cmd_serve, "join": cmd_join,
+            "launch-local": cmd_launch_local}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,7 +130,7 @@ class TrainConfig:
     # a client update with NaN/Inf: "error" stops the run naming the client, "drop" skips it (logged)
     on_bad_update: Literal["error", "drop"] = "error"
     # save the run's whole federated state every `checkpoint_every` rounds and after the last
-    # one, to <results_dir>/checkpoints/ (0: never); see fedselect.checkpoint
+    # one, to <results_dir>/checkpoints/ (0: never); see fedselect.runner.checkpoint
     checkpoint_every: int = 5
     # continue from this run's checkpoint when there is one (false: start over and overwrite it)
     resume: bool = True

@@ -10,7 +10,7 @@ evaluation (:meth:`FedAvgClient.prepare_for_evaluation`).
 
 The client keeps only its personal values (a 1-D tensor per masked tensor) and its mask
 between rounds, not a model copy: in simulation all clients share one ``nn.Module``.
-The server (:class:`FedAvgServer`) averages each entry over the clients that share it and
+The server (:class:`FedAvgServer`, :mod:`.server`) averages each entry over the clients that share it and
 never reads or overwrites personal entries.
 """
 
@@ -18,23 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fedselect.config import ExperimentConfig
-from fedselect.core.aggregate import masked_average
 from fedselect.core.masks import PackedTensor, pack_mask, unpack_mask
 from fedselect.engine import (
     ClientDataset,
     EvalResult,
     ExtraLoss,
-    OptimConfig,
     Pass,
     TrainableSpec,
     TrainStats,
@@ -47,89 +42,18 @@ from fedselect.engine import (
 from fedselect.fedml_bridge import fedml_interfaces
 from fedselect.options import NoOptions
 
-from .payload import decode_tensor, encode_upload, validate_upload
+from .context import Checkpointable, Mask, RunArtifacts, RunContext, State, resolve_options
+from .payload import encode_upload
 
-ClientTrainer, ServerAggregator = fedml_interfaces()
+# the FedAvg pair, importable together (algorithms name both)
+from .server import BadUpdateError, FedAvgServer
+
+__all__ = ["BadUpdateError", "Checkpointable", "FedAvgClient", "FedAvgServer", "Mask", "RunArtifacts", "RunContext",
+           "State", "resolve_options"]
+
+ClientTrainer, _ = fedml_interfaces()
 
 log = logging.getLogger(__name__)
-
-Mask = dict[str, torch.Tensor]
-State = dict[str, torch.Tensor]
-
-
-class BadUpdateError(ValueError):
-    """A client upload is malformed or non-finite and must not be averaged in."""
-
-
-@dataclass
-class RunContext:
-    """What all client and server objects of one run share."""
-
-    config: ExperimentConfig
-    options: Any
-    # stored batch -> model input (ImageTransform, or TokenTransform for text)
-    transform: Callable[..., torch.Tensor]
-    device: torch.device
-
-    @property
-    def optim(self) -> OptimConfig:
-        t = self.config.train
-        return OptimConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size)
-
-
-@dataclass
-class RunArtifacts:
-    """What an algorithm leaves at the end of a run: files (logged to MLflow under their folder's
-    path below the run's artifact folder) and fields it adds to the run record."""
-
-    files: list[Path] = field(default_factory=list)
-    record: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_options(ctx: RunContext, cls: type) -> Any:
-    """The run's validated options, or ``cls``'s defaults where a caller built the context by hand
-    (tests); a run validated for another algorithm is a programming error."""
-    if ctx.options is None:
-        return cls()
-    if cls is not NoOptions and not isinstance(ctx.options, cls):
-        raise TypeError(f"expected options of type {cls.__name__}, got {type(ctx.options).__name__}")
-    return ctx.options
-
-
-class Checkpointable:
-    """What a client or server keeps between rounds, by attribute name (see :mod:`fedselect.checkpoint`).
-
-    Each class lists in ``checkpoint_attributes`` the attributes *it adds* that change between
-    rounds; :meth:`checkpoint_fields` collects them over the class hierarchy, so a subclass
-    never repeats its parents'. Every other attribute must come out the same when the object is
-    built again from the config, the data and the common initialization (a resumed run
-    rebuilds everything, then loads these). Values may be tensors, PackedTensor, numpy arrays,
-    dataclasses and plain containers of them.
-    """
-
-    checkpoint_attributes: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def checkpoint_fields(cls) -> list[str]:
-        names: list[str] = []
-        for klass in reversed(cls.__mro__):
-            names.extend(n for n in vars(klass).get("checkpoint_attributes", ()) if n not in names)
-        return names
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The between-round state, by name (live references: serialize before the next round)."""
-        return {name: getattr(self, name) for name in self.checkpoint_fields()}
-
-    def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
-        """Put back what :meth:`checkpoint_state` returned; the names must match exactly."""
-        fields = self.checkpoint_fields()
-        missing = [n for n in fields if n not in state]
-        unexpected = sorted(set(state) - set(fields))
-        if missing or unexpected:
-            raise KeyError(f"{type(self).__name__} state does not match its checkpoint_attributes: "
-                           f"missing {missing}, unexpected {unexpected}")
-        for name in fields:
-            setattr(self, name, state[name])
 
 
 class FedAvgClient(Checkpointable, ClientTrainer):
@@ -368,99 +292,3 @@ class FedAvgClient(Checkpointable, ClientTrainer):
             shared = value.numel() if mask is None or needs_init else int((~mask).sum())
             total += shared * value.element_size()
         return total
-
-
-class FedAvgServer(Checkpointable, ServerAggregator):
-    """Server of the mask mechanism: entry-wise (weighted) average over the clients sharing it.
-
-    Its hooks (planning, round metrics, artifacts) are declared here with FedAvg's behaviour.
-    """
-
-    checkpoint_attributes = ("global_state", "global_personal_mask", "dropped_updates")
-    # the options of an algorithm whose server has its own (layer selection), as on its client
-    Options: ClassVar[type] = NoOptions
-
-    def __init__(self, model: nn.Module, args: Any, *, ctx: RunContext) -> None:
-        super().__init__(model, args)
-        self.ctx = ctx
-        self.options = resolve_options(ctx, type(self).Options)
-        self.global_state: OrderedDict[str, torch.Tensor] = OrderedDict(
-            (k, v.detach().clone()) for k, v in model.state_dict().items())
-        self.dropped_updates: list[tuple[int, str]] = []
-        # m_G: entries personal to at least one client of the last round (FedSelect's global mask)
-        self.global_personal_mask: Mask = {}
-
-    def get_model_params(self) -> OrderedDict[str, torch.Tensor]:
-        return self.global_state
-
-    def set_model_params(self, model_parameters: Mapping[str, torch.Tensor]) -> None:
-        self.global_state = OrderedDict((k, v) for k, v in model_parameters.items())
-
-    def validate_uploads(self, raw: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, dict[str, Any]]]:
-        """Reject (error or drop, per ``train.on_bad_update``) malformed or non-finite uploads."""
-        accepted = []
-        for num_samples, payload in raw:
-            client = payload.get("client_id", "?") if isinstance(payload, Mapping) else "?"
-            try:
-                validate_upload(payload, self.global_state)
-            except (KeyError, ValueError) as exc:
-                if self.ctx.config.train.on_bad_update == "error":
-                    raise BadUpdateError(f"rejected update from client {client}: {exc}") from exc
-                log.warning("dropping update from client %s: %s", client, exc)
-                self.dropped_updates.append((int(client) if str(client).isdigit() else -1, str(exc)))
-                continue
-            accepted.append((float(num_samples), payload))
-        return accepted
-
-    def aggregate(self, raw_client_model_or_grad_list: list[tuple[float, dict[str, Any]]]) -> OrderedDict:
-        """Each entry becomes the (sample-weighted) mean over the clients that share it.
-
-        Entries no accepted client shares keep their previous global value, so personal
-        entries are neither read nor overwritten. Uploads are decoded one tensor at a time, so
-        the server never holds every client's full model at once (100 ResNet-18 clients).
-        """
-        accepted = self.validate_uploads(raw_client_model_or_grad_list)
-        if not accepted:
-            log.warning("no client update accepted this round; the global model is unchanged")
-            return OrderedDict(self.global_state)
-        weighted = self.ctx.config.train.weighted_aggregation
-        new_state: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.global_personal_mask = {}
-        for name, old in self.global_state.items():
-            decoded = [(n, decode_tensor(payload, name, old)) for n, payload in accepted]
-            if not old.is_floating_point():
-                # integer buffers (BatchNorm's num_batches_tracked) are counts, not averages
-                sent = [d[0] for _, d in decoded if d is not None]
-                new_state[name] = torch.stack(sent).amax(dim=0) if sent else old
-                continue
-            # a tensor a client did not send at all is personal to it in every entry
-            values = [{name: d[0] if d is not None else old} for _, d in decoded]
-            masks = [{name: ~d[1] if d is not None else torch.ones_like(old, dtype=torch.bool)} for _, d in decoded]
-            weights = [n if weighted else 1.0 for n, _ in decoded]
-            averaged, global_mask = masked_average({name: old}, values, masks, weights)
-            new_state[name] = averaged[name]
-            self.global_personal_mask[name] = global_mask[name]
-        return new_state
-
-    # ---- hooks an algorithm overrides -------------------------------------------------
-    def needs_plan(self, round_idx: int) -> bool:
-        """Whether round ``round_idx`` starts with a planning exchange (clients' plan_report up,
-        :meth:`plan_round`'s plans down). FedAvg: never."""
-        return False
-
-    def plan_round(self, round_idx: int, reports: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        """One JSON-safe plan per reporting client, from their reports."""
-        return {cid: {} for cid in reports}
-
-    def round_metrics(self) -> dict[str, float]:
-        """Server-side figures of the round just aggregated, to log (layer selection: its solve)."""
-        return {}
-
-    def run_artifacts(self, out_dir: Path) -> RunArtifacts:
-        """Files and record fields the server writes at the end of a run (layer selection: the
-        selection of every round)."""
-        return RunArtifacts()
-
-    def test(self, test_data: Any, device: Any, args: Any) -> None:
-        """The server holds no data: evaluation happens on every client's own test split."""
-        return None

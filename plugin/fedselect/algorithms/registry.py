@@ -55,6 +55,15 @@ def _load_builtins() -> None:
         importlib.import_module(module)
 
 
+def load_plugins(modules: list[str]) -> None:
+    """Import modules that register extra algorithms (``--plugin``), before a config is read."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"--plugin {name}: cannot import it ({exc})") from exc
+
+
 def available_algorithms() -> list[str]:
     _load_builtins()
     return sorted(_REGISTRY)

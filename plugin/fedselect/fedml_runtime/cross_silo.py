@@ -34,7 +34,7 @@ from fedselect.config import ExperimentConfig
 from fedselect.engine import EvalResult
 from fedselect.fedml_bridge import import_fedml
 from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
-from fedselect.fedml_runtime.simulation import RoundResult, json_nbytes, sample_clients
+from fedselect.fedml_runtime.simulation import RoundResult, aggregate_round, json_nbytes, sample_clients
 
 import_fedml()
 from fedml.core.distributed.communication.message import Message  # noqa: E402
@@ -352,8 +352,7 @@ class FedSelectServerManager(FedMLServerManager):
                                                                      self.config.seed, round_idx) if c in self.live]
         eval_round = self.stashed[0].round_idx if self.stashed else None
         recipients = sorted(set(self.sampled) | (self.live if eval_round is not None else set()))
-        needs_plan = getattr(self.server, "needs_plan", None)
-        self.plan_pending = bool(self.sampled) and needs_plan is not None and bool(needs_plan(round_idx))
+        self.plan_pending = bool(self.sampled) and bool(self.server.needs_plan(round_idx))
         self.uploads, self.reports, self.plans, self.evals, self.rejected = {}, {}, {}, {}, []
         now = time.monotonic()
         for cid in recipients:
@@ -391,13 +390,8 @@ class FedSelectServerManager(FedMLServerManager):
         bytes_up = sum(payload_nbytes(p) for _, p in uploads) + sum(json_nbytes(json.loads(t))
                                                                     for t in self.reports.values())
         bytes_down = sum(int(m["download_nbytes"]) for m in metas) + sum(len(t.encode()) for t in self.plans.values())
-        dropped_before = len(getattr(self.server, "dropped_updates", []))
-        accepted, _ = self.server.on_before_aggregation(uploads)
-        aggregated = self.server.aggregate(accepted)
-        aggregated = self.server.on_after_aggregation(aggregated)
-        self.server.set_model_params(aggregated)
-        dropped = self.rejected + list(getattr(self.server, "dropped_updates", []))[dropped_before:]
-        server_metrics = self.server.round_metrics() if hasattr(self.server, "round_metrics") else {}
+        dropped, server_metrics = aggregate_round(self.server, uploads)
+        dropped = self.rejected + dropped
         losses = [float(m["train_loss"]) for m in metas if math.isfinite(float(m["train_loss"]))]
         result = RoundResult(round_idx=self.round_idx, sampled=list(self.sampled),
                              train_loss=float(np.mean(losses)) if losses else float("nan"), bytes_up=bytes_up,

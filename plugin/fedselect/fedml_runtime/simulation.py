@@ -11,17 +11,18 @@ client: set_model_params(global) -> on_before_local_training -> train -> on_afte
 server: on_before_aggregation -> aggregate -> on_after_aggregation -> set_model_params
 
 An algorithm may add a planning exchange before local training (layer selection: clients
-report layer scores, the server solves which layers each trains). It opts in by giving its
-server ``needs_plan(round_idx)`` and ``plan_round(round_idx, reports) -> plans`` and its client
-``plan_report()`` and ``receive_plan(plan)``; reports and plans are JSON-safe dicts, and their
-bytes are the JSON text's, as on the cross-silo wire.
+report layer scores, the server solves which layers each trains): its server's
+``needs_plan(round_idx)`` says when, ``plan_round(round_idx, reports) -> plans`` answers the
+clients' ``plan_report()``, and each client gets ``receive_plan(plan)`` (hooks declared, with
+FedAvg's no-op defaults, in :mod:`fedselect.algorithms.base`); reports and plans are JSON-safe
+dicts, and their bytes are the JSON text's, as on the cross-silo wire.
 
 Each client keeps its own trainer object (per-client persistent state); all trainers may
 share one ``nn.Module``, since a trainer's state lives in its personal values and mask.
 
 Checkpoints: after ``on_round_end``, every ``checkpoint_every`` rounds and after the last round,
 the flow calls ``checkpoint(round_idx)`` (the round just finished), when a state of the whole
-federation is consistent; a resumed flow starts at ``start_round`` (see fedselect.checkpoint).
+federation is consistent; a resumed flow starts at ``start_round`` (see fedselect.runner.checkpoint).
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ log = logging.getLogger(__name__)
 def json_nbytes(message: Any) -> int:
     """Bytes of a JSON-safe planning message as sent (compact UTF-8 JSON)."""
     return len(json.dumps(message, separators=(",", ":")).encode())
+
+
+def aggregate_round(server: Any, uploads: list[tuple[float, Any]]) -> tuple[list[tuple[int, str]], dict[str, float]]:
+    """The server's end of a round, in FedML's hook order (both runtimes): the updates it dropped
+    this round and its round metrics."""
+    dropped_before = len(server.dropped_updates)
+    accepted, _ = server.on_before_aggregation(uploads)
+    aggregated = server.aggregate(accepted)
+    server.set_model_params(server.on_after_aggregation(aggregated))
+    return list(server.dropped_updates[dropped_before:]), server.round_metrics()
 
 
 def sample_clients(num_clients: int, participation: float, seed: int, round_idx: int) -> list[int]:
@@ -151,13 +162,7 @@ class SimulationFlow:
             upload = trainer.get_model_params()
             bytes_up += payload_nbytes(upload)
             uploads.append((float(trainer.local_sample_number), upload))
-        dropped_before = len(getattr(self.server, "dropped_updates", []))
-        uploads, _ = self.server.on_before_aggregation(uploads)
-        aggregated = self.server.aggregate(uploads)
-        aggregated = self.server.on_after_aggregation(aggregated)
-        self.server.set_model_params(aggregated)
-        dropped = list(getattr(self.server, "dropped_updates", []))[dropped_before:]
-        server_metrics = self.server.round_metrics() if hasattr(self.server, "round_metrics") else {}
+        dropped, server_metrics = aggregate_round(self.server, uploads)
 
         evaluation = None
         if (round_idx + 1) % self.eval_every == 0 or round_idx + 1 == self.rounds:
@@ -170,8 +175,7 @@ class SimulationFlow:
 
     def plan(self, round_idx: int, sampled: list[int], global_params: Any) -> tuple[int, int]:
         """The optional planning exchange of a two-phase algorithm; returns (bytes up, bytes down)."""
-        needs_plan = getattr(self.server, "needs_plan", None)
-        if needs_plan is None or not needs_plan(round_idx):
+        if not self.server.needs_plan(round_idx):
             return 0, 0
         reports = {}
         for cid in sampled:

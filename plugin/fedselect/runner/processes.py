@@ -1,4 +1,4 @@
-"""Processes of a cross-silo federation: ``launch-local``, and the ``serve``/``join`` commands.
+"""Processes of a cross-silo federation on one machine: ``fedselect launch-local``.
 
 :class:`Fleet` starts processes with their output in log files, waits for them without
 spinning, and ends every survivor by its PID (its own process group, so a data-decoding pool
@@ -8,7 +8,6 @@ level: the CLI imports this module on every call.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -182,81 +181,3 @@ def launch_local(config_path: Path, overrides: list[str], *, clients: int | None
 
 
 # ------------------------------------------------------------------------------------ the CLI
-
-def add_deploy_parsers(sub: argparse._SubParsersAction, add_config_args: object) -> None:
-    """``serve``, ``join`` and ``launch-local`` subcommands."""
-    serve = sub.add_parser("serve", help="run a FedML cross-silo server (rank 0; holds no client data)",
-                           description="Serve one configured run as a FedML cross-silo server (GRPC): wait "
-                                       "for the clients of the config's deploy section, run the rounds, log "
-                                       "to MLflow and write the run record. See docs/DEPLOYMENT.md.")
-    join = sub.add_parser("join", help="run FedML cross-silo client RANK (1..num_clients) on its own data",
-                          description="Join the server of the config's deploy section as client RANK, with "
-                                      "only this client's data. See docs/DEPLOYMENT.md.")
-    local = sub.add_parser("launch-local", help="a whole cross-silo federation as processes on 127.0.0.1",
-                           description="Start a server and N clients as separate processes on loopback "
-                                       "(free ports), wait for them, end them all on failure or timeout; "
-                                       "exit non-zero if any failed.")
-    for p in (serve, join, local):
-        add_config_args(p)  # type: ignore[operator]
-        p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                       help="import MODULE first (it registers extra algorithms); repeatable")
-    serve.add_argument("--out", type=Path, help="write the run record JSON here")
-    join.add_argument("--rank", type=int, required=True, help="this client's rank, 1..data.partition.num_clients")
-    local.add_argument("--clients", type=int, help="number of clients (default: data.partition.num_clients)")
-    local.add_argument("--timeout", type=float, default=3600.0, help="seconds before everything is ended")
-    local.add_argument("--log-dir", type=Path, help="one log file per process (default: under results_dir)")
-    local.add_argument("--out", type=Path, help="the server writes the run record JSON here")
-
-
-def _config(ns: argparse.Namespace) -> object:
-    # grpc's core logs each connection a stopping peer cancels at INFO; keep errors only
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from fedselect.config import load_config
-    from fedselect.deploy import load_plugins
-
-    load_plugins(ns.plugin)
-    return load_config(ns.config, ns.overrides)
-
-
-def cmd_serve(ns: argparse.Namespace) -> int:
-    from fedselect.deploy import serve
-    from fedselect.fedml_runtime.cross_silo import FederationError
-
-    config = _config(ns)
-    try:
-        record = serve(config, record_path=ns.out)  # type: ignore[arg-type]
-    except FederationError as exc:
-        print(f"fedselect serve: federation failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"{record['algorithm']} cross-silo: final mean acc {record['final_mean_acc']:.4f}, bytes up "
-          f"{record['bytes_up']:,} (wire {sum(record['wire_bytes_up_per_round']):,}), {record['wall_seconds']:.1f} s, "
-          f"mlflow run {record['mlflow_run_id']}")
-    return 0
-
-
-def cmd_join(ns: argparse.Namespace) -> int:
-    from fedselect.deploy import join
-    from fedselect.fedml_runtime.cross_silo import FederationError
-
-    config = _config(ns)
-    try:
-        join(config, ns.rank)  # type: ignore[arg-type]
-    except FederationError as exc:
-        print(f"fedselect join: client rank {ns.rank} failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"client rank {ns.rank}: federation finished")
-    return 0
-
-
-def cmd_launch_local(ns: argparse.Namespace) -> int:
-    from fedselect.deploy import load_plugins
-
-    load_plugins(ns.plugin)
-    if ns.clients is not None and ns.clients < 1:
-        print("fedselect launch-local: error: --clients must be >= 1", file=sys.stderr)
-        return 2
-    return launch_local(ns.config, ns.overrides, clients=ns.clients, timeout_s=ns.timeout, log_dir=ns.log_dir,
-                        plugins=ns.plugin, out=ns.out)
-
-
-DEPLOY_COMMANDS = {"serve": cmd_serve, "join": cmd_join, "launch-local": cmd_launch_local}

@@ -1,0 +1,191 @@
+"""FedML cross-silo deployment: ``fedselect serve`` (rank 0) and ``fedselect join --rank k``.
+
+* ``serve`` holds no client data: it waits for the clients to join with a descriptor of their
+  data (:mod:`fedselect.runner.silo`), builds the model and the algorithm's server, runs the
+  rounds (:mod:`fedselect.fedml_runtime.cross_silo`), and records the run as the simulation
+  does (:class:`~fedselect.runner.record.RunRecorder`), plus the wire traffic.
+* ``join --rank k`` (client id k-1) loads only its own data, trains and evaluates its
+  personalized model on its own test split.
+
+Addresses, ports, timeouts and the failure policy are the config's ``deploy`` section;
+docs/DEPLOYMENT.md explains them and what the channel does not protect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from fedml import FedMLRunner
+from fedml.cross_silo.client.fedml_trainer_dist_adapter import TrainerDistAdapter
+
+from fedselect.config import ExperimentConfig
+from fedselect.engine import resolve_device
+from fedselect.fedml_runtime.cross_silo import FedSelectServerManager
+from fedselect.fedml_runtime.cross_silo_client import FedSelectClientManager
+from fedselect.fedml_runtime.grpc_channel import Endpoint, write_ipconfig
+from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_home, fedml_sections
+from fedselect.options import ConfigError
+from fedselect.tracking import default_tracking_uri, prepare_store
+
+from .federation import initial_model_and_context, partition_spec, resolve_algorithm
+from .record import RunRecorder
+from .silo import check_descriptors, load_silo_data, training_fingerprint
+from .simulate import run_tags
+
+log = logging.getLogger(__name__)
+
+
+def endpoints(config: ExperimentConfig) -> list[Endpoint]:
+    """Rank 0 at ``server_host:server_port``; client rank k at its host, port ``server_port + k``."""
+    d, n = config.deploy, config.data.partition.num_clients
+    if d.client_hosts and len(d.client_hosts) != n:
+        raise ConfigError(f"config key 'deploy.client_hosts' lists {len(d.client_hosts)} hosts for "
+                          f"{n} clients (data.partition.num_clients)")
+    if d.server_port + n > 65535:
+        raise ConfigError(f"config key 'deploy.server_port' {d.server_port} leaves no room for ports "
+                          f"server_port+1..server_port+{n} of the clients")
+    hosts = [d.server_host, *(d.client_hosts or [d.server_host] * n)]
+    return [Endpoint(rank, host, d.server_port + rank, d.bind_host) for rank, host in enumerate(hosts)]
+
+
+def cross_silo_args(config: ExperimentConfig, rank: int) -> Any:
+    """FedML ``args`` of one cross-silo process, with its ipconfig CSV written from the config."""
+    results_dir = Path(config.tracking.results_dir)
+    n = config.data.partition.num_clients
+    ipconfig = write_ipconfig(results_dir / "deploy" / f"grpc_ipconfig.{os.getpid()}.csv", endpoints(config))
+    # every client trains in cross-silo (FedML re-samples silos otherwise); our server samples itself
+    client_ids = list(range(1, n + 1)) if rank == 0 else [rank]
+    extra = {"comm_args": {"grpc_ipconfig_path": str(ipconfig), "worker_num": n},
+             "train_args": {"client_id_list": str(client_ids), "client_num_per_round": n}}
+    sections = fedml_sections(config, training_type="cross_silo", backend="GRPC", rank=rank,
+                              role="server" if rank == 0 else "client", extra=extra)
+    return build_fedml_args(sections, home=fedml_home(results_dir))
+
+
+def model_for(config: ExperimentConfig, options: Any, device: torch.device,
+              descriptor: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """The seeded initial model and run context for data described by ``descriptor``."""
+    return initial_model_and_context(config, options, device, num_classes=len(descriptor["classes"]),
+                                     in_channels=descriptor["in_channels"], image_size=descriptor["image_shape"][0],
+                                     mean=descriptor["mean"], std=descriptor["std"])
+
+
+def join(config: ExperimentConfig, rank: int) -> None:
+    """Run client rank ``rank`` (client id rank-1) until the server ends the federation."""
+    n = config.data.partition.num_clients
+    if not 1 <= rank <= n:
+        raise ConfigError(f"--rank {rank}: client ranks are 1..{n} (data.partition.num_clients)")
+    cid = rank - 1
+    spec, options = resolve_algorithm(config)
+    device = resolve_device(config.device)
+    data, descriptor = load_silo_data(config, cid, device)
+    args = cross_silo_args(config, rank)
+    # the server's initial model is what counts; same seed, same shapes
+    model, ctx = model_for(config, options, device, descriptor)
+    trainer = spec.client_cls(model, args, client_id=cid, data=data, ctx=ctx)
+    sizes = {cid: data.num_train}
+    adapter = TrainerDistAdapter(args, device, rank, model, data.num_train, sizes, {cid: None}, {cid: None}, trainer)
+    manager = FedSelectClientManager(args, adapter, client_id=cid, num_clients=n, deploy=config.deploy,
+                                     descriptor=descriptor)
+    dataset = [data.num_train, data.num_test, None, None, sizes, {cid: None}, {cid: None}, len(descriptor["classes"])]
+    print(f"client rank {rank}: {data.num_train} train / {data.num_test} test samples; joining the server at "
+          f"{config.deploy.server_host}:{config.deploy.server_port}", flush=True)
+    try:
+        FedMLRunner(args, device, dataset, model, algorithm_flow=SimpleNamespace(run=manager.run_federation)).run()
+    finally:
+        Path(args.grpc_ipconfig_path).unlink(missing_ok=True)
+    log.info("client %d done: trained %d rounds", cid, manager.rounds_trained)
+
+
+class ServerSession:
+    """The server's side of one federation: built when every client has joined, recorded each round."""
+
+    def __init__(self, config: ExperimentConfig, args: Any, *, progress: bool) -> None:
+        self.config, self.args, self.progress = config, args, progress
+        self.spec, self.options = resolve_algorithm(config)
+        self.device = resolve_device(config.device)
+        self.recorder: RunRecorder | None = None
+        self.descriptors: dict[int, dict[str, Any]] = {}
+        self.common: dict[str, Any] = {}
+        self.wire: list[dict[str, float]] = []
+        self.dropped: list[list[Any]] = []
+
+    def on_joined(self, descriptors: dict[int, dict[str, Any]]) -> Any:
+        """All clients are in: check them, open the MLflow run, build the server."""
+        config = self.config
+        self.common = check_descriptors(descriptors, training_fingerprint(config))
+        self.descriptors = descriptors
+        model, ctx = model_for(config, self.options, self.device, self.common)  # the simulation's initial model
+        results_dir = Path(config.tracking.results_dir)
+        run_name = config.tracking.run_name or f"{config.algorithm}-{config.data.dataset}-seed{config.seed}-cross-silo"
+        self.recorder = RunRecorder(config, self.options, run_name,
+                                    run_tags(config, self.common["partition_key"], mode="cross_silo"),
+                                    config.tracking.tracking_uri or default_tracking_uri(results_dir),
+                                    num_clients=len(descriptors), totaled=self.spec.client_cls.totaled_metrics)
+        self.recorder.__enter__()
+        self.recorder.log_start({"client_data.json": {str(c): d for c, d in descriptors.items()}})
+        return self.spec.server_cls(model, self.args, ctx=ctx)
+
+    def on_round_end(self, result: Any, wire: dict[str, float]) -> None:
+        assert self.recorder is not None
+        self.recorder.logger(result)
+        self.recorder.tracker.log_metrics(dict(wire), step=result.round_idx)
+        self.wire.append(wire)
+        self.dropped.extend([result.round_idx, int(c), str(r)] for c, r in result.dropped)
+        if self.progress:
+            acc = f", mean acc {result.mean_accuracy:.4f}" if result.evaluation else ""
+            print(f"round {result.round_idx + 1}/{self.config.train.rounds}: loss {result.train_loss:.4f}{acc}, "
+                  f"clients {result.sampled}, up {result.bytes_up:,} B (wire {wire['wire_bytes_up_round']:,}), "
+                  f"{wire['round_seconds']:.1f} s", flush=True)
+
+    def finish(self, manager: FedSelectServerManager, *, started: float, record_path: Any) -> dict[str, Any]:
+        assert self.recorder is not None
+        recorder = self.recorder
+        final = recorder.logger.last_eval
+        extra = {
+            "mode": "cross_silo", "evaluated_clients": sorted(final.evaluation or {}) if final else [],
+            "wire_bytes_up_per_round": [w["wire_bytes_up_round"] for w in self.wire],
+            "wire_bytes_down_per_round": [w["wire_bytes_down_round"] for w in self.wire],
+            "round_seconds": [w["round_seconds"] for w in self.wire], "updates_dropped": self.dropped,
+            "clients_failed": {str(c): r for c, r in sorted(manager.failed.items())},
+        }
+        sizes = {c: SimpleNamespace(num_train=d["num_train"], num_test=d["num_test"])
+                 for c, d in self.descriptors.items()}
+        return recorder.finish(partition=partition_spec(self.config), partition_key=self.common["partition_key"],
+                               device=self.device, clients=sizes, wall_seconds=time.time() - started, extra=extra,
+                               artifacts=[manager.server.run_artifacts(recorder.plots_dir)], record_path=record_path)
+
+    def __enter__(self) -> ServerSession:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.__exit__(*exc)
+
+
+def serve(config: ExperimentConfig, *, record_path: str | os.PathLike | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Run the server until the federation ends; log to MLflow and return (and write) the run record."""
+    started = time.time()
+    Path(config.tracking.results_dir).mkdir(parents=True, exist_ok=True)
+    args = cross_silo_args(config, 0)
+    prepare_store(config.tracking.tracking_uri or default_tracking_uri(config.tracking.results_dir))
+    with ServerSession(config, args, progress=progress) as session:
+        # listening from here on: clients that start sooner wait for this port (deploy.join_timeout_s)
+        manager = FedSelectServerManager(args, config=config, on_joined=session.on_joined,
+                                         on_round_end=session.on_round_end)
+        if progress:
+            print(f"serving {config.algorithm} on {config.deploy.server_host}:{config.deploy.server_port}, "
+                  f"waiting for {config.data.partition.num_clients} clients", flush=True)
+        try:
+            FedMLRunner(args, session.device, None, None,
+                        algorithm_flow=SimpleNamespace(run=manager.run_federation)).run()
+        finally:
+            Path(args.grpc_ipconfig_path).unlink(missing_ok=True)
+        return session.finish(manager, started=started, record_path=record_path)

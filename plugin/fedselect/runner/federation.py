@@ -1,0 +1,186 @@
+"""One federation built from a config: data, partition, model, transform, run context, clients, server.
+
+Every runtime builds through here: the single-process simulation (:func:`build_federation`),
+the cross-silo server and clients (:func:`initial_model_and_context` for data they describe
+rather than hold) and the benches. So a pretrained model's input statistics, the seeded
+initialization and the resolved algorithm options are the same wherever a run happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedselect.algorithms.base import FedAvgClient, FedAvgServer
+from fedselect.algorithms.context import RunContext
+from fedselect.algorithms.registry import AlgorithmSpec, get_algorithm, validate_algorithm_options
+from fedselect.config import ExperimentConfig
+from fedselect.data import (
+    ImageData,
+    Partition,
+    TextData,
+    TokenTransform,
+    canonical_text_name,
+    load_dataset,
+    make_partition,
+    partition_key,
+)
+from fedselect.engine import ClientDataset, ImageTransform
+from fedselect.models import build_model, pretrained_input_stats
+from fedselect.options import ConfigError
+
+
+def resolve_algorithm(config: ExperimentConfig) -> tuple[AlgorithmSpec, Any]:
+    """The configured algorithm and its options, resolved once (every default filled in)."""
+    return get_algorithm(config.algorithm), validate_algorithm_options(config.algorithm, config.algo)
+
+
+def partition_spec(config: ExperimentConfig) -> dict[str, Any]:
+    """What identifies a partition: every method of a study with the same spec shares it."""
+    p = config.data.partition
+    return {"kind": p.kind, "seed": config.seed, **p.partition_params()}
+
+
+def default_partition_path(config: ExperimentConfig) -> Path:
+    key = partition_key(config.data.dataset, partition_spec(config))
+    return Path(config.tracking.results_dir) / "partitions" / f"{config.data.dataset}-{key}.json"
+
+
+def load_data(config: ExperimentConfig) -> ImageData | TextData:
+    """The configured dataset: images (decoded tensors) or text (token ids)."""
+    text = {"max_length": config.data.max_length} if canonical_text_name(config.data.dataset) else {}
+    return load_dataset(config.data.dataset, config.data.root, download=config.data.download,
+                        cache_dir=config.data.cache_dir, **text)
+
+
+def data_transform(config: ExperimentConfig, data: ImageData | TextData) -> Callable[..., torch.Tensor]:
+    """What turns a stored batch into model input: normalization (+ augmentation, resize) or nothing for tokens.
+
+    Images are normalized with the statistics pretrained weights were trained with, if the model
+    declares them, else with the dataset's own.
+    """
+    if isinstance(data, TextData):
+        return TokenTransform()
+    return image_transform(config, data.mean, data.std)
+
+
+def image_transform(config: ExperimentConfig, data_mean: Sequence[float], data_std: Sequence[float]) -> ImageTransform:
+    """The config's image transform; the data's (mean, std) count only where the weights declare none."""
+    mean, std = pretrained_input_stats(config.model.name, config.model.weights) or (data_mean, data_std)
+    return ImageTransform(tuple(mean), tuple(std), augment=config.train.augment, resize=config.data.image_size)
+
+
+def build_run_model(config: ExperimentConfig, data: ImageData | TextData) -> torch.nn.Module:
+    """The configured model for ``data`` (random init seeded by the caller, or loaded weights)."""
+    shape = {} if isinstance(data, TextData) else {"in_channels": data.in_channels,
+                                                   "image_size": config.data.image_size or data.image_size}
+    return build_model(config.model.name, data.num_classes, weights=config.model.weights, **shape)
+
+
+def compute_partition(config: ExperimentConfig, data: ImageData | TextData) -> Partition:
+    """A new partition of ``data`` for the config's spec and seed (deterministic).
+
+    A ``domain`` partition splits by the samples' domains (one product category per client for
+    the Amazon reviews), every other kind by their labels.
+    """
+    kind = config.data.partition.kind
+    if kind == "domain":
+        if not isinstance(data, TextData):
+            raise ConfigError(f"config key 'data.partition.kind': 'domain' needs a dataset with domains "
+                              f"(amazon_reviews); {config.data.dataset!r} has none")
+        train, test = data.train_domains.numpy(), data.test_domains.numpy()
+    else:
+        train, test = data.train_y.numpy(), data.test_y.numpy()
+    return make_partition(data.name, kind, train, test, seed=config.seed,
+                          **config.data.partition.partition_params())
+
+
+def get_partition(config: ExperimentConfig, data: ImageData | TextData) -> Partition:
+    """The configured partition file, else the cached one for this spec, else a new one (saved)."""
+    if config.data.partition_file:
+        partition = Partition.load(config.data.partition_file)
+        spec = partition_spec(config)
+        if partition.dataset != data.name or any(partition.spec.get(k) != v for k, v in spec.items()):
+            raise ValueError(f"partition file {config.data.partition_file} was made for {partition.dataset} "
+                             f"{partition.spec}, the config asks for {data.name} {spec}")
+        return partition
+    path = default_partition_path(config)
+    if path.exists():
+        return Partition.load(path)
+    partition = compute_partition(config, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partition.save(path)
+    return partition
+
+
+def client_split(data: ImageData | TextData, partition: Partition, cid: int) -> ClientDataset:
+    """Client ``cid``'s own rows of ``data`` (copies: the rest of a shared dataset can be dropped)."""
+    tr = torch.as_tensor(np.asarray(partition.train_indices[cid]), dtype=torch.long)
+    te = torch.as_tensor(np.asarray(partition.test_indices[cid]), dtype=torch.long)
+    return ClientDataset(data.train_x[tr], data.train_y[tr], data.test_x[te], data.test_y[te])
+
+
+def client_datasets(data: ImageData | TextData, partition: Partition, device: torch.device) -> list[ClientDataset]:
+    return [client_split(data, partition, cid).to(device) for cid in range(partition.num_clients)]
+
+
+def initial_model_and_context(config: ExperimentConfig, options: Any, device: torch.device, *, num_classes: int,
+                              in_channels: int, image_size: int, mean: Sequence[float],
+                              std: Sequence[float]) -> tuple[torch.nn.Module, RunContext]:
+    """The seeded initial model and the run context for image data of this shape and statistics:
+    what a cross-silo process builds from the clients' descriptors, as the simulation does from the data."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model.name, num_classes, in_channels=in_channels,
+                        image_size=config.data.image_size or image_size, weights=config.model.weights).to(device)
+    ctx = RunContext(config=config, options=options, device=device, transform=image_transform(config, mean, std))
+    return model, ctx
+
+
+@dataclass
+class Federation:
+    """Everything a simulated run trains: one model shared by all client trainers, and the server."""
+
+    config: ExperimentConfig
+    spec: AlgorithmSpec
+    options: Any
+    device: torch.device
+    data: ImageData | TextData
+    partition: Partition
+    client_data: list[ClientDataset]
+    model: torch.nn.Module
+    ctx: RunContext
+    clients: list[FedAvgClient]
+    server: FedAvgServer
+
+    @property
+    def partition_key(self) -> str:
+        return partition_key(self.data.name, partition_spec(self.config))
+
+
+def build_participants(config: ExperimentConfig, model: torch.nn.Module, client_data: Sequence[ClientDataset], *,
+                       device: torch.device, args: Any, transform: Callable[..., torch.Tensor]
+                       ) -> tuple[RunContext, list[FedAvgClient], FedAvgServer]:
+    """The algorithm's client trainers (one per dataset, all on ``model``) and server, sharing one context."""
+    spec, options = resolve_algorithm(config)
+    ctx = RunContext(config=config, options=options, device=device, transform=transform)
+    clients = [spec.client_cls(model, args, client_id=cid, data=d, ctx=ctx) for cid, d in enumerate(client_data)]
+    return ctx, clients, spec.server_cls(model, args, ctx=ctx)
+
+
+def build_federation(config: ExperimentConfig, device: torch.device, args: Any, *,
+                     data: ImageData | TextData | None = None) -> Federation:
+    """Config -> data, partition, seeded model, transform, context, clients and server (simulation)."""
+    spec, options = resolve_algorithm(config)
+    data = data if data is not None else load_data(config)
+    partition = get_partition(config, data)
+    client_data = client_datasets(data, partition, device)
+    torch.manual_seed(config.seed)
+    model = build_run_model(config, data).to(device)
+    ctx, clients, server = build_participants(config, model, client_data, device=device, args=args,
+                                              transform=data_transform(config, data))
+    return Federation(config, spec, ctx.options, device, data, partition, client_data, model, ctx, clients, server)
