@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from analysis.paper import FEDSELECT_TABLE1, option_value
-from analysis.runs import Selection, add_selection_args, load_selection
-from fedselect.compare import RunStats
+from analysis.paper import FEDSELECT_TABLE1, NOT_RECORDED, option_value
+from analysis.runs import Selection, add_selection_args, load_selection, variant_options
+from fedselect.files import atomic_write_text
 from fedselect.tracking import metric_history, with_retry
+from fedselect.tracking.compare import RunStats
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +109,27 @@ def plot_learning_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.n
 
 def fedselect_points(selection: Selection) -> dict[str, list[tuple[float, float, float, str]]]:
     """FedSelect variants as lines of (p, final mean, final std, variant): one line per setting of
-    the other options that differ between variants (e.g. mask_search), points sorted by p."""
+    the other options that differ between variants (e.g. mask_search), points sorted by p.
+
+    Options are the runs' recorded params (see :mod:`analysis.paper`): a variant whose runs did
+    not record p is left out (logged), and an option a variant did not record is labelled so.
+    """
     variants = []
-    for name, members in selection.groups.items():
-        if {s.algorithm for s in members} != {"fedselect"}:
+    for name, (algorithm, options) in variant_options(selection.groups).items():
+        if algorithm != "fedselect":
             continue
-        options = members[0].algo_options
-        p = float(option_value("fedselect", options, "p"))
-        final = np.array([s.final_acc for s in members])
+        p = option_value(options, "p")
+        if p is NOT_RECORDED:
+            log.info("accuracy vs p: left out %s, whose runs did not record algo.p", name)
+            continue
+        final = np.array([s.final_acc for s in selection.groups[name]])
         rest = {k: v for k, v in options.items() if k != "p"}
-        variants.append((rest, (p, float(final.mean()), float(final.std()), name)))
+        variants.append((rest, (float(p), float(final.mean()), float(final.std()), name)))
     keys = sorted({k for rest, _ in variants for k in rest})
     differing = [k for k in keys if len({rest.get(k) for rest, _ in variants}) > 1]
     lines: dict[str, list[tuple[float, float, float, str]]] = {}
     for rest, point in variants:
-        label = ", ".join(f"{k}={rest.get(k, 'default')}" for k in differing) or "FedSelect (this study)"
+        label = ", ".join(f"{k}={rest.get(k, 'not recorded')}" for k in differing) or "FedSelect (this study)"
         lines.setdefault(label, []).append(point)
     return {label: sorted(points) for label, points in lines.items()}
 
@@ -266,7 +273,7 @@ def make_figures(selection: Selection, out_dir: Path) -> dict[str, Any]:
                                                                                               artifacts_dir)]
     if not index["artifacts"]:
         skipped("artifacts", "no run has a mask IoU or layer-selection heatmap artifact")
-    (out_dir / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "index.json", json.dumps(index, indent=2) + "\n")
     return index
 
 

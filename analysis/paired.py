@@ -23,7 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fedselect.compare import RunStats
+from fedselect.tracking.compare import RunStats
 
 LEVEL = 0.95
 CSV_FIELDS: tuple[str, ...] = (

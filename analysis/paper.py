@@ -18,17 +18,25 @@ A study declares what it reproduces with an optional top-level key::
         top_b2: {column: budget_2}
 
 A run without an entry under ``runs`` is matched by its algorithm and options: the row whose
-algorithm equals the run's and whose options all equal the run's (defaults of options the run
-does not set are read from the algorithm's registered options class).
+algorithm equals the run's and whose options all equal the run's.
+
+Option values are read from the run's MLflow params (``algo.<option>``) only, never from
+today's code. Runs logged since resolved options are recorded hold every option of their
+algorithm with defaults filled in; older runs hold only the options their config set, and an
+option such a run does not hold is unknown: today's default may not be the default the run
+used, so guessing it could attribute a run to the wrong paper row. Matching is honest about
+it: a row that constrains an option the run did not record is neither matched nor excluded
+("undecided"); a run matches a row only when every option the row constrains is recorded and
+equal, and no other row of its algorithm is undecided. A run left undecided gets no paper
+number: its paper column says which options were not recorded (give its method under
+``paper.runs`` to compare it anyway).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 import yaml
@@ -185,13 +193,14 @@ def read_study_paper(study_file: str, run_names: Sequence[str]) -> PaperSpec | N
 # -------------------------------------------------------------------------------- matching
 
 
-@cache
-def option_defaults(algorithm: str) -> dict[str, Any]:
-    """Defaults of an algorithm's registered options (imports the algorithms: torch, a few seconds)."""
-    from fedselect.algorithms.registry import get_algorithm
+class _NotRecorded:
+    """The value of an option a run did not record (a run from before resolved options were logged)."""
 
-    options_cls = get_algorithm(algorithm).options_cls
-    return {f.name: f.default for f in dataclasses.fields(options_cls) if f.default is not dataclasses.MISSING}
+    def __repr__(self) -> str:
+        return "NOT_RECORDED"
+
+
+NOT_RECORDED: Any = _NotRecorded()
 
 
 def parse_option(value: Any) -> Any:
@@ -204,15 +213,11 @@ def parse_option(value: Any) -> Any:
         return value
 
 
-def option_value(algorithm: str, raw_options: Mapping[str, Any], key: str,
-                 defaults: Callable[[str], Mapping[str, Any]] = option_defaults) -> Any:
-    """The run's value of option ``key``: as logged, else the algorithm's default."""
+def option_value(raw_options: Mapping[str, Any], key: str) -> Any:
+    """The run's value of option ``key`` as logged, or :data:`NOT_RECORDED` when the run did not log it."""
     if key in raw_options:
         return parse_option(raw_options[key])
-    known = defaults(algorithm)
-    if key not in known:
-        raise KeyError(f"algorithm {algorithm!r} has no option {key!r}")
-    return known[key]
+    return NOT_RECORDED
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -221,18 +226,50 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def match_row(table: PaperTable, algorithm: str, raw_options: Mapping[str, Any]) -> PaperRow | None:
-    """The table's row for a run of ``algorithm`` with these (raw, logged) options; None if none fits."""
-    found = []
+def _unrecorded_keys(row: PaperRow, raw_options: Mapping[str, Any]) -> list[str] | None:
+    """None when a recorded option of the run contradicts the row; else the row's options the run did not record."""
+    unrecorded = []
+    for key, wanted in row.options.items():
+        value = option_value(raw_options, key)
+        if value is NOT_RECORDED:
+            unrecorded.append(key)
+        elif not _same(value, wanted):
+            return None
+    return unrecorded
+
+
+def row_candidates(table: PaperTable, algorithm: str, raw_options: Mapping[str, Any]) -> \
+        tuple[list[PaperRow], dict[str, list[str]]]:
+    """Rows of ``algorithm`` the run matches (every constrained option recorded and equal), and the
+    undecided ones: method -> the options it constrains that the run did not record."""
+    matched, undecided = [], {}
     for row in table.rows:
         if row.algorithm != algorithm:
             continue
-        if all(_same(option_value(algorithm, raw_options, k), v) for k, v in row.options.items()):
-            found.append(row)
-    if len(found) > 1:
+        unrecorded = _unrecorded_keys(row, raw_options)
+        if unrecorded == []:
+            matched.append(row)
+        elif unrecorded:
+            undecided[row.method] = unrecorded
+    return matched, undecided
+
+
+def match_row(table: PaperTable, algorithm: str, raw_options: Mapping[str, Any]) -> PaperRow | None:
+    """The table's row for a run of ``algorithm`` with these (raw, logged) options; None if none fits
+    for certain (see :func:`unrecorded_options` for a run left undecided)."""
+    matched, undecided = row_candidates(table, algorithm, raw_options)
+    if len(matched) > 1:
         raise PaperSpecError(f"paper table {table.name}: a {algorithm} run with options {dict(raw_options)} matches "
-                             f"{', '.join(r.method for r in found)}; name the method under paper.runs")
-    return found[0] if found else None
+                             f"{', '.join(r.method for r in matched)}; name the method under paper.runs")
+    if undecided:
+        return None
+    return matched[0] if matched else None
+
+
+def unrecorded_options(table: PaperTable, algorithm: str, raw_options: Mapping[str, Any]) -> list[str]:
+    """Options the run did not record that keep it from a paper row (sorted; empty: nothing undecided)."""
+    _, undecided = row_candidates(table, algorithm, raw_options)
+    return sorted({key for keys in undecided.values() for key in keys})
 
 
 def format_value(value: Value) -> str:
@@ -265,13 +302,18 @@ def add_paper_columns(rows: Sequence[dict[str, Any]], spec: PaperSpec,
                       options_of: Mapping[str, tuple[str, Mapping[str, Any]]]) -> None:
     """Add ``paper_method``, ``paper_acc`` (text) and ``diff_vs_paper_pp`` to each table row in place.
 
-    ``options_of``: row name -> (algorithm, raw options) shared by the variant's runs.
+    ``options_of``: row name -> (algorithm, raw options) shared by the variant's runs. A variant
+    whose runs did not record an option that decides its row gets ``paper_method`` "options not
+    recorded: <options>" and no paper number.
     """
     for row in rows:
         algorithm, raw = options_of[row["run"]]
         entry = paper_entry(spec, row["run"], algorithm, raw)
         if entry is None:
-            row.update(paper_method="", paper_acc="", diff_vs_paper_pp=None)
+            automatic = spec.runs.get(row["run"], ("", None))[0] == ""
+            unknown = unrecorded_options(spec.table, algorithm, raw) if automatic else []
+            method = f"options not recorded: {', '.join(unknown)}" if unknown else ""
+            row.update(paper_method=method, paper_acc="", diff_vs_paper_pp=None)
             continue
         paper_row, column = entry
         value = paper_row.values[column]

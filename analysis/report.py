@@ -26,6 +26,7 @@ import numpy as np
 
 from analysis.paper import PaperSpec, read_study_paper
 from fedselect.config import ExperimentConfig, build_dataclass
+from fedselect.files import atomic_write_text
 from fedselect.study import Study, load_study, run_config
 from fedselect.tracking import read_run_record
 
@@ -181,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 2
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(text, encoding="utf-8")
+    atomic_write_text(ns.out, text)
     return 0
 
 

@@ -1,5 +1,5 @@
 """Which MLflow runs an analysis reads: a study's run records (each names its MLflow run and
-store) or any MLflow selection (experiment, tags, run ids), reduced by :mod:`fedselect.compare`."""
+store) or any MLflow selection (experiment, tags, run ids), reduced by :mod:`fedselect.tracking.compare`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from analysis.paper import PaperSpec, add_paper_columns, read_study_paper
-from fedselect.compare import (
+from fedselect.study import Study, load_study
+from fedselect.tracking import default_tracking_uri, load_runs, read_run_record
+from fedselect.tracking.compare import (
     CompareError,
     RunStats,
     collect_stats,
@@ -20,8 +22,6 @@ from fedselect.compare import (
     select_runs,
     table_rows,
 )
-from fedselect.study import Study, load_study
-from fedselect.tracking import default_tracking_uri, load_runs, read_run_record
 
 
 @dataclass
@@ -73,11 +73,25 @@ def runs_from_records(paths: Sequence[Path], tracking_uri: str | None = None) ->
 
 
 def variant_options(groups: Mapping[str, Sequence[RunStats]]) -> dict[str, tuple[str, dict[str, str]]]:
-    """Per variant: (algorithm, raw algo options) when all its runs agree, else ("mixed", {})."""
+    """Per variant: (algorithm, raw algo options its runs share), or ("mixed", {}) when they disagree.
+
+    Options come from the runs' params only (see :mod:`analysis.paper`). An option recorded by
+    some runs of the variant but not by others (runs logged before and after resolved options
+    were recorded) is left out, i.e. unknown for the variant; two runs recording different
+    values, or different algorithms, make the variant "mixed".
+    """
     out = {}
     for name, members in groups.items():
-        keys = {(s.algorithm, tuple(sorted(s.algo_options.items()))) for s in members}
-        out[name] = (members[0].algorithm, members[0].algo_options) if len(keys) == 1 else ("mixed", {})
+        algorithms = {s.algorithm for s in members}
+        values: dict[str, set[str]] = defaultdict(set)
+        for s in members:
+            for key, value in s.algo_options.items():
+                values[key].add(value)
+        if len(algorithms) > 1 or any(len(v) > 1 for v in values.values()):
+            out[name] = ("mixed", {})
+            continue
+        shared = {key: next(iter(v)) for key, v in values.items() if all(key in s.algo_options for s in members)}
+        out[name] = (members[0].algorithm, shared)
     return out
 
 

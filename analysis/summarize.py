@@ -28,7 +28,8 @@ from pathlib import Path
 
 from analysis.paired import paired_csv, paired_markdown, paired_results
 from analysis.runs import add_selection_args, load_selection
-from fedselect.compare import csv_text, markdown_table
+from fedselect.files import atomic_write_text
+from fedselect.tracking.tables import csv_text, markdown_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"summarize: error: {exc}", file=sys.stderr)
         return 2
-    ns.out_md.parent.mkdir(parents=True, exist_ok=True)
     notes = list(selection.notes)
     if selection.paper is not None:
         table = selection.paper.table
@@ -57,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     section = paired_markdown(paired, paired_notes)
     if section:
         text += "\n" + "\n".join(section) + "\n"
-    ns.out_md.write_text(text, encoding="utf-8")
-    ns.out_csv.write_text(csv_text(selection.rows), encoding="utf-8")
+    atomic_write_text(ns.out_md, text)
+    atomic_write_text(ns.out_csv, csv_text(selection.rows))
     if ns.out_paired_csv is not None:
-        ns.out_paired_csv.parent.mkdir(parents=True, exist_ok=True)
-        ns.out_paired_csv.write_text(paired_csv(paired), encoding="utf-8")
+        atomic_write_text(ns.out_paired_csv, paired_csv(paired))
     return 0
 
 

@@ -17,8 +17,8 @@ from analysis import figures, paper, report, summarize
 from analysis.paired import CSV_FIELDS
 from analysis.runs import add_selection_args, load_selection
 from fedselect import cli
-from fedselect.compare import CompareError, RunStats, compare, table_rows
 from fedselect.tracking import RunTracker, write_run_record
+from fedselect.tracking.compare import CompareError, RunStats, compare, table_rows
 
 ROUNDS, CLIENTS = 2, 2
 # variant -> algorithm, algo options, per seed: (mean_acc per round, best, std_acc, bytes up, bytes down)

@@ -20,7 +20,7 @@ from analysis.paired import (
     t_interval,
     t_quantile,
 )
-from fedselect.compare import RunStats
+from fedselect.tracking.compare import RunStats
 
 
 def _stats(group: str, seed: str, final: float, clients: dict[int, float] | None = None) -> RunStats:

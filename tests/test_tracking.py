@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from fedselect import tracking
 from fedselect.tracking import (
     RUN_RECORD_KEYS,
     RunTracker,
@@ -25,6 +24,7 @@ from fedselect.tracking import (
     read_run_record,
     write_run_record,
 )
+from fedselect.tracking import store as tracking
 
 PARALLEL_WORKERS = 4
 PARALLEL_ROUNDS = 30
