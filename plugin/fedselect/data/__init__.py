@@ -16,13 +16,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .partition import (
+from .partition import Partition, partition_key
+from .partitioners import (
     PARTITION_KINDS,
-    Partition,
     dirichlet_partition,
     domain_partition,
     make_partition,
-    partition_key,
     pathological_partition,
 )
 from .sources import (

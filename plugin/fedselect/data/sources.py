@@ -22,7 +22,6 @@ import socket
 import sys
 import threading
 import urllib.parse
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from fedselect.files import atomic_writer
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -337,19 +338,14 @@ def _write_cache(path: Path, data: ImageData) -> None:
 
 def save_cache_blob(path: Path, blob: dict[str, Any]) -> None:
     """``torch.save`` a dataset cache atomically: readers see no file or the whole file."""
-    # a unique sibling name, opened exclusively: parallel writers never share a temporary file,
-    # and unlike mkstemp the file gets the usual umask permissions, so a shared cache stays readable
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as fh:
+        # parallel writers never share a temporary file, and the file gets the usual umask
+        # permissions, so a shared cache stays readable
+        with atomic_writer(path, "wb", fsync=False) as fh:
             torch.save(blob, fh)
-        os.replace(tmp, path)
     except OSError as exc:
         # an unwritable cache only costs time on the next load; the data itself is fine
         warnings.warn(f"could not write the dataset cache {path}: {exc}", RuntimeWarning, stacklevel=4)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _decode_chunk(paths: Sequence[str]) -> np.ndarray:

@@ -41,10 +41,8 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import random
 import re
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -56,6 +54,7 @@ import torch
 from fedselect import __version__
 from fedselect.config import ConfigError, ExperimentConfig
 from fedselect.core.masks import PackedTensor
+from fedselect.files import atomic_writer, temporary_glob
 from fedselect.tracking import flatten, load_runs
 
 log = logging.getLogger(__name__)
@@ -231,17 +230,8 @@ def set_rng_state(encoded: dict[str, Any]) -> None:
 
 def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, "wb") as fh:
+        torch.save(state, fh)
 
 
 _REQUIRED = ("format", "config_hash", "config", "round", "device_type", "mlflow", "model", "server", "clients",
@@ -286,7 +276,7 @@ class RunCheckpointer:
         self.resumed_at: list[int] = []
         self.previous_seconds = 0.0
         self._run: dict[str, Any] = {}
-        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+        for tmp in self.path.parent.glob(temporary_glob(self.path)):
             log.warning("removing %s, a checkpoint write that never finished", tmp)
             tmp.unlink(missing_ok=True)
         self.state = self._load() if config.train.resume else None
