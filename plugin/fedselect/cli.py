@@ -12,7 +12,6 @@ from typing import Any
 
 from fedselect import __version__
 from fedselect.config import ConfigError
-from fedselect.tracking.compare import add_compare_parser, cmd_compare
 
 EPILOG = """
 examples:
@@ -66,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("algorithms", help="list the registered algorithm names, one per line")
     check = sub.add_parser("check-config", help="validate a config and print it with defaults filled in")
     _add_config_args(check)
-    add_compare_parser(sub)
+    _add_compare_parser(sub)
     _add_deploy_parsers(sub)
     return parser
 
@@ -203,6 +202,63 @@ def cmd_launch_local(ns: argparse.Namespace) -> int:
         return 2
     return launch_local(ns.config, ns.overrides, clients=ns.clients, timeout_s=ns.timeout, log_dir=ns.log_dir,
                         plugins=ns.plugin, out=ns.out)
+
+
+COMPARE_DESCRIPTION = """\
+Print the study tables (mean ± std over seeds of final and best-round mean client accuracy,
+client spread, bytes per client per round, wall time, training sample passes and compute
+where logged) for any set of MLflow runs. Reads: the MLflow store (--tracking-uri; default
+$MLFLOW_TRACKING_URI, else results/mlflow.db). Writes: the table to stdout (or --out). Only
+FINISHED runs unless --any-status; a variant's repeated seed keeps its latest run (noted
+under the table)."""
+
+COMPARE_EPILOG = """\
+examples:
+  fedselect compare --experiment default
+  fedselect compare --tag study=fedselect_cpu_s2 --tag algorithm=fedselect --format csv
+  fedselect compare --run-id 03847e32... --run-id a706510d... --group-by algorithm,algo.p
+"""
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``compare`` on the ``fedselect`` subcommand parsers."""
+    parser = sub.add_parser("compare", help="tables of mean ± std over seeds for any set of MLflow runs",
+                            description=COMPARE_DESCRIPTION, epilog=COMPARE_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", help="MLflow experiment name (a study's name)")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep runs whose tag KEY equals VALUE; repeatable (all must match)")
+    parser.add_argument("--run-id", action="append", default=[], metavar="ID", help="an MLflow run id; repeatable")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                               "sqlite:///results/mlflow.db)")
+    parser.add_argument("--group-by", help="comma-separated tags or params defining a variant (default: the "
+                                           "run_variant tag, else the run tag, else the algorithm)")
+    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    parser.add_argument("--title", help="heading of the Markdown table")
+    parser.add_argument("--any-status", action="store_true", help="include RUNNING/FAILED/KILLED runs")
+    parser.add_argument("--out", help="write the table to this file instead of stdout")
+    return parser
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    """``fedselect compare``: errors are reported on stderr with exit status 2."""
+    from fedselect.files import atomic_write_text
+    from fedselect.tracking import default_tracking_uri
+    from fedselect.tracking.compare import CompareError, compare, parse_tags
+
+    try:
+        group_by = [k.strip() for k in ns.group_by.split(",") if k.strip()] if ns.group_by else None
+        text = compare(ns.tracking_uri or default_tracking_uri("results"), experiment=ns.experiment,
+                       tags=parse_tags(ns.tag), run_ids=ns.run_id, group_by=group_by, fmt=ns.format,
+                       title=ns.title, any_status=ns.any_status)
+    except (CompareError, FileNotFoundError, ValueError) as exc:
+        print(f"fedselect compare: error: {exc}", file=sys.stderr)
+        return 2
+    if ns.out:
+        atomic_write_text(ns.out, text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 COMMANDS = {"run": cmd_run, "partition": cmd_partition, "cache-data": cmd_cache_data, "algorithms": cmd_algorithms,

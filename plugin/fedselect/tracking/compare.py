@@ -18,10 +18,8 @@ The Markdown and CSV text of the rows: :mod:`fedselect.tracking.tables`.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
-import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fedselect.files import atomic_write_text
 from fedselect.tracking.queries import load_runs, metric_history
-from fedselect.tracking.store import default_tracking_uri
 from fedselect.tracking.tables import csv_text, markdown_table
 
 log = logging.getLogger(__name__)
@@ -277,44 +273,6 @@ def _variant_mean(name: str, members: Sequence[RunStats], attr: str, metric: str
 
 
 
-# -------------------------------------------------------------------------------------- CLI
-
-DESCRIPTION = """\
-Print the study tables (mean ± std over seeds of final and best-round mean client accuracy,
-client spread, bytes per client per round, wall time, training sample passes and compute
-where logged) for any set of MLflow runs. Reads: the MLflow store (--tracking-uri; default
-$MLFLOW_TRACKING_URI, else results/mlflow.db). Writes: the table to stdout (or --out). Only
-FINISHED runs unless --any-status; a variant's repeated seed keeps its latest run (noted
-under the table)."""
-
-EPILOG = """\
-examples:
-  fedselect compare --experiment default
-  fedselect compare --tag study=fedselect_cpu_s2 --tag algorithm=fedselect --format csv
-  fedselect compare --run-id 03847e32... --run-id a706510d... --group-by algorithm,algo.p
-"""
-
-
-def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``compare`` on the ``fedselect`` subcommand parsers."""
-    parser = sub.add_parser("compare", help="tables of mean ± std over seeds for any set of MLflow runs",
-                            description=DESCRIPTION, epilog=EPILOG,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", help="MLflow experiment name (a study's name)")
-    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                        help="keep runs whose tag KEY equals VALUE; repeatable (all must match)")
-    parser.add_argument("--run-id", action="append", default=[], metavar="ID", help="an MLflow run id; repeatable")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                               "sqlite:///results/mlflow.db)")
-    parser.add_argument("--group-by", help="comma-separated tags or params defining a variant (default: the "
-                                           "run_variant tag, else the run tag, else the algorithm)")
-    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
-    parser.add_argument("--title", help="heading of the Markdown table")
-    parser.add_argument("--any-status", action="store_true", help="include RUNNING/FAILED/KILLED runs")
-    parser.add_argument("--out", help="write the table to this file instead of stdout")
-    return parser
-
-
 def compare(tracking_uri: str, *, experiment: str | None = None, tags: Mapping[str, str] | None = None,
             run_ids: Sequence[str] | None = None, group_by: Sequence[str] | None = None,
             fmt: str = "markdown", title: str | None = None, any_status: bool = False) -> str:
@@ -326,20 +284,3 @@ def compare(tracking_uri: str, *, experiment: str | None = None, tags: Mapping[s
     if fmt == "csv":
         return csv_text(rows)
     return markdown_table(rows, title=title, notes=notes)
-
-
-def cmd_compare(ns: argparse.Namespace) -> int:
-    """``fedselect compare``: errors are reported on stderr with exit status 2."""
-    try:
-        group_by = [k.strip() for k in ns.group_by.split(",") if k.strip()] if ns.group_by else None
-        text = compare(ns.tracking_uri or default_tracking_uri("results"), experiment=ns.experiment,
-                       tags=parse_tags(ns.tag), run_ids=ns.run_id, group_by=group_by, fmt=ns.format,
-                       title=ns.title, any_status=ns.any_status)
-    except (CompareError, FileNotFoundError, ValueError) as exc:
-        print(f"fedselect compare: error: {exc}", file=sys.stderr)
-        return 2
-    if ns.out:
-        atomic_write_text(ns.out, text)
-    else:
-        sys.stdout.write(text)
-    return 0
