@@ -19,9 +19,9 @@ from fedselect.algorithms import fedrep as fedrep_module
 from fedselect.algorithms.ditto import DittoOptions, flatten_state, load_flat_state
 from fedselect.algorithms.fedalt import FedAltClient
 from fedselect.algorithms.fedbabu import FedBABUOptions
-from fedselect.algorithms.parts import snapshot_state
 from fedselect.algorithms.fedrep import FedRepOptions
 from fedselect.algorithms.lotteryfl import LotteryFLOptions
+from fedselect.algorithms.parts import snapshot_state
 from fedselect.algorithms.registry import available_algorithms, get_algorithm
 from fedselect.config import ConfigError, load_config, load_config_dict
 from fedselect.core.masks import target_count, unpack_mask

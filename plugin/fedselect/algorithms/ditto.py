@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedselect.options import ConfigError
 from fedselect.core.work import split_local_epochs
 from fedselect.engine import ClientDataset, ExtraLoss, TrainStats
+from fedselect.options import ConfigError
 
 from .base import FedAvgClient, FedAvgServer, RunContext
-from .fedper import restore_state, snapshot_state
+from .parts import restore_state, snapshot_state
 from .registry import register
 
 # generator stream of the personal update, independent of the global update's draws

@@ -5,28 +5,23 @@ Personalization", ICML 2022, arXiv:2204.03809, Alg. 1 (FedAlt). The model is spl
 u and personal v_k once, by layer; each local epoch is one full pass updating only v_k (u
 fixed), then one full pass updating only u (v_k fixed). Only u is uploaded and averaged.
 On the mask mechanism: personal = the configured layer groups, schedule =
-:func:`fedselect.core.localalt.localalt_passes`.
+:func:`fedselect.algorithms.parts.train_localalt` (:mod:`fedselect.algorithms.group_partition`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-import torch
-from torch import nn
-
-from fedselect.options import ConfigError
-from fedselect.core.localalt import localalt_epochs
-from fedselect.engine import ClientDataset, SplitEpoch, TrainStats
-
-from .base import FedAvgClient, FedAvgServer, Mask, RunContext
-from .fedper import entries_of_params, group_param_names
+from .base import FedAvgServer
+from .group_partition import GroupOptions, GroupPartitionClient, PartitionSetting
 from .registry import register
+
+__all__ = ["FedAltClient", "FedAltOptions"]
 
 
 @dataclass(frozen=True)
-class FedAltOptions:
+class FedAltOptions(GroupOptions):
     """The fixed personal part, by layer-group name.
 
     ``personal_groups``: ("head",), the output-layer split of Pillutla et al. 2022 (Sec. 5 studies
@@ -39,57 +34,17 @@ class FedAltOptions:
     samples and u on the second half; "two_passes" is a full pass over v, then over u.
     """
 
+    # the named groups are personal; LocalAlt
+    partition: ClassVar[PartitionSetting] = PartitionSetting("personal_groups", groups_personal=True, localalt=True)
+
     personal_groups: tuple[str, ...] = ("head",)
     localalt_epoch: Literal["split", "two_passes"] = "split"
 
-    def __post_init__(self) -> None:
-        if not self.personal_groups:
-            raise ConfigError("config key 'algo.personal_groups' must name at least one layer group "
-                              "(with nothing personal the run is 'fedavg')")
-        if len(set(self.personal_groups)) != len(self.personal_groups):
-            raise ConfigError(f"config key 'algo.personal_groups' names a group twice: "
-                              f"{list(self.personal_groups)}")
 
-
-class FedAltClient(FedAvgClient):
-    """FedAlt's client: a fixed layer-wise mask and the LocalAlt schedule."""
+class FedAltClient(GroupPartitionClient):
+    """FedAlt's client: a fixed layer-wise mask (the named groups personal) and the LocalAlt schedule."""
 
     Options = FedAltOptions
-
-    def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset,
-                 ctx: RunContext) -> None:
-        super().__init__(model, args, client_id=client_id, data=data, ctx=ctx)
-        options = self.options
-        # resolved now, so a bad group name fails before the first round
-        personal = set(entries_of_params(model, group_param_names(model, options.personal_groups,
-                                                                  "algo.personal_groups")))
-        self.personal_entries = [name for name in model.state_dict() if name in personal]
-        self.shared_entries = [name for name in model.state_dict() if name not in personal]
-        if not self.shared_entries:
-            raise ConfigError("config key 'algo.personal_groups' covers the whole model: nothing is shared "
-                              "(that is 'local')")
-
-    def initial_personal_mask(self) -> Mask:
-        return self.full_mask(self.personal_entries)
-
-    def local_update(self) -> TrainStats:
-        """Pillutla et al. 2022, Alg. 1 (LocalAlt): per epoch, v_k with u fixed, then u with v_k fixed."""
-        personal = set(self.personal_entries)
-        mask = {name: torch.full_like(param, name in personal, dtype=torch.bool)
-                for name, param in self.model.named_parameters()}
-        return train_localalt(self, mask, self.options.localalt_epoch)
-
-
-def train_localalt(client: FedAvgClient, personal: Mask, mode: str) -> TrainStats:
-    """LocalAlt for ``train.local_epochs`` epochs on ``personal`` (a mask over every parameter).
-
-    The one LocalAlt of FedAlt and FedSelect, which differ only in their masks. The phases share
-    one optimizer whose momentum is masked per entry (:class:`fedselect.engine.MaskedSGD`), so the
-    part held fixed neither moves nor gathers momentum; normalization layers whose parameters are
-    all fixed in a phase keep their statistics (the base class's BatchNorm rule).
-    """
-    epochs = localalt_epochs(personal, client.ctx.config.train.local_epochs, mode=mode)
-    return client.train_passes([SplitEpoch(phases) if len(phases) > 1 else phases[0] for phases in epochs])
 
 
 register("fedalt", client=FedAltClient, server=FedAvgServer,

@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from fedselect.options import ConfigError
 from fedselect.engine import TrainStats
+from fedselect.options import ConfigError
 
 from .base import FedAvgClient, FedAvgServer, Mask
-from .fedper import head_entries, train_part
+from .parts import head_entries, train_part
 from .registry import register
 
 # generator stream of evaluation-time fine-tuning, independent of the training draws

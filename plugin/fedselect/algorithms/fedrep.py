@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedselect.options import ConfigError
 from fedselect.core.work import split_local_epochs
 from fedselect.engine import TrainStats
+from fedselect.options import ConfigError
 
 from .base import FedAvgServer
-from .fedper import FedPerClient, head_entries, train_part
+from .fedper import FedPerClient
+from .parts import head_entries, train_part
 from .registry import register
 
 # generator streams of the two phases, so their sample orders are independent draws

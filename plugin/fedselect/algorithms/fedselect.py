@@ -7,7 +7,7 @@ Its difference from FedAvg, on the mask mechanism of :mod:`fedselect.algorithms.
   shared entries + its personal values, every ``search_every`` of its participations; or,
   as in the authors' released code, grows the mask online (``mask_search: grow``;
   :func:`fedselect.core.masks.grow_mask`).
-* local schedule: LocalAlt (Pillutla et al. 2022; :func:`fedselect.core.localalt.localalt_passes`),
+* local schedule: LocalAlt (Pillutla et al. 2022; :func:`fedselect.algorithms.parts.train_localalt`),
   per epoch one pass over the personal entries v, then one over the shared entries u.
 * server: unchanged: each entry averaged over the clients that share it (paper Alg. 2).
 
@@ -34,7 +34,7 @@ from fedselect.options import ConfigError
 from fedselect.plots import plot_iou_heatmap
 
 from .base import FedAvgClient, FedAvgServer, Mask, RunArtifacts, State
-from .fedalt import train_localalt
+from .parts import restore_state, snapshot_state, train_localalt
 from .registry import register
 
 # random-number streams of the calls within one round (LocalAlt uses FedAvg's stream 0)
@@ -126,24 +126,23 @@ class FedSelectClient(FedAvgClient):
     def run_gradltn(self) -> None:
         """GradLTN (paper Alg. 1) from the current model; leaves theta_0 (or theta_L) loaded."""
         opts = self.options
-        params = dict(self.model.named_parameters())
         names = self.maskable_names()
-        theta0 = {n: params[n].detach().clone() for n in names}
-        buffers0 = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        theta0 = snapshot_state(self.model, names)
+        buffers0 = snapshot_state(self.model, [n for n, _ in self.model.named_buffers()])
         calls = 0
 
         def train(start: State, trainable: Mask) -> State:
             nonlocal calls
-            self._load(start, buffers0)
+            restore_state(self.model, {**start, **buffers0})
             self.train_epochs(opts.gradltn_epochs, trainable, stream=_GRADLTN_STREAM + calls)
             calls += 1
-            return {n: params[n].detach().clone() for n in names}
+            return snapshot_state(self.model, names)
 
         result = gradltn(theta0, train, p=opts.p, iterations=opts.gradltn_iterations,
                          fraction_rule=opts.fraction_rule, return_weights=opts.return_weights,
                          topk_scope=opts.topk_scope)
         # Alg. 1's reset: continue from theta_0 (or theta_L) with the statistics of theta_0
-        self._load(result.weights, buffers0)
+        restore_state(self.model, {**result.weights, **buffers0})
         self.personal_mask = {**result.mask, **self.buffer_mask()}
         self.last_search_fraction = result.personal_fraction
 
@@ -163,12 +162,6 @@ class FedSelectClient(FedAvgClient):
         grown = grow_mask({n: mask[n] for n in names}, change, rate=opts.p, target_fraction=opts.grow_target)
         self.personal_mask = {**mask, **grown, **self.buffer_mask()}
         self.grow_snapshot = {n: v.clone() for n, v in current.items()}
-
-    def _load(self, values: State, buffers: State) -> None:
-        with torch.no_grad():
-            state = self.model.state_dict(keep_vars=True)
-            for name, value in {**values, **buffers}.items():
-                state[name].copy_(value)
 
     @classmethod
     def federation_artifacts(cls, clients: Sequence[FedAvgClient], out_dir: Path) -> RunArtifacts:

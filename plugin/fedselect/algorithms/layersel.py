@@ -36,18 +36,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedselect.options import ConfigError
 from fedselect.core.compute import backward_flops, backward_fraction
 from fedselect.core.scores import group_scores
 from fedselect.core.selection import SCORE_KIND, STRATEGIES, SelectionResult
 from fedselect.engine import TrainStats, client_generator, client_global_rng, freeze_norms, trainable_only
 from fedselect.models import LayerGroup, layer_groups
 from fedselect.models.flops import forward_flops_by_group
+from fedselect.options import ConfigError
 from fedselect.plots import plot_selection_heatmap
 
 from .base import BadUpdateError, FedAvgClient, FedAvgServer, Mask, RunArtifacts, RunContext
-from .fedper import entries_of_params
 from .layersel_budget import client_budgets, layer_costs, select_round, selectable
+from .parts import entries_of_params
 from .registry import register
 
 _SCORE_STREAM = 2000
