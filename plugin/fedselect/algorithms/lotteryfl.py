@@ -29,20 +29,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 
-from fedselect.options import ConfigError
 from fedselect.core.masks import target_count, topk_mask
 from fedselect.engine import ClientDataset, TrainStats, evaluate
+from fedselect.options import ConfigError
 
-from .base import FedAvgClient, FedAvgServer, Mask, RunContext
+from .base import FedAvgClient, FedAvgServer, Mask, RunContext, State
 from .registry import register
-
-# theta_0 of every module clients were built on: one copy per module, shared by its clients
-_INITIAL_PARAMS: WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]] = WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -88,8 +84,9 @@ def prunable_names(model: nn.Module) -> list[str]:
 class LotteryFLClient(FedAvgClient):
     """LotteryFL's client: a growing pruning mask, masked SGD, sparse uploads.
 
-    theta_0 (``_INITIAL_PARAMS``) is not checkpointed: it is the common initialization, which
-    a resumed run rebuilds from the seed before any client exists.
+    theta_0 (``initial_params``) is taken from the module when the client is built, before any
+    training, so it is the common initialization. It is not checkpointed: a resumed run rebuilds
+    the common initialization from the seed before it builds its clients.
     """
 
     Options = LotteryFLOptions
@@ -99,9 +96,9 @@ class LotteryFLClient(FedAvgClient):
     def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset,
                  ctx: RunContext) -> None:
         super().__init__(model, args, client_id=client_id, data=data, ctx=ctx)
-        if model not in _INITIAL_PARAMS:
-            # clients are built before any training, so the module holds the common initialization
-            _INITIAL_PARAMS[model] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        # theta_0, the rewind target (one copy per client: a field of the run context shared by
+        # its clients would keep one per run)
+        self.initial_params: State = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.prunable = prunable_names(model)
         self.prune_steps = 0
         self.sparsity_history: list[float] = []
@@ -154,7 +151,7 @@ class LotteryFLClient(FedAvgClient):
         Biases and normalization scales are rewound too, as the released code does; BatchNorm
         running statistics are not parameters and keep their received values.
         """
-        initial = _INITIAL_PARAMS[self.model]
+        initial = self.initial_params
         mask = self.personal_mask
         with torch.no_grad():
             for name, param in self.model.named_parameters():
