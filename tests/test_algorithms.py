@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fedselect.algorithms.base import BadUpdateError, FedAvgClient, FedAvgServer, RunContext
-from fedselect.algorithms.payload import decode_upload, encode_upload, payload_nbytes
+from fedselect.algorithms.payload import decode_tensor, encode_upload, payload_nbytes, validate_upload
 from fedselect.algorithms.registry import available_algorithms, get_algorithm, validate_algorithm_options
 from fedselect.config import load_config_dict
-from fedselect.engine import ImageTransform, client_generator, train_epochs
+from fedselect.engine import ImageTransform, client_generator, train_passes
 from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_dataset_tuple, fedml_sections
 from fedselect.fedml_runtime.simulation import SimulationFlow, sample_clients
 from fedselect.models import build_model
@@ -68,7 +68,7 @@ def test_fedavg_equals_hand_written_fedavg():
         states, weights = [], []
         for cid, data in enumerate(clients):
             reference.load_state_dict(global_state)
-            train_epochs(reference, data.train_x, data.train_y, epochs=1, optim=ctx.optim, transform=ctx.transform,
+            train_passes(reference, data.train_x, data.train_y, [None], optim=ctx.optim, transform=ctx.transform,
                          generator=client_generator(config.seed, cid, round_idx))
             states.append({k: v.clone() for k, v in reference.state_dict().items()})
             weights.append(data.num_train)
@@ -101,7 +101,7 @@ def test_local_trains_alone_and_sends_nothing():
     reference = build_model("cnn", 3, image_size=16)
     reference.load_state_dict(init)
     for round_idx in range(2):
-        train_epochs(reference, clients[1].train_x, clients[1].train_y, epochs=1, optim=ctx.optim,
+        train_passes(reference, clients[1].train_x, clients[1].train_y, [None], optim=ctx.optim,
                      transform=ctx.transform, generator=client_generator(config.seed, 1, round_idx))
     trainers[1].set_model_params(server.get_model_params())
     for key, value in reference.state_dict().items():
@@ -135,10 +135,11 @@ def test_elementwise_mask_round_trip_through_upload():
     mask = {"w": torch.tensor([[True, False, False, True, False], [False] * 5])}
     upload = encode_upload(state, mask, client_id=1, num_samples=4)
     assert upload["partial"]["w"].tolist() == [1.0, 2.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
-    values, shared = decode_upload(upload, state)
-    assert torch.equal(shared["w"], ~mask["w"])
-    assert torch.equal(values["w"][shared["w"]], state["w"][~mask["w"]])
-    assert torch.isnan(values["w"][mask["w"]]).all()
+    validate_upload(upload, state)
+    values, shared = decode_tensor(upload, "w", state["w"])
+    assert torch.equal(shared, ~mask["w"])
+    assert torch.equal(values[shared], state["w"][~mask["w"]])
+    assert torch.isnan(values[mask["w"]]).all()
     # values (8 floats + 3 floats) + 2 bytes of mask bits + small header
     assert payload_nbytes(upload) >= (8 + 3) * 4 + 2
 
@@ -147,12 +148,12 @@ def test_mismatched_shapes_are_rejected():
     state = {"w": torch.zeros(2, 5)}
     upload = encode_upload({"w": torch.zeros(3, 5)}, {}, client_id=2, num_samples=1)
     with pytest.raises(ValueError, match="'w' has shape"):
-        decode_upload(upload, state)
+        validate_upload(upload, state)
     upload = encode_upload({"w": torch.zeros(2, 5)}, {"w": torch.eye(2, 5, dtype=torch.bool)}, client_id=2,
                            num_samples=1)
     upload["partial"]["w"] = upload["partial"]["w"][:-1]
     with pytest.raises(ValueError, match="shared values"):
-        decode_upload(upload, state)
+        validate_upload(upload, state)
 
 
 class PoisonedClient(FedAvgClient):

@@ -1,4 +1,4 @@
-"""Tests for fedselect.core.aggregate: masked averaging, broadcast, finiteness guard."""
+"""Tests for fedselect.core.aggregate: masked averaging."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedselect.core.aggregate import broadcast, check_finite, masked_average
+from fedselect.core.aggregate import masked_average
 from fedselect.core.masks import empty_mask
 
 
@@ -130,46 +130,6 @@ def test_masked_average_validation() -> None:
         masked_average(glob, states, masks[:1])
 
 
-def test_broadcast_keeps_personal_entries_bit_identical() -> None:
-    client, glob = _states(2, seed=4)
-    client["w"][0, 0] = math.nan
-    client["b"][1] = -0.0
-    g = torch.Generator().manual_seed(5)
-    mask = {k: torch.rand(v.shape, generator=g) < 0.5 for k, v in client.items()}
-    mask["w"][0, 0] = True
-    mask["b"][1] = True
-    out = broadcast(client, mask, glob)
-    for k in client:
-        assert torch.equal(_bits(out[k][mask[k]]), _bits(client[k][mask[k]]))
-        assert torch.equal(_bits(out[k][~mask[k]]), _bits(glob[k][~mask[k]]))
-    # Inputs untouched.
-    assert math.isnan(client["w"][0, 0].item())
-
-
-def test_broadcast_never_sampled_takes_global() -> None:
-    (glob,) = _states(1, seed=6)
-    out = broadcast(None, None, glob)
-    for k in glob:
-        assert torch.equal(out[k], glob[k])
-        assert out[k].data_ptr() != glob[k].data_ptr()
-    with pytest.raises(ValueError, match="client_state"):
-        broadcast(None, empty_mask(glob), glob)
-
-
-def test_check_finite_names_client_and_tensor() -> None:
-    (s,) = _states(1)
-    check_finite(s, "client 3")
-    s["b"][2] = math.inf
-    with pytest.raises(ValueError, match=r"client 3.*'b'"):
-        check_finite(s, "client 3")
-    mask = empty_mask(s)
-    mask["b"][2] = True
-    check_finite(s, "client 3", mask)  # the Inf is in a personal entry: not the server's business
-    s["w"][1, 1] = math.nan
-    with pytest.raises(ValueError, match=r"client 7.*'w'"):
-        check_finite(s, "client 7", mask)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu_bit_for_bit() -> None:
     states = _states(3, seed=8)
@@ -187,5 +147,3 @@ def test_cuda_matches_cpu_bit_for_bit() -> None:
     for k in cpu:
         assert torch.equal(_bits(gpu[k].cpu()), _bits(cpu[k]))
         assert torch.equal(gpu_mask[k].cpu(), cpu_mask[k])
-    out = broadcast(dev(states[0]), dev(masks[0]), gpu)
-    assert all(v.is_cuda for v in out.values())

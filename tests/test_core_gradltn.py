@@ -10,12 +10,9 @@ import torch
 
 from fedselect.core.gradltn import (
     TOPK_SCOPES,
-    PersonalPart,
     final_personal_fraction,
     gradltn,
-    merge,
     selection_fractions,
-    split_shared_personal,
 )
 from fedselect.core.localalt import invert_mask, localalt_passes, localalt_phases
 from fedselect.core.masks import empty_mask, full_mask, target_count, topk_mask, topk_mask_global
@@ -356,37 +353,6 @@ def test_selection_fractions() -> None:
     assert selection_fractions(0.25, 3, "per_iteration_of_original") == [0.25, 0.25, 0.25]
     assert selection_fractions(0.5, 3, "compounding") == [0.5, 0.25, 0.125]
     assert final_personal_fraction(0.75, 5) == 0.75
-
-
-def test_split_merge_round_trip_and_personal_part() -> None:
-    state = _theta0()
-    glob = _theta0(seed=9)
-    g = torch.Generator().manual_seed(4)
-    mask = {k: torch.rand(v.shape, generator=g) < 0.3 for k, v in state.items()}
-    shared, personal = split_shared_personal(state, mask)
-    for k in state:
-        assert personal[k].dim() == 1 and personal[k].numel() == int(mask[k].sum())
-        assert (shared[k][mask[k]] == 0).all()
-        assert torch.equal(shared[k][~mask[k]], state[k][~mask[k]])
-    assert all(torch.equal(merge(state, personal, mask)[k], state[k]) for k in state)
-    theta_k = merge(glob, personal, mask)
-    for k in state:
-        assert torch.equal(theta_k[k][mask[k]], state[k][mask[k]])
-        assert torch.equal(theta_k[k][~mask[k]], glob[k][~mask[k]])
-    part = PersonalPart.capture(state, mask)
-    restored, m = part.restore(glob)
-    for k in state:
-        assert torch.equal(m[k], mask[k])
-        assert torch.equal(restored[k], theta_k[k])
-    n_personal = sum(int(v.sum()) for v in mask.values())
-    assert part.nbytes() == 4 * n_personal + (100 + 7) // 8 + (20 + 7) // 8
-    # A tensor without personal entries may be left out of the values.
-    none = empty_mask(state)
-    assert torch.equal(merge(glob, {}, none)["w"], glob["w"])
-    with pytest.raises(ValueError, match="'w'"):
-        merge(glob, {"w": torch.zeros(3)}, mask)
-    with pytest.raises(ValueError, match="'b'"):
-        merge(glob, {"w": personal["w"]}, mask)
 
 
 def test_localalt_schedule() -> None:

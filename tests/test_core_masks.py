@@ -15,7 +15,6 @@ from fedselect.core.masks import (
     iou_matrix,
     mask_iou,
     pack_mask,
-    packed_nbytes,
     personal_fraction,
     personal_fraction_by_group,
     target_count,
@@ -247,7 +246,6 @@ def test_pack_unpack_round_trip(shape: tuple[int, ...]) -> None:
     for k in m:
         assert back[k].dtype == torch.bool
         assert torch.equal(back[k], m[k])
-    assert packed_nbytes(m) == 2 * ((n + 7) // 8)
     # Same layout as numpy.packbits (MSB first), so packed masks are readable without torch.
     assert packed["t"].bits.numpy().tobytes() == np.packbits(m["t"].numpy().reshape(-1)).tobytes()
 
@@ -255,11 +253,6 @@ def test_pack_unpack_round_trip(shape: tuple[int, ...]) -> None:
 def test_unpack_rejects_wrong_length() -> None:
     with pytest.raises(ValueError, match="'t'"):
         unpack_mask({"t": (torch.zeros(3, dtype=torch.uint8), (9,))})
-
-
-def test_packed_nbytes_sum_of_ceil() -> None:
-    st = _state()
-    assert packed_nbytes(empty_mask(st)) == math.ceil(108 / 8) + math.ceil(4 / 8) + math.ceil(70 / 8)
 
 
 def test_grow_mask_exact_count_among_shared() -> None:

@@ -8,7 +8,7 @@ from fedselect.engine import (
     OptimConfig,
     client_generator,
     evaluate,
-    train_epochs,
+    train_passes,
 )
 
 
@@ -29,8 +29,8 @@ def test_masked_entries_and_frozen_tensors_are_bit_identical():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mask = torch.zeros_like(model[1].weight, dtype=torch.bool)
     mask[:4] = True
-    stats = train_epochs(model, x, y, epochs=2, optim=OPT, transform=transform, generator=client_generator(0, 0, 0),
-                         trainable={"1.weight": mask, "3.bias": None})
+    stats = train_passes(model, x, y, [{"1.weight": mask, "3.bias": None}] * 2, optim=OPT, transform=transform,
+                         generator=client_generator(0, 0, 0))
     after = model.state_dict()
     assert stats.samples == 2 * len(y) and stats.steps == 2 * 4
     assert torch.equal(after["1.weight"][~mask], before["1.weight"][~mask])
@@ -46,8 +46,8 @@ def test_frozen_tensors_get_no_gradient_work():
     model, x, y, transform = tiny_problem()
     seen = []
     model[1].weight.register_hook(lambda g: seen.append(g))
-    train_epochs(model, x, y, epochs=1, optim=OPT, transform=transform, generator=client_generator(0, 0, 0),
-                 trainable={"3.weight": None, "3.bias": None})
+    train_passes(model, x, y, [{"3.weight": None, "3.bias": None}], optim=OPT, transform=transform,
+                 generator=client_generator(0, 0, 0))
     assert seen == []
 
 
@@ -56,7 +56,7 @@ def test_same_generator_same_result():
     for _ in range(2):
         torch.manual_seed(1)
         model, x, y, transform = tiny_problem()
-        train_epochs(model, x, y, epochs=2, optim=OPT, transform=transform, generator=client_generator(3, 1, 2))
+        train_passes(model, x, y, [None] * 2, optim=OPT, transform=transform, generator=client_generator(3, 1, 2))
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
@@ -97,8 +97,6 @@ def test_evaluate_counts_per_sample():
 
 
 def test_frozen_norm_stats_keep_running_statistics_but_train_affine_weights():
-    from fedselect.engine import train_passes
-
     x = torch.randint(0, 256, (32, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     y = torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(1))
     transform = ImageTransform((0.5,) * 3, (0.25,) * 3, augment=False)

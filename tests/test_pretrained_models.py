@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fedselect.engine import OptimConfig, evaluate, train_epochs
+from fedselect.engine import OptimConfig, evaluate, train_passes
 from fedselect.models import WeightsUnavailableError, build_model, layer_groups
 from fedselect.models import efficientnet as eff
 from fedselect.models import text as minilm
@@ -189,8 +189,8 @@ def test_minilm_trains_in_engine_with_frozen_stem() -> None:
         return batch
 
     trainable = {n: None for n, _ in model.named_parameters() if n not in stem}
-    stats = train_epochs(model, x, y, epochs=1, optim=OptimConfig(lr=0.01, batch_size=4), transform=identity,
-                         generator=torch.Generator().manual_seed(1), trainable=trainable)
+    stats = train_passes(model, x, y, [trainable], optim=OptimConfig(lr=0.01, batch_size=4), transform=identity,
+                         generator=torch.Generator().manual_seed(1))
     assert stats.steps == 2 and np.isfinite(stats.mean_loss)
     after = dict(model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in stem)

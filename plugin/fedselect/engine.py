@@ -319,19 +319,6 @@ def freeze_norms(model: nn.Module, *, frozen_layers: bool, all_layers: bool) -> 
             module.eval()
 
 
-def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, optim: OptimConfig,
-                 transform: Callable[..., torch.Tensor], generator: torch.Generator,
-                 trainable: TrainableSpec | None = None, extra_loss: ExtraLoss | None = None) -> TrainStats:
-    """Train ``model`` in place for ``epochs`` passes over (x, y), updating only ``trainable``.
-
-    Each epoch visits every sample once in a random order drawn from ``generator``; the last
-    batch may be smaller. Momentum buffers start fresh on each call (a new local optimizer per
-    call, as in FedAvg's client update).
-    """
-    return train_passes(model, x, y, [trainable] * max(0, epochs), optim=optim, transform=transform,
-                        generator=generator, extra_loss=extra_loss)
-
-
 @dataclass(frozen=True)
 class EvalResult:
     """Per-sample counts on one client's test split."""

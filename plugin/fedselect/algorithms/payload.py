@@ -91,17 +91,6 @@ def decode_tensor(payload: Mapping[str, Any], name: str, reference: torch.Tensor
     return None
 
 
-def decode_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Tensor]
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Every sent tensor of an upload at full shape, with its shared mask; validates first."""
-    validate_upload(payload, reference)
-    values: dict[str, torch.Tensor] = {}
-    shared: dict[str, torch.Tensor] = {}
-    for name in (*payload["tensors"], *payload.get("partial", {})):
-        values[name], shared[name] = decode_tensor(payload, name, reference[name])
-    return values, shared
-
-
 def _reference(reference: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     if name not in reference:
         raise ValueError(f"upload has tensor '{name}' that the global model lacks")

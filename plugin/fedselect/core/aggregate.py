@@ -1,9 +1,11 @@
-"""Server side of FedSelect: average each entry over the clients that share it, broadcast shared u.
+"""Server side of FedSelect: average each entry over the clients that share it.
 
 FedSelect (arXiv 2306.13264, Sec. 3 / Alg. 2 server step): the server averages the shared
 parameters u over the sampled clients, entry by entry over only those clients whose mask marks the
-entry shared, keeps a global mask m_G = OR of the client masks, and broadcasts u back so that each
-client overwrites only its own shared entries. Personal entries are never read by the server.
+entry shared, and keeps a global mask m_G = OR of the client masks. Personal entries are never read
+by the server. (The broadcast back, where each client overwrites only its own shared entries, is
+:meth:`fedselect.algorithms.base.FedAvgClient.set_model_params`; the finiteness guard on uploads is
+:func:`fedselect.algorithms.payload.validate_upload`.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from fedselect.core.masks import Mask, State, validate_mask, validate_same_layout
 
-__all__ = ["broadcast", "check_finite", "masked_average"]
+__all__ = ["masked_average"]
 
 
 def _check_weights(weights: Sequence[float] | None, n_clients: int) -> list[float]:
@@ -111,45 +113,3 @@ def masked_average(
         global_mask[key] = union
     return new_global, global_mask
 
-
-def broadcast(
-    client_state: Mapping[str, Tensor] | None,
-    client_mask: Mapping[str, Tensor] | None,
-    global_state: Mapping[str, Tensor],
-) -> State:
-    """A client's next model: global values on its shared entries, its own values on personal ones.
-
-    FedSelect server broadcast: u_G overwrites only the entries where the client's mask is False;
-    personal entries are copied bit for bit. A client never sampled (mask None) takes the whole
-    global state (``client_state`` may then be None too). Raises ValueError on mismatched layouts.
-    """
-    if client_mask is None:
-        return {k: v.detach().clone() for k, v in global_state.items()}
-    if client_state is None:
-        raise ValueError("client_state is required when client_mask is given")
-    validate_same_layout(global_state, client_state, "global state", "client state")
-    validate_mask(client_mask, global_state)
-    out: State = {}
-    for k, g in global_state.items():
-        c = client_state[k].detach()
-        out[k] = torch.where(client_mask[k].to(c.device), c, g.detach().to(device=c.device, dtype=c.dtype))
-    return out
-
-
-def check_finite(state: Mapping[str, Tensor], who: str, mask: Mapping[str, Tensor] | None = None) -> None:
-    """Raise ValueError naming ``who`` and the tensor if a shared entry of ``state`` is NaN or Inf.
-
-    Guard before FedSelect's server average: a diverged client must not poison u_G. Only entries
-    where ``mask`` is False (shared) are checked; ``mask=None`` checks every entry.
-    """
-    if mask is not None:
-        validate_mask(mask, state)
-    for k, t in state.items():
-        if not t.is_floating_point():
-            continue
-        bad = ~torch.isfinite(t.detach())
-        if mask is not None:
-            bad &= ~mask[k].to(t.device)
-        n_bad = int(bad.sum().item())
-        if n_bad:
-            raise ValueError(f"{who}: tensor {k!r} has {n_bad} non-finite shared entries (NaN/Inf)")

@@ -7,13 +7,12 @@ new m, resets the model to theta_0 and trains again updating only m. The output 
 u = theta_0 on not-m (shared), v = theta_0 on m (personal), and m.
 
 Training itself is the caller's: ``train(start_state, trainable_mask) -> new_state``, so this module
-stays framework-free. The u / v storage helpers at the bottom let a client keep only its personal
-values (1-D) plus a bit-packed mask between rounds instead of a whole model copy.
+stays framework-free. (How a client then keeps only its personal values, 1-D, plus a bit-packed mask
+between rounds is :class:`fedselect.algorithms.base.FedAvgClient`'s.)
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,15 +22,12 @@ from torch import Tensor
 
 from fedselect.core.masks import (
     Mask,
-    PackedTensor,
     State,
     full_mask,
-    pack_mask,
     personal_count,
     target_count,
     topk_mask,
     topk_mask_global,
-    unpack_mask,
     validate_mask,
     validate_same_layout,
 )
@@ -42,13 +38,10 @@ __all__ = [
     "TOPK_SCOPES",
     "GradLTNResult",
     "GradLTNStep",
-    "PersonalPart",
     "TrainFn",
     "final_personal_fraction",
     "gradltn",
-    "merge",
     "selection_fractions",
-    "split_shared_personal",
 ]
 
 TrainFn = Callable[[State, Mask], State]
@@ -296,85 +289,3 @@ def _fraction(mask: Mapping[str, Tensor]) -> float:
     n_true, n_all = personal_count(mask)
     return n_true / n_all if n_all else 0.0
 
-
-def split_shared_personal(
-    state: Mapping[str, Tensor], mask: Mapping[str, Tensor]
-) -> tuple[State, dict[str, Tensor]]:
-    """Split theta into (u, v) as in Pillutla et al. 2022 Sec. 2 / FedSelect Alg. 1's return.
-
-    Returns ``shared``: a copy of the state whose personal entries are zeroed (so uploading it can
-    never leak a personal value), and ``personal``: for every tensor the 1-D tensor of its personal
-    entries in row-major order (empty when the tensor has none).
-    """
-    validate_mask(mask, state)
-    shared: State = {}
-    personal: dict[str, Tensor] = {}
-    for k, t in state.items():
-        m = mask[k].to(t.device)
-        shared[k] = torch.where(m, torch.zeros((), dtype=t.dtype, device=t.device), t.detach())
-        personal[k] = t.detach()[m].clone()
-    return shared, personal
-
-
-def merge(
-    state_global: Mapping[str, Tensor], personal_values: Mapping[str, Tensor], mask: Mapping[str, Tensor]
-) -> State:
-    """theta_k = (u_global, v_k): the global state with the client's personal entries written back.
-
-    Inverse of ``split_shared_personal`` (Pillutla et al. 2022 Sec. 2; FedSelect's broadcast of u).
-    ``personal_values[k]`` must hold exactly ``mask[k].sum()`` values; a tensor may be absent from
-    ``personal_values`` only if it has no personal entries.
-    """
-    validate_mask(mask, state_global)
-    out: State = {}
-    for k, g in state_global.items():
-        m = mask[k].to(g.device)
-        n_personal = int(m.sum().item())
-        t = g.detach().clone()
-        if k not in personal_values:
-            if n_personal:
-                raise ValueError(f"personal values are missing tensor {k!r} ({n_personal} personal entries)")
-            out[k] = t
-            continue
-        vals = personal_values[k]
-        if vals.dim() != 1 or vals.numel() != n_personal:
-            raise ValueError(
-                f"tensor {k!r}: mask has {n_personal} personal entries but {tuple(vals.shape)} values given"
-            )
-        t[m] = vals.to(dtype=t.dtype, device=t.device)
-        out[k] = t
-    return out
-
-
-@dataclass(frozen=True)
-class PersonalPart:
-    """What a client keeps between rounds: its personal values v_k (1-D per tensor) and packed mask m_k.
-
-    The storage form of Pillutla et al. 2022's v_k for an element-wise FedSelect mask; the shared u is
-    re-obtained from the server's global state (``restore``).
-    """
-
-    values: dict[str, Tensor]
-    packed_mask: dict[str, PackedTensor]
-
-    @classmethod
-    def capture(cls, state: Mapping[str, Tensor], mask: Mapping[str, Tensor]) -> PersonalPart:
-        """Keep v_k (values moved to the CPU) and the bit-packed m_k of a client's state."""
-        _, personal = split_shared_personal(state, mask)
-        return cls(values={k: v.cpu() for k, v in personal.items()}, packed_mask=pack_mask(mask))
-
-    def mask(self, device: torch.device | str | None = None) -> Mask:
-        """The unpacked personal mask m_k."""
-        return unpack_mask(self.packed_mask, device=device)
-
-    def restore(self, state_global: Mapping[str, Tensor]) -> tuple[State, Mask]:
-        """(theta_k, m_k): the global state with v_k written back, and the mask, on the global's device."""
-        device = next(iter(state_global.values())).device if state_global else None
-        m = self.mask(device)
-        return merge(state_global, self.values, m), m
-
-    def nbytes(self) -> int:
-        """Storage bytes: the personal values plus ceil(numel / 8) per packed mask tensor."""
-        vals = sum(v.numel() * v.element_size() for v in self.values.values())
-        bits = sum((math.prod(pt.shape) + 7) // 8 for pt in self.packed_mask.values())
-        return vals + bits

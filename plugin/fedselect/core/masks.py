@@ -35,7 +35,6 @@ __all__ = [
     "iou_matrix",
     "mask_iou",
     "pack_mask",
-    "packed_nbytes",
     "personal_count",
     "personal_fraction",
     "personal_fraction_by_group",
@@ -322,11 +321,6 @@ def unpack_mask(
         m = unpacked.reshape(-1)[:numel].to(torch.bool).reshape(shape_t)
         out[k] = m if device is None else m.to(device)
     return out
-
-
-def packed_nbytes(mask: Mapping[str, Tensor]) -> int:
-    """Bytes of the bit-packed mask, sum over tensors of ceil(numel / 8) (upload cost of m_k)."""
-    return sum((m.numel() + 7) // 8 for m in mask.values())
 
 
 def grow_mask(
