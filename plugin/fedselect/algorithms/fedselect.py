@@ -43,9 +43,21 @@ _GRADLTN_STREAM = 1000
 
 @dataclass(frozen=True)
 class FedSelectOptions:
-    """Options under ``algo:`` for ``algorithm: fedselect``."""
+    """Options under ``algo:`` for ``algorithm: fedselect``.
 
-    # personalization rate: the final fraction of each maskable tensor that is personal
+    ``p`` means one of two things, after ``mask_search`` (the key keeps its name because configs
+    and studies use it):
+
+    * ``mask_search: gradltn`` (paper Alg. 1): the personalization rate, the *final* fraction of
+      each maskable tensor (``topk_scope: model``: of all maskable entries together) that is
+      personal after a search, exactly up to whole entries (``fraction_rule: compounding``: p^L);
+    * ``mask_search: grow`` (the released code): a *growth rate*, the fraction of each maskable
+      tensor's still-shared entries that turn personal at each growth step; a tensor grows until
+      its personal fraction exceeds ``grow_target``, which bounds the personal fraction, not ``p``.
+    """
+
+    # gradltn: the final personal fraction of each maskable tensor; grow: the share of the
+    # still-shared entries that turn personal per growth step (see the class docstring)
     p: float = 0.5
     # gradltn: paper Alg. 1; grow: the released code's online growth (FedSelect v2)
     mask_search: Literal["gradltn", "grow"] = "gradltn"
@@ -62,8 +74,8 @@ class FedSelectOptions:
     search_every: int = 1
     # which parameter tensors may hold personal entries: all, or only `*weight` tensors (released code)
     maskable: Literal["all", "weights"] = "all"
-    # grow variant (released code): every `grow_every` participations, grow by `p` of the
-    # still-shared entries of each tensor until its personal fraction exceeds `grow_target`
+    # grow variant (released code): every `grow_every` participations, `p` of the still-shared
+    # entries of each tensor become personal, until its personal fraction exceeds `grow_target`
     grow_every: int = 1
     grow_target: float = 0.8
     # one LocalAlt epoch: "split" (v on half the epoch's samples, then u on the other half: one
