@@ -10,12 +10,12 @@ import torch
 
 from fedselect.algorithms.base import BadUpdateError, FedAvgClient, FedAvgServer, RunContext
 from fedselect.algorithms.payload import decode_tensor, encode_upload, payload_nbytes, validate_upload
-from fedselect.algorithms.registry import available_algorithms, get_algorithm, validate_algorithm_options
 from fedselect.config import load_config_dict
 from fedselect.engine import ImageTransform, client_generator, train_passes
 from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_dataset_tuple, fedml_sections
 from fedselect.fedml_runtime.simulation import SimulationFlow, sample_clients
 from fedselect.models import build_model
+from fedselect.registry import available_algorithms, get_algorithm, validate_algorithm_options
 
 from .conftest import synthetic_clients
 

@@ -21,12 +21,11 @@ from fedselect.algorithms.fedalt import FedAltClient
 from fedselect.algorithms.fedbabu import FedBABUOptions
 from fedselect.algorithms.fedrep import FedRepOptions
 from fedselect.algorithms.lotteryfl import LotteryFLOptions
-from fedselect.algorithms.parts import snapshot_state
-from fedselect.algorithms.registry import available_algorithms, get_algorithm
 from fedselect.config import ConfigError, load_config, load_config_dict
 from fedselect.core.masks import target_count, unpack_mask
-from fedselect.engine import SplitEpoch, evaluate
+from fedselect.engine import SplitEpoch, evaluate, snapshot_state
 from fedselect.models import prefix_spec, register_layer_groups
+from fedselect.registry import available_algorithms, get_algorithm
 
 from .conftest import REPO
 from .test_algorithms import make_run, run_flow

@@ -27,8 +27,8 @@ import yaml
 from PIL import Image
 
 from fedselect.algorithms.base import FedAvgClient, FedAvgServer
-from fedselect.algorithms.registry import available_algorithms, register
 from fedselect.config import ConfigError, load_config_dict
+from fedselect.registry import available_algorithms, register
 from fedselect.runner.processes import Fleet, free_port_block, member_argv
 
 from .conftest import REPO

@@ -23,12 +23,12 @@ import torch
 
 import fedselect.runner.record as record_module
 import fedselect.runner.simulate as run_module
-from fedselect.algorithms.registry import available_algorithms
 from fedselect.config import load_config_dict
 from fedselect.core.masks import pack_mask
 from fedselect.data import ImageData
 from fedselect.engine import EvalResult
 from fedselect.fedml_runtime.simulation import SimulationFlow
+from fedselect.registry import available_algorithms
 from fedselect.runner.checkpoint import (
     CheckpointError,
     RunCheckpointer,

@@ -114,7 +114,7 @@ def cmd_cache_data(ns: argparse.Namespace) -> int:
 
 
 def cmd_algorithms(_: argparse.Namespace) -> int:
-    from fedselect.algorithms.registry import available_algorithms
+    from fedselect.registry import available_algorithms
 
     print("\n".join(available_algorithms()))
     return 0
@@ -155,8 +155,8 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 def _deploy_config(ns: argparse.Namespace) -> Any:
     # grpc's core logs each connection a stopping peer cancels at INFO; keep errors only
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from fedselect.algorithms.registry import load_plugins
     from fedselect.config import load_config
+    from fedselect.registry import load_plugins
 
     load_plugins(ns.plugin)
     return load_config(ns.config, ns.overrides)
@@ -193,7 +193,7 @@ def cmd_join(ns: argparse.Namespace) -> int:
 
 
 def cmd_launch_local(ns: argparse.Namespace) -> int:
-    from fedselect.algorithms.registry import load_plugins
+    from fedselect.registry import load_plugins
     from fedselect.runner.processes import launch_local
 
     load_plugins(ns.plugin)

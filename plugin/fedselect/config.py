@@ -6,7 +6,7 @@ unknown key, a wrong type or an out-of-range value raises :class:`ConfigError` n
 dotted key (``train.lr``), before any data is loaded or any model is built.
 
 Algorithm-specific options live under ``algo:`` and are validated against the options
-dataclass the algorithm registers (see :mod:`fedselect.algorithms.registry`).
+dataclass the algorithm registers (see :mod:`fedselect.registry`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
-from fedselect.algorithms.registry import validate_algorithm_options
 from fedselect.options import ConfigError, build_dataclass, check
+from fedselect.registry import validate_algorithm_options
 
 __all__ = ["ConfigError", "build_dataclass"]  # re-exported: configs and callers raise and catch these
 

@@ -12,7 +12,7 @@ get ``requires_grad=False`` so autograd skips their gradient work entirely.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -386,3 +386,18 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"config key 'device' is {name!r} but CUDA is not available on this machine")
     return device
+
+
+def snapshot_state(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Detached copies of the named state entries (default: all of them)."""
+    state = model.state_dict()
+    keys = state.keys() if names is None else names
+    return {name: state[name].detach().clone() for name in keys}
+
+
+def restore_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Write a :func:`snapshot_state` back in place, bit for bit."""
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, value in saved.items():
+            state[name].copy_(value)

@@ -3,7 +3,7 @@
 :func:`build_dataclass` turns a YAML/JSON mapping into a (frozen) dataclass, checking every key
 against the dataclass's annotations and naming a bad one by its dotted path (``algo.p``);
 :class:`ConfigError` is the one error bad input raises. Nothing here knows about experiments or
-algorithms, so both :mod:`fedselect.config` and :mod:`fedselect.algorithms.registry` build on
+algorithms, so both :mod:`fedselect.config` and :mod:`fedselect.registry` build on
 it without importing each other.
 """
 

@@ -37,6 +37,8 @@ from fedselect.engine import (
     client_global_rng,
     evaluate,
     norm_buffers,
+    restore_state,
+    snapshot_state,
     train_passes,
 )
 from fedselect.fedml_bridge import fedml_interfaces
@@ -265,7 +267,7 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         self.release_unpacked_mask()
         if type(self).prepare_for_evaluation is FedAvgClient.prepare_for_evaluation:
             return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
-        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        saved = snapshot_state(self.model)
         round_passes = self.sample_passes
         try:
             with client_global_rng(self.ctx.config.seed, self.id, self.round_idx, self.ctx.device, stream=1):
@@ -276,9 +278,7 @@ class FedAvgClient(Checkpointable, ClientTrainer):
             return dataclasses.replace(result, adapt_sample_passes=self.sample_passes - round_passes)
         finally:
             self.sample_passes = round_passes
-            with torch.no_grad():
-                for name, value in self.model.state_dict(keep_vars=True).items():
-                    value.copy_(saved[name])
+            restore_state(self.model, saved)
 
     def download_nbytes(self, global_state: Mapping[str, torch.Tensor]) -> int:
         """Bytes of the global values this client needs: its shared entries, plus, before its

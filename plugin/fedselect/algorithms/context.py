@@ -27,6 +27,9 @@ class RunContext:
     # stored batch -> model input (ImageTransform, or TokenTransform for text)
     transform: Callable[..., torch.Tensor]
     device: torch.device
+    # read-only values every client of the run may share instead of copying (LotteryFL's
+    # theta_0), by a key its algorithm owns; filled by the first client built
+    shared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def optim(self) -> OptimConfig:

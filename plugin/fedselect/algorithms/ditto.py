@@ -24,12 +24,11 @@ import torch
 from torch import nn
 
 from fedselect.core.work import split_local_epochs
-from fedselect.engine import ClientDataset, ExtraLoss, TrainStats
+from fedselect.engine import ClientDataset, ExtraLoss, TrainStats, restore_state, snapshot_state
 from fedselect.options import ConfigError
+from fedselect.registry import register
 
 from .base import FedAvgClient, FedAvgServer, RunContext
-from .parts import restore_state, snapshot_state
-from .registry import register
 
 # generator stream of the personal update, independent of the global update's draws
 PERSONAL_STREAM = 1

@@ -1,7 +1,8 @@
 """FedAvg (McMahan et al. 2017): one global model, nothing personal, E epochs of local SGD."""
 
+from fedselect.registry import register
+
 from .base import FedAvgClient, FedAvgServer
-from .registry import register
 
 register("fedavg", client=FedAvgClient, server=FedAvgServer,
          summary="one global model; clients run E epochs of SGD, the server averages by sample count")

@@ -20,10 +20,10 @@ from typing import Literal
 
 from fedselect.engine import TrainStats
 from fedselect.options import ConfigError
+from fedselect.registry import register
 
 from .base import FedAvgClient, FedAvgServer, Mask
 from .parts import head_entries, train_part
-from .registry import register
 
 # generator stream of evaluation-time fine-tuning, independent of the training draws
 FINETUNE_STREAM = 7

@@ -9,9 +9,10 @@ SGD over the whole model.
 
 from __future__ import annotations
 
+from fedselect.registry import register
+
 from .base import FedAvgClient, FedAvgServer, Mask
 from .parts import head_entries
-from .registry import register
 
 __all__ = ["FedPerClient"]
 

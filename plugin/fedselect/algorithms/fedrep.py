@@ -16,11 +16,11 @@ from typing import Any
 from fedselect.core.work import split_local_epochs
 from fedselect.engine import TrainStats
 from fedselect.options import ConfigError
+from fedselect.registry import register
 
 from .base import FedAvgServer
 from .fedper import FedPerClient
 from .parts import head_entries, train_part
-from .registry import register
 
 # generator streams of the two phases, so their sample orders are independent draws
 HEAD_STREAM = 0

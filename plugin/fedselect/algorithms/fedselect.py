@@ -28,14 +28,14 @@ import torch
 
 from fedselect.core.gradltn import gradltn
 from fedselect.core.masks import grow_mask, iou_matrix, personal_fraction, personal_fraction_by_group
-from fedselect.engine import TrainStats
+from fedselect.engine import TrainStats, restore_state, snapshot_state
 from fedselect.models import head_param_names, layer_groups
 from fedselect.options import ConfigError
 from fedselect.plots import plot_iou_heatmap
+from fedselect.registry import register
 
 from .base import FedAvgClient, FedAvgServer, Mask, RunArtifacts, State
-from .parts import restore_state, snapshot_state, train_localalt
-from .registry import register
+from .parts import train_localalt
 
 # random-number streams of the calls within one round (LocalAlt uses FedAvg's stream 0)
 _GRADLTN_STREAM = 1000

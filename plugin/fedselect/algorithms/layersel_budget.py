@@ -1,7 +1,7 @@
 """The server side of ``algorithm: layersel`` that needs no model: costs, budgets, the round's selection.
 
 Whether the always-trained head sits inside the budgets (``algo.head_in_budget``, see
-:class:`fedselect.algorithms.layersel.LayerSelOptions`) is decided here and nowhere else:
+:class:`fedselect.algorithms.layersel_options.LayerSelOptions`) is decided here and nowhere else:
 
 * ``head_in_budget: true``: the candidates are the body layers and the head; the head is a
   ``required`` layer of :func:`fedselect.core.selection.select_layers` (trained by every client,
@@ -18,15 +18,14 @@ rgn, random, full) follow the same rule.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from fedselect.core.selection import InfeasibleBudgetError, SelectionResult, heterogeneous_budgets, select_layers
 from fedselect.models import LayerGroup
 
-if TYPE_CHECKING:
-    from .layersel import LayerSelOptions
+from .layersel_options import LayerSelOptions
 
 T = TypeVar("T")
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fedselect.registry import register
+
 from .base import FedAvgServer
 from .group_partition import GroupOptions, GroupPartitionClient, PartitionSetting
-from .registry import register
 
 __all__ = ["LGFedAvgClient", "LGFedAvgOptions"]
 

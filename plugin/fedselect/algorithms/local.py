@@ -5,8 +5,9 @@ personal" (parameters and BatchNorm statistics), so uploads are empty and nothin
 downloaded after the common initialization.
 """
 
+from fedselect.registry import register
+
 from .base import FedAvgClient, FedAvgServer, Mask
-from .registry import register
 
 
 class LocalClient(FedAvgClient):

@@ -36,9 +36,9 @@ from torch import nn
 from fedselect.core.masks import target_count, topk_mask
 from fedselect.engine import ClientDataset, TrainStats, evaluate
 from fedselect.options import ConfigError
+from fedselect.registry import register
 
 from .base import FedAvgClient, FedAvgServer, Mask, RunContext, State
-from .registry import register
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,10 @@ class LotteryFLClient(FedAvgClient):
     def __init__(self, model: nn.Module, args: Any, *, client_id: int, data: ClientDataset,
                  ctx: RunContext) -> None:
         super().__init__(model, args, client_id=client_id, data=data, ctx=ctx)
-        # theta_0, the rewind target (one copy per client: a field of the run context shared by
-        # its clients would keep one per run)
-        self.initial_params: State = {n: p.detach().clone() for n, p in model.named_parameters()}
+        # theta_0, the rewind target: one read-only copy per run, shared by its clients
+        if "lotteryfl.theta_0" not in ctx.shared:
+            ctx.shared["lotteryfl.theta_0"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.initial_params: State = ctx.shared["lotteryfl.theta_0"]
         self.prunable = prunable_names(model)
         self.prune_steps = 0
         self.sparsity_history: list[float] = []

@@ -2,12 +2,9 @@
 
 A *part* is a set of state entries: parameters plus the buffers of their modules (BatchNorm's
 running statistics belong to the part of their layer's affine parameters). The helpers here name
-parts (the classifier head, named layer groups), snapshot and restore state entries bit for bit,
-and train one part while every other entry stays bit-identical: the toolbox of FedPer, FedRep,
-LG-FedAvg, FedBABU, FedAlt, Ditto, FedSelect and layer selection.
-
-This module imports no client class at run time (only for type hints), so the base classes may
-use its state helpers too.
+parts (the classifier head, named layer groups) and train one part while every other entry
+stays bit-identical (snapshots of state entries: ``engine.snapshot_state``/``restore_state``):
+the toolbox of FedPer, FedRep, LG-FedAvg, FedBABU, FedAlt, Ditto, FedSelect and layer selection.
 """
 
 from __future__ import annotations
@@ -15,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from fedselect.core.localalt import localalt_epochs
 from fedselect.core.masks import Mask
-from fedselect.engine import ExtraLoss, SplitEpoch, TrainStats
+from fedselect.engine import ExtraLoss, SplitEpoch, TrainStats, restore_state, snapshot_state
 from fedselect.models import head_param_names, layer_groups
 from fedselect.options import ConfigError
 
@@ -31,8 +27,6 @@ __all__ = [
     "entries_of_params",
     "group_param_names",
     "head_entries",
-    "restore_state",
-    "snapshot_state",
     "train_localalt",
     "train_part",
 ]
@@ -69,21 +63,6 @@ def group_param_names(model: nn.Module, groups: Sequence[str], key: str) -> list
                               f"(the model's groups: {', '.join(by_name)})")
         names.extend(by_name[group].param_names)
     return names
-
-
-def snapshot_state(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Detached copies of the named state entries (default: all of them)."""
-    state = model.state_dict()
-    keys = state.keys() if names is None else names
-    return {name: state[name].detach().clone() for name in keys}
-
-
-def restore_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Write a :func:`snapshot_state` back in place, bit for bit."""
-    state = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for name, value in saved.items():
-            state[name].copy_(value)
 
 
 def train_part(client: FedAvgClient, epochs: int, entries: Iterable[str], *, stream: int = 0,

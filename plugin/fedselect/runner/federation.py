@@ -18,7 +18,6 @@ import torch
 
 from fedselect.algorithms.base import FedAvgClient, FedAvgServer
 from fedselect.algorithms.context import RunContext
-from fedselect.algorithms.registry import AlgorithmSpec, get_algorithm, validate_algorithm_options
 from fedselect.config import ExperimentConfig
 from fedselect.data import (
     ImageData,
@@ -33,6 +32,7 @@ from fedselect.data import (
 from fedselect.engine import ClientDataset, ImageTransform
 from fedselect.models import build_model, pretrained_input_stats
 from fedselect.options import ConfigError
+from fedselect.registry import AlgorithmSpec, get_algorithm, validate_algorithm_options
 
 
 def resolve_algorithm(config: ExperimentConfig) -> tuple[AlgorithmSpec, Any]:

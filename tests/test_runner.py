@@ -1,0 +1,79 @@
+"""The one path through the runners: resolved options recorded, hooks declared, clean layering."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import fedselect.runner.simulate as simulate
+from fedselect.algorithms.base import FedAvgClient
+from fedselect.algorithms.server import FedAvgServer
+from fedselect.registry import get_algorithm
+from fedselect.tracking import load_runs
+
+from .conftest import REPO
+from .test_resume import tiny_config, tiny_data
+
+PACKAGE = REPO / "plugin" / "fedselect"
+
+
+def test_run_params_and_record_hold_every_resolved_option(tmp_path, monkeypatch):
+    data = tiny_data()
+    monkeypatch.setattr(simulate, "load_data", lambda config: data)
+    # the user sets only p: every other option must still be recorded, with its default
+    config = tiny_config(tmp_path, "fedselect", {"p": 0.5, "gradltn_iterations": 1}, rounds=1, checkpoint_every=0)
+    record = simulate.run_experiment(config, progress=False)
+    defaults = dataclasses.asdict(get_algorithm("fedselect").options_cls(p=0.5, gradltn_iterations=1))
+    assert record["algo_options"] == defaults
+    (run,) = load_runs(record["tracking_uri"], experiment="resume")
+    for name in defaults:
+        assert f"algo.{name}" in run["params"], name
+    assert run["params"]["algo.search_every"] == str(defaults["search_every"])
+
+
+def test_every_registered_algorithm_declares_its_options_on_the_client():
+    from fedselect.registry import available_algorithms
+
+    for name in available_algorithms():
+        spec = get_algorithm(name)
+        assert issubclass(spec.client_cls, FedAvgClient) and issubclass(spec.server_cls, FedAvgServer)
+        assert spec.options_cls is spec.client_cls.Options, name
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("lower", ["algorithms", "core", "data", "models"])
+def test_lower_layers_never_import_the_runners(lower):
+    for path in sorted((PACKAGE / lower).rglob("*.py")):
+        upward = {m for m in _imports(path) if m.startswith(("fedselect.runner", "fedselect.fedml_runtime",
+                                                             "fedselect.cli", "fedselect.tracking"))}
+        assert not upward, f"{path.relative_to(REPO)} imports {sorted(upward)}"
+
+
+def test_only_the_bridge_imports_fedml_below_the_runtimes():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith(("fedml_runtime/", "runner/")) or rel == "fedml_bridge.py":
+            continue
+        fedml = {m for m in _imports(path) if m == "fedml" or m.startswith("fedml.")}
+        assert not fedml, f"{rel} imports {sorted(fedml)}: take FedML from fedselect.fedml_bridge"
+
+
+def test_runners_do_not_probe_algorithms_with_hasattr():
+    for folder in ("runner", "fedml_runtime"):
+        for path in sorted((PACKAGE / folder).rglob("*.py")):
+            calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)
+                     and isinstance(n.func, ast.Name) and n.func.id == "hasattr"]
+            assert not calls, f"{path.relative_to(REPO)} asks hasattr: declare a hook on the base classes"
