@@ -86,7 +86,7 @@ def resolve_study(name: str) -> Study:
 
 def steady_schedule(config: ExperimentConfig) -> tuple[int, int]:
     """(period, first steady round): every periodic cost repeats each `period` rounds from there."""
-    from fedselect.algorithms.registry import validate_algorithm_options
+    from fedselect.registry import validate_algorithm_options
 
     periods, first = [config.train.eval_every], 1
     options = validate_algorithm_options(config.algorithm, config.algo)
