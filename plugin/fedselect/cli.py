@@ -163,7 +163,7 @@ def _deploy_config(ns: argparse.Namespace) -> Any:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from fedselect.fedml_runtime.cross_silo import FederationError
+    from fedselect.fedml_runtime.messages import FederationError
     from fedselect.runner.cross_silo import serve
 
     config = _deploy_config(ns)
@@ -179,7 +179,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_join(ns: argparse.Namespace) -> int:
-    from fedselect.fedml_runtime.cross_silo import FederationError
+    from fedselect.fedml_runtime.messages import FederationError
     from fedselect.runner.cross_silo import join
 
     config = _deploy_config(ns)

@@ -34,6 +34,26 @@ from fedselect.config import ExperimentConfig
 from fedselect.engine import EvalResult
 from fedselect.fedml_bridge import import_fedml
 from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
+from fedselect.fedml_runtime.messages import (
+    KEY_DESCRIPTOR,
+    KEY_EVAL,
+    KEY_EVAL_ROUND,
+    KEY_META,
+    KEY_PLAN,
+    KEY_REASON,
+    KEY_REPORT,
+    KEY_TRAIN,
+    MODEL_MESSAGES,
+    MSG_C2S_EVAL_RESULT,
+    MSG_C2S_PLAN_REPORT,
+    MSG_S2C_PLAN,
+    STATUS_FAILED,
+    FederationError,
+    eval_due,
+    eval_from_json,
+    run_until_done,
+    to_json,
+)
 from fedselect.fedml_runtime.simulation import RoundResult, aggregate_round, json_nbytes, sample_clients
 
 import_fedml()
@@ -42,50 +62,6 @@ from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager  # n
 from fedml.cross_silo.server.message_define import MyMessage  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-# new message types (FedML's own stop below 10)
-MSG_C2S_PLAN_REPORT = 100
-MSG_S2C_PLAN = 101
-MSG_C2S_EVAL_RESULT = 102
-STATUS_FAILED = "FAILED"
-KEY_TRAIN = "fedselect_train"
-KEY_EVAL_ROUND = "fedselect_eval_round"
-KEY_PLAN = "fedselect_plan"
-KEY_REPORT = "fedselect_report"
-KEY_EVAL = "fedselect_eval"
-KEY_META = "fedselect_meta"
-KEY_DESCRIPTOR = "fedselect_descriptor"
-KEY_REASON = "fedselect_reason"
-MODEL_MESSAGES = (str(MyMessage.MSG_TYPE_S2C_INIT_CONFIG), str(MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT))
-
-
-class FederationError(RuntimeError):
-    """The federation stopped: a client failed (policy "error"), too few remain, or bad input."""
-
-
-def to_json(value: Any, what: str) -> str:
-    """Compact JSON text of a planning message; anything not JSON-safe fails here, naming it."""
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} must be a JSON-safe dict: {exc}") from exc
-
-
-def eval_to_json(result: EvalResult) -> str:
-    return json.dumps({"correct": int(result.correct), "total": int(result.total), "loss_sum": float(result.loss_sum),
-                       "adapt_sample_passes": int(result.adapt_sample_passes)})
-
-
-def eval_from_json(text: str) -> EvalResult:
-    d = json.loads(text)
-    return EvalResult(correct=int(d["correct"]), total=int(d["total"]), loss_sum=float(d["loss_sum"]),
-                      adapt_sample_passes=int(d.get("adapt_sample_passes", 0)))
-
-
-def eval_due(round_idx: int, rounds: int, eval_every: int) -> bool:
-    """The simulation's rule: every ``eval_every`` rounds, and always after the last."""
-    return (round_idx + 1) % eval_every == 0 or round_idx + 1 == rounds
-
 
 class FedSelectServerManager(FedMLServerManager):
     """Rank 0 of a cross-silo federation of ``num_clients`` silos (ranks 1..N, client id = rank - 1).
@@ -164,16 +140,8 @@ class FedSelectServerManager(FedMLServerManager):
 
     def run_federation(self) -> None:
         """Serve until the federation ends; raise :class:`FederationError` if it failed."""
-        try:
-            self.run()
-        except KeyboardInterrupt:
-            self._stop("the server was interrupted")  # clients leave now, not after deploy.peer_timeout_s
-            raise
-        finally:
-            if self.com_manager.is_running:
-                self.com_manager.stop_receive_message()
-        if self.error is not None:
-            raise FederationError(self.error)
+        # on Ctrl-C clients leave now, not after deploy.peer_timeout_s
+        run_until_done(self, lambda: self._stop("the server was interrupted"))
 
     # ---- sending ------------------------------------------------------------------------------
     def _send(self, cid: int, msg_type: Any, params: Mapping[str, Any], *,

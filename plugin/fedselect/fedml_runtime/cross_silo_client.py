@@ -23,7 +23,8 @@ from typing import Any
 
 from fedselect.config import DeployConfig
 from fedselect.fedml_bridge import import_fedml
-from fedselect.fedml_runtime.cross_silo import (
+from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
+from fedselect.fedml_runtime.messages import (
     KEY_DESCRIPTOR,
     KEY_EVAL,
     KEY_EVAL_ROUND,
@@ -38,9 +39,9 @@ from fedselect.fedml_runtime.cross_silo import (
     STATUS_FAILED,
     FederationError,
     eval_to_json,
+    run_until_done,
     to_json,
 )
-from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
 
 import_fedml()
 from fedml.core.distributed.communication.message import Message  # noqa: E402
@@ -112,16 +113,8 @@ class FedSelectClientManager(ClientMasterManager):
 
     def run_federation(self) -> None:
         """Take part until the server ends the federation; raise :class:`FederationError` on failure."""
-        try:
-            self.run()
-        except KeyboardInterrupt:
-            self._status(STATUS_FAILED, reason="the client was interrupted", connect_timeout=2.0, quiet=True)
-            raise
-        finally:
-            if self.com_manager.is_running:
-                self.com_manager.stop_receive_message()
-        if self.error is not None:
-            raise FederationError(self.error)
+        run_until_done(self, lambda: self._status(STATUS_FAILED, reason="the client was interrupted",
+                                                  connect_timeout=2.0, quiet=True))
 
     def _leave(self, error: str | None) -> None:
         self.finished = True

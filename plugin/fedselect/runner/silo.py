@@ -18,7 +18,7 @@ import torch
 from fedselect.config import ExperimentConfig
 from fedselect.data import load_image_dataset, partition_key
 from fedselect.engine import ClientDataset
-from fedselect.fedml_runtime.cross_silo import FederationError
+from fedselect.fedml_runtime.messages import FederationError
 from fedselect.options import ConfigError
 
 from .federation import client_split, get_partition, load_data, partition_spec
