@@ -77,3 +77,20 @@ def test_runners_do_not_probe_algorithms_with_hasattr():
             calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)
                      and isinstance(n.func, ast.Name) and n.func.id == "hasattr"]
             assert not calls, f"{path.relative_to(REPO)} asks hasattr: declare a hook on the base classes"
+
+
+def test_record_totals_are_the_metrics_the_algorithm_declares():
+    from fedselect.fedml_runtime.simulation import RoundResult
+    from fedselect.runner.record import RoundLogger
+
+    totaled = get_algorithm("layersel").client_cls.totaled_metrics
+    assert totaled == ("train_sample_passes", "compute_backward")
+    logger = RoundLogger(tracker=None, num_clients=2, defer=True, totaled=totaled)  # deferred: nothing logged
+    for round_idx in range(2):
+        logger(RoundResult(round_idx, [0, 1], 0.5, 10, 10, client_metrics={
+            0: {"train_sample_passes": 40.0, "compute_backward": 1.5},
+            1: {"train_sample_passes": 20.0, "compute_backward": 0.5}}))
+    assert logger.work_totals() == {"train_sample_passes_total": 120.0, "compute_backward_total": 4.0}
+    fedavg_totals = get_algorithm("fedavg").client_cls.totaled_metrics
+    plain = RoundLogger(tracker=None, num_clients=1, defer=True, totaled=fedavg_totals)
+    assert plain.work_totals() == {"train_sample_passes_total": 0.0}

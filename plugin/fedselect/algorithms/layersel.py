@@ -64,6 +64,8 @@ class LayerSelClient(FedAvgClient):
     """Scores the global model's layers, then trains only the layers the server assigned."""
 
     Options = LayerSelOptions
+    # estimated backward GFLOPs (core.compute) summed into the record beside the sample passes
+    totaled_metrics = (*FedAvgClient.totaled_metrics, "compute_backward")
 
     freeze_frozen_norms = True
 
