@@ -39,36 +39,67 @@ def encode_upload(state: Mapping[str, torch.Tensor], personal_mask: Mapping[str,
             "masks": pack_mask(partial_masks) if partial_masks else {}}
 
 
-def validate_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Tensor]) -> None:
-    """Check an upload's structure, shapes, mask sizes and finiteness without building full tensors.
+UPLOAD_KEYS = frozenset({"client_id", "num_samples", "tensors", "partial", "masks"})
 
-    Raises ValueError naming the tensor: unknown names, wrong shapes, a mask whose shared count
-    differs from the values sent, NaN/Inf among the shared values.
+
+def validate_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Tensor]) -> None:
+    """Check an upload's structure, types, shapes, mask sizes and finiteness without building full tensors.
+
+    Raises ValueError naming what is wrong: a key beyond :data:`UPLOAD_KEYS`, a client id or
+    sample count that is not a positive integer, a value that is not a tensor, unknown names,
+    a dtype or shape other than the global model's, a mask whose shared count differs from the
+    values sent, NaN/Inf among the shared values. Nothing an upload holds is averaged in unless
+    it is exactly what :func:`encode_upload` would build for this model.
     """
-    if not isinstance(payload, Mapping) or "tensors" not in payload:
-        raise ValueError("upload is not a fedselect payload (missing 'tensors')")
-    partial = payload.get("partial", {})
-    if set(payload.get("masks", {})) != set(partial):
-        raise ValueError("upload's partial tensors and masks name different tensors")
+    _check_structure(payload)
+    partial = payload["partial"]
     for name, value in payload["tensors"].items():
         ref = _reference(reference, name)
-        if tuple(value.shape) != tuple(ref.shape):
-            raise ValueError(f"tensor '{name}' has shape {tuple(value.shape)}, the global model has {tuple(ref.shape)}")
-        _check_finite(name, value)
+        _check_tensor(name, value, ref, tuple(ref.shape))
     for name, flat in partial.items():
         ref = _reference(reference, name)
         packed = payload["masks"][name]
+        if not (isinstance(packed, tuple) and len(packed) == 2 and isinstance(packed[0], torch.Tensor)
+                and packed[0].dtype == torch.uint8 and isinstance(packed[1], (tuple, list))):
+            raise ValueError(f"mask of '{name}' is not a bit-packed mask")
+        if packed[0].numel() != (ref.numel() + 7) // 8:
+            raise ValueError(f"mask of '{name}' has {packed[0].numel()} bytes, the tensor needs "
+                             f"{(ref.numel() + 7) // 8}")
         if tuple(packed.shape) != tuple(ref.shape):
             raise ValueError(f"mask of '{name}' has shape {tuple(packed.shape)}, the global model has "
                              f"{tuple(ref.shape)}")
         personal = unpack_mask({name: packed})[name]
-        if flat.numel() != int((~personal).sum()):
-            raise ValueError(f"tensor '{name}' sends {flat.numel()} shared values, its mask shares "
-                             f"{int((~personal).sum())}")
-        _check_finite(name, flat)
+        _check_tensor(name, flat, ref, (int((~personal).sum()),))
 
 
-def _check_finite(name: str, value: torch.Tensor) -> None:
+def _check_structure(payload: Any) -> None:
+    """The upload's top level: exactly the keys :func:`encode_upload` writes, with their types."""
+    if not isinstance(payload, Mapping) or "tensors" not in payload:
+        raise ValueError("upload is not a fedselect payload (missing 'tensors')")
+    extra = sorted(map(str, set(payload) - UPLOAD_KEYS))
+    if extra:
+        raise ValueError(f"upload has unexpected keys {extra}")
+    for key in ("client_id", "num_samples"):
+        value = payload.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "client_id" else 1):
+            raise ValueError(f"upload's '{key}' must be a {'non-negative' if key == 'client_id' else 'positive'} "
+                             f"integer, got {value!r}")
+    for key in ("tensors", "partial", "masks"):
+        if not isinstance(payload.get(key, {}), Mapping):
+            raise ValueError(f"upload's '{key}' must be a mapping of tensor names")
+    if set(payload.get("masks", {})) != set(payload.get("partial", {})):
+        raise ValueError("upload's partial tensors and masks name different tensors")
+
+
+def _check_tensor(name: str, value: Any, ref: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """One sent value: a tensor of the global model's dtype, the expected shape, finite."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"'{name}' is a {type(value).__name__}, not a tensor")
+    if value.dtype != ref.dtype:
+        raise ValueError(f"tensor '{name}' has dtype {value.dtype}, the global model has {ref.dtype}")
+    if tuple(value.shape) != shape:
+        what = "shape" if shape == tuple(ref.shape) else "shared-entry count"
+        raise ValueError(f"tensor '{name}' has {what} {tuple(value.shape)}, expected {shape}")
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"non-finite values in '{name}'")
 

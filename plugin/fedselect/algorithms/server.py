@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,17 @@ log = logging.getLogger(__name__)
 
 class BadUpdateError(ValueError):
     """A client upload is malformed or non-finite and must not be averaged in."""
+
+
+def _sample_weight(num_samples: Any) -> float:
+    """An upload's averaging weight: a finite, positive sample count."""
+    try:
+        weight = float(num_samples)
+    except (TypeError, ValueError):
+        raise ValueError(f"sample count {num_samples!r} is not a number") from None
+    if not math.isfinite(weight) or weight <= 0:
+        raise ValueError(f"sample count {num_samples!r} must be finite and > 0")
+    return weight
 
 
 class FedAvgServer(Checkpointable, ServerAggregator):
@@ -59,14 +71,15 @@ class FedAvgServer(Checkpointable, ServerAggregator):
         for num_samples, payload in raw:
             client = payload.get("client_id", "?") if isinstance(payload, Mapping) else "?"
             try:
+                weight = _sample_weight(num_samples)
                 validate_upload(payload, self.global_state)
-            except (KeyError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError) as exc:
                 if self.ctx.config.train.on_bad_update == "error":
                     raise BadUpdateError(f"rejected update from client {client}: {exc}") from exc
                 log.warning("dropping update from client %s: %s", client, exc)
                 self.dropped_updates.append((int(client) if str(client).isdigit() else -1, str(exc)))
                 continue
-            accepted.append((float(num_samples), payload))
+            accepted.append((weight, payload))
         return accepted
 
     def aggregate(self, raw_client_model_or_grad_list: list[tuple[float, dict[str, Any]]]) -> OrderedDict:

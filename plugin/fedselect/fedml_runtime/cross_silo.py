@@ -262,7 +262,8 @@ class FedSelectServerManager(FedMLServerManager):
             claimed = payload.get("client_id") if isinstance(payload, Mapping) else None
             return self._reject(cid, f"upload names client {claimed!r}")
         if num_samples != expected or payload.get("num_samples") != expected:
-            return self._reject(cid, f"upload claims {num_samples} samples, the client joined with {expected}")
+            return self._reject(cid, f"upload claims {num_samples!r} samples (message) and "
+                                     f"{payload.get('num_samples')!r} (payload); the client joined with {expected}")
         self.uploads[cid] = (float(num_samples), payload, meta)
 
     def _reject(self, cid: int, reason: str) -> None:
