@@ -188,15 +188,8 @@ def gradltn(
     Raises ValueError for p outside (0, 1), ``iterations < 1``, an unknown rule, weights choice or
     scope, or a ``train`` result whose keys/shapes differ from theta_0.
     """
-    p = _check_p(p)
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    iterations = int(iterations)
-    fractions = selection_fractions(p, iterations, fraction_rule)
-    if return_weights not in RETURN_WEIGHTS:
-        raise ValueError(f"return_weights must be one of {RETURN_WEIGHTS}, got {return_weights!r}")
-    if topk_scope not in TOPK_SCOPES:
-        raise ValueError(f"topk_scope must be one of {TOPK_SCOPES}, got {topk_scope!r}")
+    fractions = _check_options(p, iterations, fraction_rule, return_weights, topk_scope)
+    iterations = len(fractions)
     if prev_mask is not None:
         validate_mask(prev_mask, theta0)
         mask: Mask = {k: v.clone() for k, v in prev_mask.items()}
@@ -225,8 +218,28 @@ def gradltn(
 
     if return_weights == "theta0" or last_trained is None:
         return GradLTNResult(mask, _clone_state(theta0), _fraction(mask), history)
+    return _theta_l_result(theta0, train, mask, last_trained, last_mask, history, iterations)
+
+
+def _check_options(p: float, iterations: int, fraction_rule: str, return_weights: str,
+                   topk_scope: str) -> list[float]:
+    """gradltn's arguments checked; the selection fractions f_0 .. f_{L-1} (L = ``iterations``)."""
+    p = _check_p(p)
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if return_weights not in RETURN_WEIGHTS:
+        raise ValueError(f"return_weights must be one of {RETURN_WEIGHTS}, got {return_weights!r}")
+    if topk_scope not in TOPK_SCOPES:
+        raise ValueError(f"topk_scope must be one of {TOPK_SCOPES}, got {topk_scope!r}")
+    return list(selection_fractions(p, int(iterations), fraction_rule))
+
+
+def _theta_l_result(theta0: Mapping[str, Tensor], train: TrainFn, mask: Mask, last_trained: State,
+                    last_mask: Mask | None, history: list[GradLTNStep], iterations: int) -> GradLTNResult:
+    """``return_weights: thetaL``: theta_L is a training with the final mask m_L (the last run's, if it
+    used exactly m_L; else one more run, recorded as step L)."""
     if last_mask is None or not _same_mask(last_mask, mask):
-        # theta_L is trained with m_L; the loop's last run used m_{L-1}, which differs from it.
+        # the loop's last run used m_{L-1}, which differs from m_L
         fr = _fraction(mask)
         last_trained = _train_run(theta0, train, mask)
         history.append(GradLTNStep(iterations, True, fr, fr))
