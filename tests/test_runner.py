@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 import fedselect.runner.simulate as simulate
 from fedselect.algorithms.base import FedAvgClient
@@ -94,3 +95,24 @@ def test_record_totals_are_the_metrics_the_algorithm_declares():
     fedavg_totals = get_algorithm("fedavg").client_cls.totaled_metrics
     plain = RoundLogger(tracker=None, num_clients=1, defer=True, totaled=fedavg_totals)
     assert plain.work_totals() == {"train_sample_passes_total": 0.0}
+
+
+def test_the_documented_new_algorithm_runs():
+    """docs/ARCHITECTURE.md's example algorithm registers, validates its option and trains a round."""
+    import re
+    import textwrap
+
+    from .test_algorithms import make_run, run_flow
+
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    exec(textwrap.dedent(re.search(r"```python\n(.*?)```", text, re.S).group(1)), {})  # noqa: S102
+    _, clients, args, model, init, _, trainers, server, flow = make_run("topk_fedper", rounds=1,
+                                                                        algo={"personal_groups": 2})
+    run_flow(flow, args, model, clients)
+    assert trainers[0].options.personal_groups == 2
+    from fedselect.models import layer_groups
+
+    expected = {n for g in layer_groups(model)[-2:] for n in g.param_names}
+    assert set(trainers[0].personal_mask) == expected
+    # personal entries never leave the clients: the server still holds their initial values
+    assert all(torch.equal(server.get_model_params()[n], init[n]) for n in expected)
