@@ -68,8 +68,10 @@ def validate_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Te
         if tuple(packed.shape) != tuple(ref.shape):
             raise ValueError(f"mask of '{name}' has shape {tuple(packed.shape)}, the global model has "
                              f"{tuple(ref.shape)}")
-        personal = unpack_mask({name: packed})[name]
-        _check_tensor(name, flat, ref, (int((~personal).sum()),))
+        shared = int((~unpack_mask({name: packed})[name]).sum())
+        if isinstance(flat, torch.Tensor) and (flat.dim() != 1 or flat.numel() != shared):
+            raise ValueError(f"tensor '{name}' sends {flat.numel()} shared values, its mask shares {shared}")
+        _check_tensor(name, flat, ref, (shared,))
 
 
 def _check_structure(payload: Any) -> None:
@@ -98,8 +100,7 @@ def _check_tensor(name: str, value: Any, ref: torch.Tensor, shape: tuple[int, ..
     if value.dtype != ref.dtype:
         raise ValueError(f"tensor '{name}' has dtype {value.dtype}, the global model has {ref.dtype}")
     if tuple(value.shape) != shape:
-        what = "shape" if shape == tuple(ref.shape) else "shared-entry count"
-        raise ValueError(f"tensor '{name}' has {what} {tuple(value.shape)}, expected {shape}")
+        raise ValueError(f"tensor '{name}' has shape {tuple(value.shape)}, the global model has {shape}")
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"non-finite values in '{name}'")
 
