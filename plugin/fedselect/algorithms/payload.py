@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedselect.core.masks import pack_mask, unpack_mask
+from fedselect.core.masks import PackedTensor, pack_mask, unpack_mask
 
 
 def encode_upload(state: Mapping[str, torch.Tensor], personal_mask: Mapping[str, torch.Tensor], *,
@@ -59,11 +59,12 @@ def validate_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Te
     for name, flat in partial.items():
         ref = _reference(reference, name)
         packed = payload["masks"][name]
-        if not (isinstance(packed, tuple) and len(packed) == 2 and isinstance(packed[0], torch.Tensor)
-                and packed[0].dtype == torch.uint8 and isinstance(packed[1], (tuple, list))):
+        # a PackedTensor (the only tuple type the wire restores), so .bits/.shape below cannot fail
+        if not (isinstance(packed, PackedTensor) and isinstance(packed.bits, torch.Tensor)
+                and packed.bits.dtype == torch.uint8):
             raise ValueError(f"mask of '{name}' is not a bit-packed mask")
-        if packed[0].numel() != (ref.numel() + 7) // 8:
-            raise ValueError(f"mask of '{name}' has {packed[0].numel()} bytes, the tensor needs "
+        if packed.bits.numel() != (ref.numel() + 7) // 8:
+            raise ValueError(f"mask of '{name}' has {packed.bits.numel()} bytes, the tensor needs "
                              f"{(ref.numel() + 7) // 8}")
         if tuple(packed.shape) != tuple(ref.shape):
             raise ValueError(f"mask of '{name}' has shape {tuple(packed.shape)}, the global model has "

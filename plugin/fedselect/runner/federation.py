@@ -163,24 +163,32 @@ class Federation:
 
 
 def build_participants(config: ExperimentConfig, model: torch.nn.Module, client_data: Sequence[ClientDataset], *,
-                       device: torch.device, args: Any, transform: Callable[..., torch.Tensor]
+                       device: torch.device, args: Any, transform: Callable[..., torch.Tensor],
+                       algorithm: tuple[AlgorithmSpec, Any] | None = None
                        ) -> tuple[RunContext, list[FedAvgClient], FedAvgServer]:
-    """The algorithm's client trainers (one per dataset, all on ``model``) and server, sharing one context."""
-    spec, options = resolve_algorithm(config)
+    """The algorithm's client trainers (one per dataset, all on ``model``) and server, sharing one context.
+
+    ``algorithm``: the already resolved :func:`resolve_algorithm` result, else it is resolved here.
+    """
+    spec, options = algorithm or resolve_algorithm(config)
     ctx = RunContext(config=config, options=options, device=device, transform=transform)
     clients = [spec.client_cls(model, args, client_id=cid, data=d, ctx=ctx) for cid, d in enumerate(client_data)]
     return ctx, clients, spec.server_cls(model, args, ctx=ctx)
 
 
 def build_federation(config: ExperimentConfig, device: torch.device, args: Any, *,
-                     data: ImageData | TextData | None = None) -> Federation:
-    """Config -> data, partition, seeded model, transform, context, clients and server (simulation)."""
-    spec, options = resolve_algorithm(config)
+                     data: ImageData | TextData | None = None,
+                     algorithm: tuple[AlgorithmSpec, Any] | None = None) -> Federation:
+    """Config -> data, partition, seeded model, transform, context, clients and server (simulation).
+
+    ``algorithm``: the already resolved :func:`resolve_algorithm` result, else it is resolved here.
+    """
+    spec, options = algorithm = algorithm or resolve_algorithm(config)
     data = data if data is not None else load_data(config)
     partition = get_partition(config, data)
     client_data = client_datasets(data, partition, device)
     torch.manual_seed(config.seed)
     model = build_run_model(config, data).to(device)
     ctx, clients, server = build_participants(config, model, client_data, device=device, args=args,
-                                              transform=data_transform(config, data))
-    return Federation(config, spec, ctx.options, device, data, partition, client_data, model, ctx, clients, server)
+                                              transform=data_transform(config, data), algorithm=algorithm)
+    return Federation(config, spec, options, device, data, partition, client_data, model, ctx, clients, server)

@@ -31,7 +31,7 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
                    progress: bool = True) -> dict[str, Any]:
     """Train one configured run in FedML single-process simulation and return its run record."""
     started = time.time()
-    resolve_algorithm(config)  # a bad option fails before anything is read or loaded
+    algorithm = resolve_algorithm(config)  # once, and a bad option fails before anything is loaded
     device = resolve_device(config.device)
     results_dir = Path(config.tracking.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
     # read first: a checkpoint that cannot be used fails before any data is loaded
     checkpointer = RunCheckpointer(config, run_name=run_name, device=device)
     args = build_fedml_args(fedml_sections(config), home=fedml_home(results_dir))
-    fed = build_federation(config, device, args, data=load_data(config))
+    fed = build_federation(config, device, args, data=load_data(config), algorithm=algorithm)
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(results_dir)
     summary = partition_summary(fed.partition, fed.data.train_y.numpy(), fed.data.test_y.numpy(), fed.data.classes)
     with RunRecorder(config, fed.options, run_name, run_tags(config, fed.partition_key), tracking_uri,
