@@ -18,13 +18,13 @@ from fedselect.core.masks import grow_mask, topk_mask, topk_mask_global
 from fedselect.engine import ImageTransform, OptimConfig, SplitEpoch, evaluate, train_passes
 
 
-def digest(tensors):
+def digest(tensors: object) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
-def engine_case():
+def engine_case() -> tuple:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                           nn.Flatten(), nn.Linear(32, 5))
@@ -39,9 +39,10 @@ def engine_case():
                          optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=8),
                          transform=transform, generator=torch.Generator().manual_seed(2), freeze_frozen_norms=True)
     ev = evaluate(model, x, y, transform=transform, batch_size=16)
-    return digest(model.state_dict().values()), repr(stats.loss_sum), stats.samples, stats.steps, ev.correct, repr(ev.loss_sum)
+    return (digest(model.state_dict().values()), repr(stats.loss_sum), stats.samples, stats.steps, ev.correct,
+            repr(ev.loss_sum))
 
-def mask_case():
+def mask_case() -> str:
     g = torch.Generator().manual_seed(3)
     scores = {"a": torch.randint(0, 4, (50, 7), generator=g).float(), "b": torch.rand(33, generator=g)}
     within = {k: torch.rand(v.shape, generator=g) < 0.6 for k, v in scores.items()}
