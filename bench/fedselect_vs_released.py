@@ -16,6 +16,8 @@ entries, then one updating the shared entries), then every client evaluates on i
 split; every ``--mask-every`` rounds each client grows its mask by ``--p`` of its still-shared
 weight entries (released: ``delta_update``; ours: ``algo.mask_search: grow``). Our side runs
 ``run_experiment``'s pipeline (SimulationFlow under FedMLRunner) without MLflow tracking.
+``--device cuda`` runs both sides on the GPU (the released code picks CUDA itself whenever it
+is visible; with ``--device cpu``, the default, CUDA is hidden from both children).
 ``--ours-search gradltn`` runs the paper's GradLTN search on our side instead (more work per
 round; compare seconds per sample pass then).
 
@@ -27,7 +29,7 @@ bench/README.md and printed with the results.
 Usage (data root as for any run, e.g. FEDSELECT_DATA_ROOT pointing at the folder with cifar10/):
 
     python bench/fedselect_vs_released.py --released-repo PATH [--rounds 2] [--local-epochs 1]
-        [--model resnet18|cnn] [--sides both|ours|released] [--profile] [--json OUT]
+        [--model resnet18|cnn] [--device cpu|cuda] [--sides both|ours|released] [--profile] [--json OUT]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +102,24 @@ class PassCounter:
         return self.train, self.eval, self.train_in_eval_mode
 
 
-class RoundClock:
-    """Round boundaries (time and pass counts) and per-round sub-timings of one implementation."""
+def device_sync(device: str) -> Callable[[], None]:
+    """What waits for queued GPU work before a clock is read (nothing on the CPU)."""
+    if device.startswith("cuda"):
+        import torch
 
-    def __init__(self, counter: PassCounter) -> None:
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+class RoundClock:
+    """Round boundaries (time and pass counts) and per-round sub-timings of one implementation.
+
+    ``sync`` runs before every clock read, so GPU work queued before a boundary counts before it.
+    """
+
+    def __init__(self, counter: PassCounter, sync: Callable[[], None] = lambda: None) -> None:
         self.counter = counter
+        self.sync = sync
         self.marks: list[tuple[float, float, tuple[int, int, int]]] = []
         self.eval_s: list[float] = []
         self.mask_s: dict[int, float] = {}
@@ -112,6 +128,7 @@ class RoundClock:
         self.acc: list[float] = []
 
     def mark(self) -> None:
+        self.sync()
         self.marks.append((time.perf_counter(), time.process_time(), self.counter.snapshot()))
 
     @property
@@ -143,6 +160,16 @@ class RoundClock:
                 "mean_acc": self.acc[r] if r < len(self.acc) else None,
             })
         return out
+
+
+def device_label(device: Any) -> str:
+    """The device a child ran on, with the GPU's name (e.g. 'cuda:0 NVIDIA H100 80GB HBM3')."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} {torch.cuda.get_device_name(device)}"
+    return str(device)
 
 
 def profile_text(profiler: Any, top: int = 15) -> str:
@@ -177,7 +204,7 @@ def our_config(spec: dict[str, Any]) -> Any:
     if spec.get("data_root"):
         data["root"] = spec["data_root"]
     return load_config_dict({
-        "algorithm": "fedselect", "seed": spec["seed"], "device": "cpu", "data": data,
+        "algorithm": "fedselect", "seed": spec["seed"], "device": spec.get("device", "cpu"), "data": data,
         "model": {"name": spec["model"]},
         "train": {"rounds": spec["rounds"], "local_epochs": spec["local_epochs"], "batch_size": spec["batch_size"],
                   "lr": spec["lr"], "momentum": 0.0, "weight_decay": 0.0, "participation": 1.0, "augment": True,
@@ -247,14 +274,15 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     from fedselect.runner.federation import build_federation
 
     config = our_config(spec)
-    device = torch.device("cpu")
+    device = torch.device(config.device)
     args = build_fedml_args(fedml_sections(config), home=fedml_home(Path(spec["work_dir"]) / "ours"))
     # the same builder as `fedselect run`: data, partition, seeded model, transform, clients, server
     fed = build_federation(config, device, args)
     data, clients, model, trainers, server = fed.data, fed.client_data, fed.model, fed.clients, fed.server
 
     counter = PassCounter(model)
-    clock = RoundClock(counter)
+    sync = device_sync(config.device)
+    clock = RoundClock(counter, sync)
 
     def on_round_end(result: Any) -> None:
         clock.loss.append(result.train_loss)
@@ -267,10 +295,12 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     evaluate_all = flow.evaluate_all
 
     def timed_evaluate_all() -> Any:
+        sync()
         t = time.perf_counter()
         try:
             return evaluate_all()
         finally:
+            sync()
             clock.eval_s.append(time.perf_counter() - t)
 
     flow.evaluate_all = timed_evaluate_all
@@ -278,19 +308,23 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         if hasattr(trainer, "grow"):
 
             def timed_grow(grow: Any = trainer.grow) -> Any:
+                sync()
                 t = time.perf_counter()
                 try:
                     return grow()
                 finally:
+                    sync()
                     clock.add_mask_time(time.perf_counter() - t)
 
             trainer.grow = timed_grow
 
         def timed_train_passes(*a: Any, train_passes: Any = trainer.train_passes, **k: Any) -> Any:
+            sync()
             t = time.perf_counter()
             try:
                 return train_passes(*a, **k)
             finally:
+                sync()
                 clock.add_train_time(time.perf_counter() - t)
 
         trainer.train_passes = timed_train_passes
@@ -320,7 +354,8 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
             profiler.disable()
     personal = [t.round_metrics().get("personal_fraction") for t in trainers]
     return {
-        "side": "ours", "setup_seconds": setup_s, "rss_after_setup_kb": rss_setup, "hwm_setup_kb": hwm_setup,
+        "side": "ours", "device": device_label(device),
+        "setup_seconds": setup_s, "rss_after_setup_kb": rss_setup, "hwm_setup_kb": hwm_setup,
         "hwm_rounds_kb": proc_status_kb("VmHWM") if reset else None, "hwm_total_kb": max(hwm_setup, proc_status_kb(
             "VmHWM")), "rounds": clock.rounds(), "error": error, "torch_threads": torch.get_num_threads(),
         "final_personal_fraction_mean": statistics.fmean(personal) if personal and None not in personal else None,
@@ -341,6 +376,8 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec.get("device", "cpu") == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but CUDA is not available to the released code's child")
     t_setup = time.perf_counter()
     build_model = None
     if spec["model"] != "resnet18":  # import ours before their fedselect.py is on sys.path
@@ -379,8 +416,9 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
     if spec["model"] == "resnet18":
         model = rel.load_model(args)
     else:
-        model = build_model(spec["model"], args.num_classes).to(torch.device("cpu"))
-        args.device = torch.device("cpu")
+        # as the released load_model does for its ResNet-18: CUDA whenever it is visible
+        args.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        model = build_model(spec["model"], args.num_classes).to(args.device)
     if "fc.weight" not in dict(model.named_parameters()):
         # get_mask_from_delta prints eval_layer_sparsity(mask, "fc.weight"): a KeyError for any
         # model whose last layer is not called fc; report the last weight tensor instead
@@ -405,7 +443,8 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
     idxs_users = list(range(spec["clients"]))
 
     counter = PassCounter(model)
-    clock = RoundClock(counter)
+    sync = device_sync(str(args.device))
+    clock = RoundClock(counter, sync)
     n_clients = len(idxs_users)
     calls = {"train": 0}
     round_losses: list[float] = []
@@ -420,8 +459,10 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
         calls["train"] += 1
         if spec["released_fix_bn"]:
             a[0].train()  # their model stays in eval mode after the first evaluation
+        sync()
         t = time.perf_counter()
         out = original_train(*a, **k)
+        sync()
         clock.add_train_time(time.perf_counter() - t)
         round_losses.append(float(out[1]))
         return out
@@ -434,8 +475,10 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
             clock.mark()
             if not spec["released_final_eval"]:
                 raise _FinalEvalSkipped
+        sync()
         t = time.perf_counter()
         out = original_cross(*a, no_cross=no_cross, **k)
+        sync()
         if no_cross:
             clock.eval_s.append(time.perf_counter() - t)
             clock.acc.append(float(torch.diag(out).mean()))
@@ -446,10 +489,12 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
     original_delta = rel.delta_update
 
     def delta_update(*a: Any, **k: Any) -> Any:
+        sync()
         t = time.perf_counter()
         try:
             return original_delta(*a, **k)
         finally:
+            sync()
             clock.add_mask_time(time.perf_counter() - t)
 
     rel.train_personalized = train_personalized
@@ -481,7 +526,8 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
             profiler.disable()
     masks = result.get("client_masks") if result else None
     return {
-        "side": "released", "setup_seconds": setup_s, "rss_after_setup_kb": rss_setup, "hwm_setup_kb": hwm_setup,
+        "side": "released", "device": device_label(args.device),
+        "setup_seconds": setup_s, "rss_after_setup_kb": rss_setup, "hwm_setup_kb": hwm_setup,
         "hwm_rounds_kb": proc_status_kb("VmHWM") if reset else None, "hwm_total_kb": max(hwm_setup, proc_status_kb(
             "VmHWM")), "rounds": clock.rounds(), "error": error, "torch_threads": torch.get_num_threads(),
         "final_eval_seconds": final_eval["seconds"],
@@ -524,15 +570,21 @@ def run_child() -> None:
 # ---------------------------------------------------------------- parent
 
 
-def launch(kind: str, spec_path: Path, work: Path, prep_path: Path | None, label: str) -> tuple[dict | None, int, str]:
-    """Run one child; returns (its result, its peak RSS in kB from wait4, its log path)."""
+def launch(kind: str, spec_path: Path, work: Path, prep_path: Path | None, label: str,
+           device: str = "cpu") -> tuple[dict | None, int, str]:
+    """Run one child; returns (its result, its peak RSS in kB from wait4, its log path).
+
+    On ``device`` cpu the child sees no CUDA device (the released code would otherwise take one).
+    """
     out = work / f"{label}.json"
     log = work / f"{label}.log"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", str(spec_path), "--out", str(out)]
     if prep_path is not None:
         cmd += ["--prep", str(prep_path)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -554,6 +606,19 @@ def git_describe(folder: Path) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
+
+
+def released_commit(folder: Path) -> str:
+    """The released checkout's commit; for an exported copy (no git of its own, e.g. bench/gpu_check's
+    .gpu/released) ``$FEDSELECT_RELEASED_COMMIT``, never the commit of a repository around it."""
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        top = ""
+    if top and Path(top).resolve() == folder.resolve():
+        return git_describe(folder)
+    return os.environ.get("FEDSELECT_RELEASED_COMMIT", "unknown (not a git checkout)")
 
 
 def measured(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -602,6 +667,8 @@ def print_report(spec: dict[str, Any], results: dict[str, dict | None], maxrss: 
           f"lr {spec['lr']}, p {spec['p']}, mask update every {spec['mask_every']} round(s), "
           f"released grad clipping {'on' if spec['released_clip'] else 'off'}, our mask search: {spec['ours_search']}")
     threads = {s: (results[s] or {}).get("torch_threads") for s in SIDES if results.get(s)}
+    devices = {s: (results[s] or {}).get("device") for s in SIDES if results.get(s)}
+    print(f"device (--device {spec.get('device', 'cpu')}): {devices}")
     print(f"ours at {spec.get('ours_commit')}; released at {spec.get('released_commit')}")
     print(f"torch threads: {threads}; rounds measured: "
           f"{'all but the first' if spec['rounds'] >= 3 else 'all'} (median for per-round figures)")
@@ -659,7 +726,9 @@ def print_report(spec: dict[str, Any], results: dict[str, dict | None], maxrss: 
     if spec["sides"] in ("both", "released"):
         print("released code ran unmodified; run-time changes around it: loaded under the module name "
               "'released_fedselect'; its get_data/noniid replaced by our partition and a torchvision-format copy "
-              "of our CIFAR-10 (md5 checks off, no download); CUDA hidden; pretrained_init off; "
+              "of our CIFAR-10 (md5 checks off, no download); "
+              + ("CUDA hidden; " if spec.get("device", "cpu") == "cpu" else "on the GPU (its own CUDA choice); ")
+              + "pretrained_init off; "
               "train_personalized/cross_client_eval/delta_update wrapped for timing"
               + ("" if spec["released_final_eval"] else "; the final 10x10 cross-client evaluation skipped")
               + ("; model.train() before each client's training (BatchNorm fix)" if spec["released_fix_bn"] else "")
@@ -696,6 +765,8 @@ def main() -> None:
                              "(its BatchNorm otherwise stays in eval mode after the first evaluation)")
     parser.add_argument("--released-final-eval", action="store_true",
                         help="also run the released code's final 10x10 cross-client evaluation (timed apart)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both sides train: cpu (CUDA hidden from both children) or cuda (both on the GPU)")
     parser.add_argument("--sides", choices=("both", "ours", "released"), default="both")
     parser.add_argument("--order", choices=("released-first", "ours-first"), default="released-first")
     parser.add_argument("--seed", type=int, default=0)
@@ -712,6 +783,11 @@ def main() -> None:
     sides = SIDES if ns.sides == "both" else (ns.sides,)
     if ns.order == "ours-first":
         sides = tuple(reversed(sides))
+    if ns.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available here")
     if ("released" in sides or ns.profile_released) and not ns.released_repo:
         parser.error(f"the released code's checkout is needed: --released-repo or ${RELEASED_ENV}")
     if ns.released_repo and not (Path(ns.released_repo) / "fedselect.py").is_file():
@@ -722,11 +798,11 @@ def main() -> None:
                                         "test_per_class", "batch_size", "lr", "p", "grow_target", "mask_every",
                                         "ours_search", "gradltn_iterations", "gradltn_epochs", "released_clip",
                                         "released_final_eval", "released_fix_bn", "seed", "threads", "data_root",
-                                        "sides")}
+                                        "sides", "device")}
     spec.update(work_dir=str(work.resolve()),
                 released_repo=str(Path(ns.released_repo).resolve()) if ns.released_repo else None)
     spec["ours_commit"] = git_describe(Path(__file__).resolve().parent)
-    spec["released_commit"] = git_describe(Path(ns.released_repo)) if ns.released_repo else None
+    spec["released_commit"] = released_commit(Path(ns.released_repo)) if ns.released_repo else None
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
 
@@ -742,7 +818,7 @@ def main() -> None:
     for side in sides:
         print(f"running {side} ({ns.rounds} rounds) ...", flush=True)
         t = time.perf_counter()
-        results[side], maxrss[side], log = launch(side, spec_path, work, prep_path, side)
+        results[side], maxrss[side], log = launch(side, spec_path, work, prep_path, side, ns.device)
         print(f"  {side} done in {time.perf_counter() - t:.0f} s (log: {log})", flush=True)
     print_report(spec, results, maxrss)
 
@@ -755,7 +831,7 @@ def main() -> None:
         prof_path.write_text(json.dumps(prof_spec))
         print(f"\nprofiling {side} under cProfile ({ns.rounds} rounds; times inflated by the profiler) ...",
               flush=True)
-        res, _, _ = launch(side, prof_path, work, prep_path, f"profile-{side}")
+        res, _, _ = launch(side, prof_path, work, prep_path, f"profile-{side}", ns.device)
         if res and res.get("profile"):
             profiles[side] = res["profile"]
             print(res["profile"])
