@@ -26,6 +26,28 @@ is the smallest that fits one period (at least 5); a smaller --rounds gives a wi
 marked "partial" (it then ends at round K-2, or is round 1 alone when K = 2, which includes
 the forced evaluation). Periods count rounds: exact with train.participation = 1.
 
+No-tracking mode (--no-tracking; needs no MLflow). Each measurement child builds the run's
+federation as `fedselect run` does (fedselect.runner.federation.build_federation, FedML args,
+the SimulationFlow under FedMLRunner) and stamps every round's end itself (on_round_end, after
+a CUDA synchronize), without MLflow or a run record. It waits at a start line once its
+federation is built, so the start of round 0 is observable: s per run = start-up (launch to
+federation built) + (t_end(a-1) - start of round 0) + (R - a) * s/round. Rounds run open-ended
+(the study's R), so no measured round is a forced last evaluation; a child is stopped once it
+has measured K rounds (default K: the smallest holding one whole period, at least 5). Not
+counted in this mode: MLflow's per-round logging and the end-of-run record.
+
+Several jobs on one device (--concurrent J1,J2,...; implies --no-tracking). For each J, J
+children share the device at once: the selected runs, cycled to fill J slots (J = 1: each run
+alone, one after the other). All J pass the start line together, and all are stopped together
+once every one has measured K rounds (or the time share of that J under --deadline-s is spent:
+then the windows are what fitted, marked partial). So every measured round ran with J jobs on
+the device. Reported per J: each run's s/round and s per run under that sharing (the mean over
+its copies), the mix throughput in run-rounds per second (n_runs * J / sum of the runs' s/round:
+J jobs progressing at the runs' mean pace) and, for the study, the projected total with J jobs
+per device = sum over the study's runs of s per run(J) x seeds / J. Study runs that were not
+measured are costed with a measured run named by --proxy RUN=MEASURED (listed as such); the
+projection for the whole study is printed when every run is measured or proxied.
+
 Not measured: checkpoint saves (train.checkpoint_every of the study) and the Snakemake
 workflow's own overhead. Training sample passes per round (all clients) are the measured
 rounds' mean from the run record (`train_sample_passes_total`); a periodic search makes the
@@ -36,6 +58,7 @@ where the weights are not available offline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -159,6 +182,392 @@ def measure(study: Study, run: str, seed: int, config: ExperimentConfig, k: int 
                                      if "train_sample_passes_total" in record else None))
 
 
+# ---------------------------------------------------------------- no-tracking mode: the child
+
+
+class _Stop(Exception):
+    """Raised from on_round_end when the child has measured what it was asked for."""
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Readers (the parent polls progress files) see the old or the new file, never half of one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def wait_for(path: Path, timeout_s: float) -> bool:
+    """Poll until ``path`` exists; False on timeout."""
+    end = time.time() + timeout_s
+    while not path.exists():
+        if time.time() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def run_child(job_path: Path) -> int:
+    """One measurement child: build the run's federation, wait at the start line, run and stamp rounds.
+
+    Progress (ready time, start of round 0, every round's end and sample passes) is rewritten after
+    every round, so the parent can stop the child at any time and still read what it measured.
+    """
+    job = json.loads(job_path.read_text())
+    progress_path = Path(job["progress"])
+    progress: dict[str, Any] = {"launched": job["launched"], "ends": [], "passes": [], "error": None}
+    try:
+        import torch
+
+        torch.set_num_threads(job["threads"])
+        from fedselect.engine import resolve_device
+        from fedselect.fedml_bridge import import_fedml
+        from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_dataset_tuple, fedml_home, fedml_sections
+        from fedselect.fedml_runtime.simulation import SimulationFlow
+        from fedselect.runner.federation import build_federation, resolve_algorithm
+
+        config = load_config_dict(job["mapping"], job["overrides"])
+        algorithm = resolve_algorithm(config)
+        device = resolve_device(config.device)
+        results = Path(config.tracking.results_dir)
+        results.mkdir(parents=True, exist_ok=True)
+        args = build_fedml_args(fedml_sections(config), home=fedml_home(results))
+        fed = build_federation(config, device, args, algorithm=algorithm)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        progress.update(ready=time.time(), device=device_label(device), threads=torch.get_num_threads(),
+                        fedml=getattr(import_fedml(), "__version__", "?"))
+        write_json_atomic(progress_path, progress)
+        if not wait_for(Path(job["go"]), job["go_timeout_s"]):
+            raise RuntimeError("no start signal from the parent")
+
+        def on_round_end(result: Any) -> None:
+            sync()
+            progress["ends"].append(time.time())
+            progress["passes"].append(sum(m.get("train_sample_passes", 0.0) for m in result.client_metrics.values()))
+            write_json_atomic(progress_path, progress)
+            if job["stop_after"] and len(progress["ends"]) >= job["stop_after"]:
+                raise _Stop
+
+        flow = SimulationFlow(args=args, device=fed.device, clients=fed.clients, server=fed.server,
+                              rounds=config.train.rounds, participation=config.train.participation, seed=config.seed,
+                              eval_every=config.train.eval_every, on_round_end=on_round_end, progress=False)
+        dataset = fedml_dataset_tuple(fed.client_data, fed.data.num_classes)
+        runner = import_fedml().FedMLRunner(args, fed.device, dataset, fed.model, algorithm_flow=flow)
+        progress["go"] = time.time()
+        write_json_atomic(progress_path, progress)
+        with contextlib.suppress(_Stop):
+            runner.run()
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        progress["error"] = f"{type(exc).__name__}: {exc}"
+        write_json_atomic(progress_path, progress)
+        return 1
+    progress["finished"] = time.time()
+    write_json_atomic(progress_path, progress)
+    return 0
+
+
+def device_label(device: Any) -> str:
+    import torch
+
+    device = torch.device(device)
+    return f"{device} {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
+
+
+# ---------------------------------------------------------------- no-tracking mode: waves of J jobs
+
+
+Setup = dict[str, tuple[dict[str, Any], list[str]]]  # run -> (its config mapping, overrides)
+Schedules = dict[str, tuple[int, int, int]]  # run -> (K, period, first steady round)
+
+
+@dataclass
+class Job:
+    label: str
+    run: str
+    k: int
+    period: int
+    first: int
+    dir: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def progress_path(self) -> Path:
+        return self.dir / "progress.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "child.log"
+
+    def progress(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.progress_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+@dataclass
+class JobCost:
+    label: str
+    run: str
+    concurrent: int
+    rounds_done: int
+    rounds_wanted: int
+    window: tuple[int, int]
+    whole_periods: bool
+    seconds_per_round: float
+    startup_seconds: float
+    warmup_seconds: float
+    seconds_per_run: float
+    round_seconds: list[float]
+    passes_per_round: float | None
+    threads: int
+    device: str
+
+
+def steady_window(done: int, period: int, first: int) -> tuple[int, int, bool]:
+    """Window a..b over rounds 0..done-1 (no forced last evaluation); round 0 only when nothing else ran."""
+    last = done - 1
+    if last < 1:
+        return 0, 0, False
+    periods = (last - first + 1) // period
+    if periods >= 1:
+        return first, first + periods * period - 1, True
+    return 1, last, False
+
+
+def job_cost(job: Job, concurrent: int, rounds_study: int) -> JobCost:
+    """A stopped child's figures from its progress file (round 0 starts at the start signal)."""
+    prog = job.progress()
+    ends, go = prog["ends"], prog["go"]
+    if not ends:
+        raise RuntimeError(f"{job.label}: no round finished (log: {job.log_path})")
+    a, b, whole = steady_window(len(ends), job.period, job.first)
+
+    def t(r: int) -> float:
+        return ends[r] if r >= 0 else go
+
+    per_round = (t(b) - t(a - 1)) / (b - a + 1)
+    startup = prog["ready"] - prog["launched"]
+    warmup = t(a - 1) - go
+    passes = prog["passes"]
+    return JobCost(label=job.label, run=job.run, concurrent=concurrent, rounds_done=len(ends), rounds_wanted=job.k,
+                   window=(a, b), whole_periods=whole and len(ends) >= job.k, seconds_per_round=per_round,
+                   startup_seconds=startup, warmup_seconds=warmup,
+                   seconds_per_run=startup + warmup + max(rounds_study - a, 0) * per_round,
+                   round_seconds=[round(t(r) - t(r - 1), 3) for r in range(len(ends))],
+                   passes_per_round=sum(passes) / len(passes) if passes else None,
+                   threads=prog.get("threads", 0), device=prog.get("device", "?"))
+
+
+def launch_job(job: Job, mapping: dict[str, Any], overrides: list[str], go: Path, threads: int,
+               stop_after: int | None, go_timeout_s: float) -> None:
+    job.dir.mkdir(parents=True, exist_ok=True)
+    job.progress_path.unlink(missing_ok=True)
+    spec = {"mapping": mapping, "overrides": [*overrides, f"tracking.results_dir={job.dir / 'results'}"],
+            "progress": str(job.progress_path), "go": str(go), "threads": threads, "stop_after": stop_after,
+            "go_timeout_s": go_timeout_s, "launched": time.time()}
+    (job.dir / "job.json").write_text(json.dumps(spec))
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    with job.log_path.open("w") as log:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(job.dir / "job.json")]
+        job.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def stop_jobs(jobs: list[Job], grace_s: float = 5.0) -> None:
+    """Terminate every child still running (what they measured is already in their progress files)."""
+    for job in jobs:
+        if job.proc is not None and job.proc.poll() is None:
+            job.proc.terminate()
+    end = time.time() + grace_s
+    for job in jobs:
+        if job.proc is None:
+            continue
+        try:
+            job.proc.wait(timeout=max(0.1, end - time.time()))
+        except subprocess.TimeoutExpired:
+            job.proc.kill()
+            job.proc.wait()
+
+
+def run_wave(jobs: list[Job], setup: Setup, concurrent: int, threads: int,
+             budget_s: float, work: Path) -> tuple[list[Job], dict[str, str], float]:
+    """Launch the jobs together, start them together, stop them together once each measured K rounds.
+
+    Returns the jobs that started, the failures (label -> reason with the log's tail) and the wall seconds.
+    """
+    start = time.time()
+    deadline = start + budget_s
+    go = work / f"go-J{concurrent}-{jobs[0].label}"
+    go.unlink(missing_ok=True)
+    single = len(jobs) == 1
+    for job in jobs:
+        mapping, overrides = setup[job.run]
+        launch_job(job, mapping, overrides, go, threads, job.k if single else None, go_timeout_s=budget_s + 60)
+    failed: dict[str, str] = {}
+
+    def check_exits() -> None:
+        for job in jobs:
+            if job.label not in failed and job.proc.poll() not in (None, 0):
+                failed[job.label] = f"exited with {job.proc.returncode}; last lines of its log:\n{tail(job.log_path)}"
+
+    while time.time() < deadline:  # the start line: every child has built its federation
+        check_exits()
+        if all(job.label in failed or "ready" in job.progress() for job in jobs):
+            break
+        time.sleep(0.1)
+    started = [job for job in jobs if job.label not in failed and "ready" in job.progress()]
+    for job in jobs:
+        if job not in started and job.label not in failed:
+            failed[job.label] = f"not ready within the time share ({budget_s:.0f} s); last lines:\n{tail(job.log_path)}"
+    go.touch()
+    while time.time() < deadline and started:
+        check_exits()
+        running = [j for j in started if j.label not in failed]
+        if all(len(j.progress().get("ends", [])) >= j.k or j.proc.poll() == 0 for j in running):
+            break
+        time.sleep(0.2)
+    check_exits()
+    stop_jobs(jobs)  # what they measured is in their progress files; exits from here on are ours
+    return [j for j in started if j.label not in failed], failed, time.time() - start
+
+
+def wave_jobs(runs: list[str], concurrent: int, schedules: Schedules, work: Path,
+              wave: str) -> list[Job]:
+    """J job slots filled with the runs in turn (run#copy labels)."""
+    jobs = []
+    for slot in range(concurrent):
+        run = runs[slot % len(runs)]
+        k, period, first = schedules[run]
+        label = f"{run}#{slot // len(runs) + 1}"
+        jobs.append(Job(label=label, run=run, k=k, period=period, first=first, dir=work / wave / label))
+    return jobs
+
+
+def measure_concurrency(runs: list[str], levels: list[int], setup: Setup, schedules: Schedules,
+                        rounds_study: dict[str, int], ns: argparse.Namespace,
+                        work: Path) -> tuple[dict[int, list[JobCost]], dict[str, str], dict[int, float]]:
+    """Every level J: its waves (J = 1: one run at a time), their job costs, failures and wall seconds."""
+    costs: dict[int, list[JobCost]] = {}
+    failed: dict[str, str] = {}
+    walls: dict[int, float] = {}
+    deadline = time.time() + ns.deadline_s if ns.deadline_s else None
+    for i, level in enumerate(levels):
+        waves = [[run] for run in runs] if level == 1 else [runs]
+        costs[level], walls[level] = [], 0.0
+        threads = ns.threads or max(1, (os.cpu_count() or 1) // level)
+        for w, wave_runs in enumerate(waves):
+            if deadline is None:
+                budget = 24 * 3600.0
+            else:  # the time left, shared between this level's remaining waves and the later levels
+                left_levels = len(levels) - i
+                budget = (deadline - time.time()) / left_levels / (len(waves) - w)
+            jobs = wave_jobs(wave_runs, level, schedules, work, f"J{level}")
+            print(f"J={level}: {', '.join(j.label for j in jobs)} ({threads} thread(s) each, "
+                  f"{f'up to {budget:.0f} s' if deadline else 'no deadline'}) ...", file=sys.stderr, flush=True)
+            if budget < 5:
+                failed.update({f"J{level}:{j.label}": "no time left under --deadline-s" for j in jobs})
+                continue
+            done, wave_failed, wall = run_wave(jobs, setup, level, threads, budget, work)
+            walls[level] += wall
+            failed.update({f"J{level}:{label}": why for label, why in wave_failed.items()})
+            for job in done:
+                try:
+                    costs[level].append(job_cost(job, level, rounds_study[job.run]))
+                except (RuntimeError, KeyError) as exc:
+                    failed[f"J{level}:{job.label}"] = f"{exc}; last lines:\n{tail(job.log_path)}"
+    return costs, failed, walls
+
+
+def per_run(costs: list[JobCost]) -> dict[str, dict[str, Any]]:
+    """Each run's mean figures over its copies at one level J."""
+    out: dict[str, dict[str, Any]] = {}
+    for run in dict.fromkeys(c.run for c in costs):
+        mine = [c for c in costs if c.run == run]
+        out[run] = {key: sum(getattr(c, key) for c in mine) / len(mine)
+                    for key in ("seconds_per_round", "startup_seconds", "seconds_per_run")}
+        out[run].update(copies=len(mine), partial=any(not c.whole_periods for c in mine))
+    return out
+
+
+def parse_proxies(items: list[str], study: Study) -> dict[str, str]:
+    proxies = {}
+    for item in ",".join(items).split(","):
+        if not item.strip():
+            continue
+        run, _, measured = item.partition("=")
+        if run not in study.runs or measured not in study.runs:
+            raise SystemExit(f"--proxy {item!r}: both sides must be runs of study {study.name!r}")
+        proxies[run] = measured
+    return proxies
+
+
+def projection(study: Study, by_level: dict[int, dict[str, dict[str, Any]]], proxies: dict[str, str],
+               seeds: int) -> dict[str, Any]:
+    """The whole study's total at each J, from measured runs and proxies; None where a run has neither."""
+    totals: dict[str, float | None] = {}
+    basis = {run: run if any(run in m for m in by_level.values()) else proxies.get(run) for run in study.runs}
+    for level, runs in by_level.items():
+        if not runs or any(basis[r] not in runs for r in study.runs):
+            totals[str(level)] = None
+            continue
+        totals[str(level)] = sum(runs[basis[r]]["seconds_per_run"] for r in study.runs) * seeds / level / 3600
+    known = {k: v for k, v in totals.items() if v is not None}
+    best = min(known, key=known.get) if known else None
+    return {"basis": basis, "total_hours_by_J": totals, "best_J": int(best) if best else None,
+            "best_total_hours": known.get(best) if best else None}
+
+
+def report_concurrency(study: Study, costs: dict[int, list[JobCost]], walls: dict[int, float],
+                       proxies: dict[str, str], seeds: int) -> dict[str, Any]:
+    by_level = {level: per_run(c) for level, c in costs.items()}
+    print("\nseveral jobs on one device (no-tracking children; s per run for R = the study's rounds)")
+    header = f"{'J':>3} {'job':<22} {'rounds':>7} {'window':>8} {'s/round':>9} {'start-up s':>10} {'s per run':>10} " \
+             f"{'passes/round':>12} {'threads':>7}"
+    print(header + "\n" + "-" * len(header))
+    for level, jobs in costs.items():
+        for c in jobs:
+            win = f"{c.window[0]}-{c.window[1]}" + ("" if c.whole_periods else "*")
+            print(f"{level:>3} {c.label:<22} {f'{c.rounds_done}/{c.rounds_wanted}':>7} {win:>8} "
+                  f"{c.seconds_per_round:>9.3f} {c.startup_seconds:>10.1f} {c.seconds_per_run:>10.0f} "
+                  f"{'' if c.passes_per_round is None else f'{c.passes_per_round:.0f}':>12} {c.threads:>7}")
+    print("* partial window (fewer rounds than K, or than one whole period)")
+    mix: dict[str, float | None] = {}
+    base = by_level.get(1)
+    print(f"\n{'J':>3} {'mix run-rounds/s':>17} {'vs J=1':>7}  per-run s/round (slowdown vs J=1)")
+    for level, runs in by_level.items():
+        total = sum(r["seconds_per_round"] for r in runs.values())
+        mix[str(level)] = len(runs) * level / total if total else None
+        ref = (len(base) / sum(r["seconds_per_round"] for r in base.values())) if base else None
+        ratio = f"{mix[str(level)] / ref:.2f}" if ref and mix[str(level)] else "-"
+        detail = ", ".join(f"{run} {r['seconds_per_round']:.2f}"
+                           + (f" ({r['seconds_per_round'] / base[run]['seconds_per_round']:.2f}x)"
+                              if base and run in base else "") for run, r in runs.items())
+        print(f"{level:>3} {fmt_opt(mix[str(level)], '.3f'):>17} {ratio:>7}  {detail}")
+    proj = projection(study, by_level, proxies, seeds)
+    proxied = {r: b for r, b in proj["basis"].items() if b and b != r}
+    missing = [r for r, b in proj["basis"].items() if not b]
+    if proxied:
+        print(f"\nruns costed by a measured proxy (--proxy): {', '.join(f'{r}={b}' for r, b in proxied.items())}")
+    if missing:
+        print(f"no figure for the whole study: runs neither measured nor proxied: {', '.join(missing)}")
+    for level, hours in proj["total_hours_by_J"].items():
+        if hours is not None:
+            print(f"study {study.name}, all {len(study.runs)} runs x {seeds} seeds, {level} job(s) per device: "
+                  f"{hours:.2f} h")
+    if proj["best_J"]:
+        print(f"best: {proj['best_J']} jobs per device, {proj['best_total_hours']:.2f} h of one device")
+    return {"levels": {str(k): {"jobs": [asdict(c) for c in v], "per_run": by_level[k], "wall_seconds": walls.get(k),
+                                "mix_run_rounds_per_s": mix.get(str(k))} for k, v in costs.items()},
+            "projection": proj}
+
+
+def fmt_opt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def device_name(device: str) -> tuple[str, int]:
     """The accelerator's or CPU's model name, and torch's intra-op threads (the children inherit the env)."""
     import torch
@@ -170,7 +579,7 @@ def device_name(device: str) -> tuple[str, int]:
     return f"CPU: {models[0] if models else 'unknown'} ({os.cpu_count()} logical cores)", torch.get_num_threads()
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True, help="study name (configs/NAME.yaml) or path to a study YAML")
     parser.add_argument("--rounds", type=int, help=f"measured rounds K per run (>= 2; default: the smallest K whose "
@@ -182,36 +591,99 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to `fedselect run` (repeatable); also counts for the study's rounds")
     parser.add_argument("--parallel-jobs", type=int, default=1, metavar="J",
-                        help="also print the total divided by J (J jobs on the one device)")
+                        help="MLflow mode: also print the total divided by J (assumes no slowdown; "
+                             "--concurrent measures it)")
+    parser.add_argument("--no-tracking", action="store_true",
+                        help="measure in children that stamp rounds themselves (no MLflow, no run record)")
+    parser.add_argument("--concurrent", default=None, metavar="J1,J2,...",
+                        help="measure with J jobs sharing the device at once, for each J (implies --no-tracking)")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="no-tracking: stop measuring after this many seconds in all, shared between the J "
+                             "levels (windows cut short are marked partial)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="no-tracking: torch threads per child (default: the CPU cores / J)")
+    parser.add_argument("--proxy", action="append", default=[], metavar="RUN=MEASURED",
+                        help="cost an unmeasured study run as a measured one in the whole-study projection "
+                             "(repeatable or comma-separated)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="keep the children's configs, progress files and logs here (default: a temporary dir)")
     parser.add_argument("--out-json", type=Path, help="write every figure here")
-    ns = parser.parse_args()
+    ns = parser.parse_args(argv)
     if ns.rounds is not None and ns.rounds < 2:
         parser.error("--rounds must be >= 2 (the per-round time is taken between round ends)")
     if ns.parallel_jobs < 1:
         parser.error("--parallel-jobs must be >= 1")
+    try:
+        ns.levels = [int(j) for j in ns.concurrent.split(",")] if ns.concurrent else [1]
+    except ValueError:
+        parser.error(f"--concurrent: comma-separated job counts, got {ns.concurrent!r}")
+    if any(j < 1 for j in ns.levels):
+        parser.error("--concurrent: every J must be >= 1")
+    ns.no_tracking = ns.no_tracking or ns.concurrent is not None
+    return ns
 
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
     study = resolve_study(ns.study)
     runs = ns.runs.split(",") if ns.runs else study.run_names()
     unknown = [r for r in runs if r not in study.runs]
     if unknown:
-        parser.error(f"--runs: study {study.name!r} has no run {', '.join(map(repr, unknown))} "
-                     f"(runs: {', '.join(study.run_names())})")
+        raise SystemExit(f"--runs: study {study.name!r} has no run {', '.join(map(repr, unknown))} "
+                         f"(runs: {', '.join(study.run_names())})")
     seed = study.seeds[0] if ns.seed is None else ns.seed
     try:  # every config is checked before anything runs; the study's schedule with the user's overrides
         configs = {r: load_config_dict(run_config(study, r, seed), ns.set) for r in runs}
     except (ConfigError, StudyError) as exc:
         raise SystemExit(f"error: {exc}") from None
     name, threads = device_name(ns.device)
+    with tempfile.TemporaryDirectory(prefix="study-cost-") as tmp:
+        work = ns.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if ns.no_tracking:
+            return main_no_tracking(ns, study, runs, seed, configs, name, work)
+        return main_tracking(ns, study, runs, seed, configs, name, threads, work)
 
+
+def main_no_tracking(ns: argparse.Namespace, study: Study, runs: list[str], seed: int,
+                     configs: dict[str, ExperimentConfig], name: str, work: Path) -> int:
+    """Every J level of --concurrent, measured by no-tracking children; the whole-study projection."""
+    proxies = parse_proxies(ns.proxy, study)
+    forced = ["train.checkpoint_every=0", "tracking.tracking_uri=null", f"device={ns.device}"]
+    setup = {r: (run_config(study, r, seed), [*ns.set, *forced]) for r in runs}
+    schedules = {}
+    for run in runs:
+        period, first = steady_schedule(configs[run])
+        schedules[run] = (ns.rounds or max(MIN_ROUNDS, first + period), period, first)
+    rounds_study = {run: configs[run].train.rounds for run in runs}
+    costs, failed, walls = measure_concurrency(runs, ns.levels, setup, schedules, rounds_study, ns, work)
+    seeds = len(study.seeds)
+    print(f"\nstudy {study.name}: {len(runs)} of {len(study.runs)} runs x {seeds} seeds; measured seed {seed}")
+    print(f"device: {name}; mode: no-tracking children (no MLflow); J levels {ns.levels}")
+    summary = report_concurrency(study, costs, walls, proxies, seeds)
+    for label, why in failed.items():
+        print(f"FAILED {label}: {why}", file=sys.stderr)
+    if ns.out_json:
+        ns.out_json.parent.mkdir(parents=True, exist_ok=True)
+        ns.out_json.write_text(json.dumps({
+            "study": study.name, "seed_measured": seed, "seeds": seeds, "device_name": name, "mode": "no-tracking",
+            "runs_measured": runs, "rounds_wanted": {r: schedules[r][0] for r in runs}, "levels": ns.levels,
+            "deadline_s": ns.deadline_s, "overrides": ns.set, "proxies": proxies, "failed": failed, **summary},
+            indent=2))
+    return 1 if failed else 0
+
+
+def main_tracking(ns: argparse.Namespace, study: Study, runs: list[str], seed: int,
+                  configs: dict[str, ExperimentConfig], name: str, threads: int, work: Path) -> int:
+    """The MLflow mode: `fedselect run` children, round ends read back from the MLflow store."""
     costs: list[RunCost] = []
     failed: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="study-cost-") as tmp:
-        for run in runs:
-            try:
-                costs.append(measure(study, run, seed, configs[run], ns.rounds, ns, Path(tmp)))
-            except (RuntimeError, OSError, KeyError, ValueError) as exc:
-                failed[run] = str(exc)
-                print(f"FAILED {run}: {exc}", file=sys.stderr)
+    for run in runs:
+        try:
+            costs.append(measure(study, run, seed, configs[run], ns.rounds, ns, work))
+        except (RuntimeError, OSError, KeyError, ValueError) as exc:
+            failed[run] = str(exc)
+            print(f"FAILED {run}: {exc}", file=sys.stderr)
 
     seeds = len(study.seeds)
     print(f"\nstudy {study.name}: {len(runs)} of {len(study.runs)} runs x {seeds} seeds; measured seed {seed}")
@@ -241,5 +713,8 @@ def main() -> int:
     return 1 if failed else 0
 
 
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        sys.exit(run_child(Path(sys.argv[2])))
     sys.exit(main())
