@@ -40,7 +40,8 @@ Several jobs on one device (--concurrent J1,J2,...; implies --no-tracking). For 
 children share the device at once: the selected runs, cycled to fill J slots (J = 1: each run
 alone, one after the other). All J pass the start line together, and all are stopped together
 once every one has measured K rounds (or the time share of that J under --deadline-s is spent:
-then the windows are what fitted, marked partial). So every measured round ran with J jobs on
+then the windows are what fitted, marked partial; J = 1 gets n_runs/2 shares, any other J one,
+of the time left, and unused time passes on). So every measured round ran with J jobs on
 the device. Reported per J: each run's s/round and s per run under that sharing (the mean over
 its copies), the mix throughput in run-rounds per second (n_runs * J / sum of the runs' s/round:
 J jobs progressing at the runs' mean pace) and, for the study, the projected total with J jobs
@@ -446,10 +447,26 @@ def wave_jobs(runs: list[str], concurrent: int, schedules: Schedules, work: Path
     return jobs
 
 
+WAVE_RESERVE_S = 20.0  # kept back for each later wave of a level (its start-up and a few rounds)
+
+
+def level_weight(level: int, n_runs: int) -> float:
+    """A level's share of --deadline-s: J = 1 runs its n runs one after the other, so it gets more."""
+    return max(1.0, n_runs / 2) if level == 1 else 1.0
+
+
+def wave_budget(level_left: float, waves_left: int) -> float:
+    """This wave's time: what the level has left, less a reserve for its later waves, at least a fair part."""
+    return max(level_left - WAVE_RESERVE_S * (waves_left - 1), level_left / waves_left)
+
+
 def measure_concurrency(runs: list[str], levels: list[int], setup: Setup, schedules: Schedules,
                         rounds_study: dict[str, int], ns: argparse.Namespace,
                         work: Path) -> tuple[dict[int, list[JobCost]], dict[str, str], dict[int, float]]:
-    """Every level J: its waves (J = 1: one run at a time), their job costs, failures and wall seconds."""
+    """Every level J: its waves (J = 1: one run at a time), their job costs, failures and wall seconds.
+
+    Under --deadline-s each level gets its weighted share of the time left (unused time passes on).
+    """
     costs: dict[int, list[JobCost]] = {}
     failed: dict[str, str] = {}
     walls: dict[int, float] = {}
@@ -458,12 +475,10 @@ def measure_concurrency(runs: list[str], levels: list[int], setup: Setup, schedu
         waves = [[run] for run in runs] if level == 1 else [runs]
         costs[level], walls[level] = [], 0.0
         threads = ns.threads or max(1, (os.cpu_count() or 1) // level)
+        weights = [level_weight(j, len(runs)) for j in levels[i:]]
+        level_end = None if deadline is None else time.time() + (deadline - time.time()) * weights[0] / sum(weights)
         for w, wave_runs in enumerate(waves):
-            if deadline is None:
-                budget = 24 * 3600.0
-            else:  # the time left, shared between this level's remaining waves and the later levels
-                left_levels = len(levels) - i
-                budget = (deadline - time.time()) / left_levels / (len(waves) - w)
+            budget = 24 * 3600.0 if level_end is None else wave_budget(level_end - time.time(), len(waves) - w)
             jobs = wave_jobs(wave_runs, level, schedules, work, f"J{level}")
             print(f"J={level}: {', '.join(j.label for j in jobs)} ({threads} thread(s) each, "
                   f"{f'up to {budget:.0f} s' if deadline else 'no deadline'}) ...", file=sys.stderr, flush=True)
