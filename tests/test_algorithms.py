@@ -157,11 +157,14 @@ def test_mismatched_shapes_are_rejected():
 
 
 class PoisonedClient(FedAvgClient):
-    def get_model_params(self):
-        payload = super().get_model_params()
+    """Client 1 diverges: a NaN in its trained weights reaches its upload (simulated and wire alike)."""
+
+    def train(self, *args):
+        stats = super().train(*args)
         if self.id == 1:
-            payload["tensors"]["conv1.weight"][0, 0, 0, 0] = float("nan")
-        return payload
+            with torch.no_grad():
+                self.model.state_dict(keep_vars=True)["conv1.weight"][0, 0, 0, 0] = float("nan")
+        return stats
 
 
 def test_nan_update_is_rejected_by_default():

@@ -21,6 +21,7 @@ from fedselect.algorithms.fedalt import FedAltClient
 from fedselect.algorithms.fedbabu import FedBABUOptions
 from fedselect.algorithms.fedrep import FedRepOptions
 from fedselect.algorithms.lotteryfl import LotteryFLOptions
+from fedselect.algorithms.payload import encode_upload
 from fedselect.config import ConfigError, load_config, load_config_dict
 from fedselect.core.masks import target_count, unpack_mask
 from fedselect.engine import SplitEpoch, evaluate, snapshot_state
@@ -295,14 +296,22 @@ def test_lotteryfl_sparsity_follows_its_schedule_and_stops_at_the_target():
 def test_lotteryfl_pruned_entries_are_zero_untrained_and_not_uploaded():
     r = setup("lotteryfl", algo=PRUNE_ALWAYS, rounds=2)
     uploads = []
-    aggregate = r.server.aggregate
+    add, begin = r.server.add_local_upload, r.server.begin_round
 
-    def capture(raw):
-        uploads[:] = [(n, payload, {k: v.clone() for k, v in r.server.get_model_params().items()})
-                      for n, payload in raw]
-        return aggregate(raw)
+    def capture(upload):
+        # what the wire would carry, with the global model the round started from (last round kept)
+        payload = encode_upload(upload.state, upload.personal_mask, client_id=upload.client_id,
+                                num_samples=upload.num_samples)
+        uploads.append((float(upload.num_samples), payload,
+                        {k: v.clone() for k, v in r.server.get_model_params().items()}))
+        return add(upload)
 
-    r.server.aggregate = capture
+    def begin_last_round_only():
+        uploads.clear()
+        begin()
+
+    r.server.add_local_upload = capture
+    r.server.begin_round = begin_last_round_only
     run(r)
     global_state = r.server.get_model_params()
     for trainer in r.trainers:

@@ -73,12 +73,14 @@ class ToyPlanClient(FedAvgClient):
     def round_metrics(self) -> dict[str, float]:
         return {"planned_epochs": float(self.last_epochs)}
 
-    def get_model_params(self) -> dict[str, Any]:
-        upload = super().get_model_params()
+    def local_upload(self) -> Any:
+        # under both runtimes' uploads (simulation adds this; cross-silo encodes it)
+        upload = super().local_upload()
         o = self.ctx.options
         if self.id == o.poison_client and self.round_idx - 1 == o.poison_round:
-            name = next(iter(upload["tensors"]))
-            upload["tensors"][name] = torch.full_like(upload["tensors"][name], float("nan"))
+            name = next(n for n in upload.state if upload.kind(n) == "whole")
+            with torch.no_grad():
+                upload.state[name].fill_(float("nan"))
         return upload
 
 

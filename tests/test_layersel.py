@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fedselect.algorithms.layersel import LayerSelClient, candidate_groups
-from fedselect.algorithms.payload import payload_nbytes
+from fedselect.algorithms.payload import encode_upload, payload_nbytes
 from fedselect.config import ConfigError
 from fedselect.core.selection import InfeasibleBudgetError
 from fedselect.models import prefix_spec, register_layer_groups
@@ -52,17 +52,20 @@ def test_round_trains_only_selected_layers_and_averages_over_their_trainers():
                                                                                    budget=0.5)
     global_before = {k: v.clone() for k, v in server.get_model_params().items()}
     uploads = {}
-    original = LayerSelClient.get_model_params
+    original = LayerSelClient.local_upload
 
     def spy(self):
-        uploads[self.id] = original(self)
-        return uploads[self.id]
+        upload = original(self)
+        # encoded at once, as the wire would: the live state changes with the next client
+        uploads[self.id] = encode_upload(upload.state, upload.personal_mask, client_id=self.id,
+                                         num_samples=upload.num_samples)
+        return upload
 
-    LayerSelClient.get_model_params = spy
+    LayerSelClient.local_upload = spy
     try:
         results = run_flow(flow, args, model, clients)
     finally:
-        LayerSelClient.get_model_params = original
+        LayerSelClient.local_upload = original
     (_, sampled, selection), = server.history
     names = [g.name for g in server.groups]
     new_state = server.get_model_params()

@@ -69,11 +69,12 @@ def test_partial_tensor_must_send_exactly_its_shared_entries(reference):
 def test_bad_sample_counts_are_dropped_or_stop_the_round(weight):
     *_, trainers, server, _ = make_run("fedavg", rounds=1, on_bad_update="drop")
     good = trainers[0].get_model_params()
-    assert server.validate_uploads([(weight, good), (40.0, good)]) == [(40.0, good)]
+    server.begin_round()
+    assert [server.add_upload(weight, good), server.add_upload(40.0, good)] == [False, True]
     assert "sample count" in server.dropped_updates[-1][1]
     *_, trainers, server, _ = make_run("fedavg", rounds=1, on_bad_update="error")
     with pytest.raises(BadUpdateError, match="sample count"):
-        server.validate_uploads([(weight, trainers[0].get_model_params())])
+        server.add_upload(weight, trainers[0].get_model_params())
 
 
 def test_a_non_tensor_value_is_dropped_not_a_crash():
@@ -81,5 +82,5 @@ def test_a_non_tensor_value_is_dropped_not_a_crash():
     payload = trainers[0].get_model_params()
     name = next(iter(payload["tensors"]))
     payload["tensors"][name] = payload["tensors"][name].tolist()
-    assert server.validate_uploads([(40.0, payload)]) == []
+    assert not server.add_upload(40.0, payload)
     assert "not a tensor" in server.dropped_updates[-1][1]

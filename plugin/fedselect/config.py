@@ -134,6 +134,11 @@ class TrainConfig:
     checkpoint_every: int = 5
     # continue from this run's checkpoint when there is one (false: start over and overwrite it)
     resume: bool = True
+    # forward passes in "fp32" or under "bf16" autocast (weights, gradients, optimizer stay fp32);
+    # bf16 is for GPUs (docs/GPU.md): faster on tensor cores, not bit-reproducible, CPU runs slower
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # image batches and convolution weights in channels-last layout (faster convolutions on GPUs)
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "train.rounds", "must be >= 1")

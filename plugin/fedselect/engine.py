@@ -8,12 +8,19 @@ The optimizer step can be restricted to a boolean mask per parameter tensor: thi
 mechanism under every partially personalized method (FedPer's head, FedSelect's learned
 element-wise mask, layer selection's frozen blocks). Tensors that are not trainable at all
 get ``requires_grad=False`` so autograd skips their gradient work entirely.
+
+On a GPU nothing here waits for the device inside a pass: losses and counts are summed on the
+device and read once per pass (or evaluation), whole-tensor updates run as multi-tensor ops, and
+the augmentation's random draws (made on a CPU generator, so CPU and GPU runs augment alike) reach
+the device as asynchronous copies. ``train.precision: bf16`` runs forward passes under bf16
+autocast (weights, gradients and optimizer state stay fp32); ``train.channels_last`` stores image
+batches and convolution weights channels-last.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +34,25 @@ TrainableSpec = Mapping[str, torch.Tensor | None]
 
 # extra loss term added to the cross-entropy, e.g. Ditto's proximal term; gets the model
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
+
+# arithmetic of forward passes (config key train.precision)
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device | str, precision: str) -> AbstractContextManager:
+    """bf16 autocast of the forward passes inside the block (``train.precision: bf16``); fp32: nothing."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def configure_device(device: torch.device) -> None:
+    """Per-process settings for training on ``device``: cuDNN picks its fastest convolution
+    algorithms for the run's fixed shapes (GPU results are not bit-reproducible anyway)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 @dataclass
@@ -59,7 +85,7 @@ class ImageTransform:
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], *, augment: bool, pad: int = 4,
-                 resize: int | None = None) -> None:
+                 resize: int | None = None, channels_last: bool = False) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.augment = augment
@@ -67,6 +93,7 @@ class ImageTransform:
         # batches are resized on the fly (after augmentation, so crops stay in stored pixels):
         # the stored cache keeps its size and memory
         self.resize = resize
+        self.channels_last = channels_last
 
     def __call__(self, x: torch.Tensor, *, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.mean.device != x.device:
@@ -76,15 +103,15 @@ class ImageTransform:
             x = self._augment(x, generator)
         if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
-        return x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _augment(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         n, c, h, w = x.shape
         p = self.pad
         # the random draws happen on the generator's device (CPU), then move: identical
         # augmentations on CPU and GPU for the same seed
-        offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=generator).to(x.device)
-        flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=generator).to(x.device, non_blocking=True)
+        flips = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
         padded = F.pad(x, (p, p, p, p))
         rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
         cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
@@ -118,27 +145,46 @@ class MaskedSGD:
 
     @torch.no_grad()
     def step(self, params: list[tuple[str, nn.Parameter, torch.Tensor | None]]) -> None:
+        whole = [(name, param) for name, param, mask in params if mask is None and param.grad is not None]
+        if whole:
+            self._step_whole(whole)
         for name, param, mask in params:
-            if param.grad is None:
+            if mask is None or param.grad is None:
                 continue
             direction = param.grad
             if self.weight_decay:
                 direction = direction.add(param, alpha=self.weight_decay)
             if self.momentum:
                 direction = self._momentum(name, direction, mask)
-            if mask is None:
-                param.add_(direction, alpha=-self.lr)
-            else:
-                param.sub_(torch.where(mask, direction * self.lr, torch.zeros((), device=param.device)))
+            param.sub_(torch.where(mask, direction * self.lr, 0.0))
 
-    def _momentum(self, name: str, direction: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _step_whole(self, whole: list[tuple[str, nn.Parameter]]) -> None:
+        """Tensors updated in full, as one multi-tensor (``_foreach``) op per stage.
+
+        The same operations, in the same order, as one tensor at a time (on CPU PyTorch runs them so;
+        on a GPU they are fused into a few kernel launches instead of several per tensor).
+        """
+        params = [param for _, param in whole]
+        directions = [param.grad for param in params]
+        if self.weight_decay:
+            directions = torch._foreach_add(directions, params, alpha=self.weight_decay)
+        if self.momentum:
+            fresh = [i for i, (name, _) in enumerate(whole) if name not in self.buffers]
+            for i in fresh:
+                self.buffers[whole[i][0]] = directions[i].clone()
+            old = [i for i in range(len(whole)) if i not in set(fresh)]
+            if old:
+                buffers = [self.buffers[whole[i][0]] for i in old]
+                torch._foreach_mul_(buffers, self.momentum)
+                torch._foreach_add_(buffers, [directions[i] for i in old])
+            directions = [self.buffers[name] for name, _ in whole]
+        torch._foreach_add_(params, directions, alpha=-self.lr)
+
+    def _momentum(self, name: str, direction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """buf <- momentum * buf + direction on the entries this step may update; others unchanged."""
         buf = self.buffers.get(name)
         if buf is None:
-            buf = direction.clone() if mask is None else torch.where(mask, direction, torch.zeros_like(direction))
-            self.buffers[name] = buf
-        elif mask is None:
-            buf.mul_(self.momentum).add_(direction)
+            buf = self.buffers[name] = torch.where(mask, direction, 0.0)
         else:
             buf.copy_(torch.where(mask, buf * self.momentum + direction, buf))
         return buf
@@ -229,7 +275,7 @@ Pass = TrainableSpec | None | SplitEpoch
 def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Sequence[Pass], *,
                  optim: OptimConfig, transform: Callable[..., torch.Tensor], generator: torch.Generator,
                  extra_loss: ExtraLoss | None = None, freeze_frozen_norms: bool = False,
-                 freeze_norm_stats: bool = False) -> TrainStats:
+                 freeze_norm_stats: bool = False, precision: str = "fp32") -> TrainStats:
     """One epoch over (x, y) per entry of ``passes``, each updating only its trainable spec.
 
     All passes share one optimizer (masked momentum, see :class:`MaskedSGD`) and one generator.
@@ -240,7 +286,8 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
     ``freeze_frozen_norms`` puts normalization layers whose parameters are all frozen in this
     pass into eval mode, so their running statistics do not move either: a layer that layer
     selection did not pick then leaves local training bit-identical. ``freeze_norm_stats`` puts
-    every normalization layer into eval mode (``train.norm_stats: frozen``).
+    every normalization layer into eval mode (``train.norm_stats: frozen``). ``precision``: see
+    :func:`autocast`.
     """
     stats = TrainStats()
     n = int(y.shape[0])
@@ -252,7 +299,7 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
         phases = entry.phases if isinstance(entry, SplitEpoch) else (entry,)
         if not any(_has_trainable(model, spec) for spec in phases):
             continue
-        order = torch.randperm(n, generator=generator).to(y.device)
+        order = torch.randperm(n, generator=generator).to(y.device, non_blocking=True)
         slices = torch.tensor_split(order, len(phases)) if len(phases) > 1 else (order,)
         for spec, idx in zip(phases, slices, strict=True):
             with trainable_only(model, spec) as params:
@@ -260,8 +307,9 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
                     continue
                 model.train()
                 freeze_norms(model, frozen_layers=freeze_frozen_norms, all_layers=freeze_norm_stats)
-                stats += _train_order(model, x, y, idx, params, optimizer, optim.batch_size, transform,
-                                      generator, extra_loss, single_ok=n == 1)
+                with autocast(x.device, precision):
+                    stats += _train_order(model, x, y, idx, params, optimizer, optim.batch_size, transform,
+                                          generator, extra_loss, single_ok=n == 1)
                 optimizer.zero_grad(params)
     model.train(was_training)
     return stats
@@ -277,8 +325,13 @@ def _train_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torc
                  params: list[tuple[str, nn.Parameter, torch.Tensor | None]], optimizer: MaskedSGD,
                  batch_size: int, transform: Callable[..., torch.Tensor], generator: torch.Generator,
                  extra_loss: ExtraLoss | None, *, single_ok: bool) -> TrainStats:
-    """SGD steps over ``order`` in batches of ``batch_size`` (the last one may be smaller)."""
+    """SGD steps over ``order`` in batches of ``batch_size`` (the last one may be smaller).
+
+    The loss sum stays on the device in float64 and is read once at the end: the same sum of
+    float64(loss) * batch size, in the same order, as reading it after every step.
+    """
     stats = TrainStats()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     for start in range(0, int(order.shape[0]), batch_size):
         idx = order[start:start + batch_size]
         if idx.numel() == 1 and not single_ok:
@@ -291,9 +344,10 @@ def _train_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torc
         optimizer.zero_grad(params)
         total.backward()
         optimizer.step(params)
-        stats.loss_sum += float(loss.detach()) * int(idx.shape[0])
+        loss_sum += loss.detach().double() * int(idx.shape[0])
         stats.samples += int(idx.shape[0])
         stats.steps += 1
+    stats.loss_sum = float(loss_sum)
     return stats
 
 
@@ -340,19 +394,24 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, transform: Callable[..., torch.Tensor],
-             batch_size: int = 512) -> EvalResult:
-    """Accuracy counted per sample (not averaged per batch) and summed cross-entropy."""
+             batch_size: int = 512, precision: str = "fp32") -> EvalResult:
+    """Accuracy counted per sample (not averaged per batch) and summed cross-entropy.
+
+    Counts and the loss sum (float64, per batch in order) stay on the device until the end.
+    """
     was_training = model.training
     model.eval()
-    correct, loss_sum = 0, 0.0
-    for start in range(0, int(y.shape[0]), batch_size):
-        inputs = transform(x[start:start + batch_size], train=False)
-        logits = model(inputs)
-        target = y[start:start + batch_size]
-        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == target).sum())
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    with autocast(x.device, precision):
+        for start in range(0, int(y.shape[0]), batch_size):
+            inputs = transform(x[start:start + batch_size], train=False)
+            logits = model(inputs)
+            target = y[start:start + batch_size]
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+            correct += (logits.argmax(dim=1) == target).sum()
     model.train(was_training)
-    return EvalResult(correct=correct, total=int(y.shape[0]), loss_sum=loss_sum)
+    return EvalResult(correct=int(correct), total=int(y.shape[0]), loss_sum=float(loss_sum))
 
 
 def client_generator(seed: int, client_id: int, round_idx: int, stream: int = 0) -> torch.Generator:

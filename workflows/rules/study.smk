@@ -56,9 +56,13 @@ rule train:
     threads: 1
     # GPUs per job (`--config gpus_per_job=1`): a cluster executor requests them per job, and
     # `--resources gpu=N` on one machine runs at most N GPU jobs at once; `device: auto` in the
-    # run config uses a visible GPU and falls back to CPU
+    # run config uses a visible GPU and falls back to CPU.
+    # Several jobs sharing one GPU (small models are launch-bound: one job leaves it mostly idle):
+    # every training job holds one `gpu_slots`, so `--resources gpu_slots=J` runs J at once
+    # (docs/GPU.md gives the measured J; without the flag the resource does not limit anything).
     resources:
         gpu=GPUS_PER_JOB,
+        gpu_slots=1,
     shell:
         "OMP_NUM_THREADS={threads} fedselect run --config {input.config} "
         "--set data.partition_file={input.partition} --out {output} --no-progress > {log} 2>&1"

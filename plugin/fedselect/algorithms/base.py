@@ -45,7 +45,7 @@ from fedselect.fedml_bridge import fedml_interfaces
 from fedselect.options import NoOptions
 
 from .context import Checkpointable, Mask, RunArtifacts, RunContext, State, resolve_options
-from .payload import encode_upload
+from .payload import LocalUpload, encode_upload
 
 # the FedAvg pair, importable together (algorithms name both)
 from .server import BadUpdateError, FedAvgServer
@@ -90,6 +90,7 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         # between rounds a client holds only its bit-packed mask and 1-D personal values
         self.packed_mask: dict[str, PackedTensor] = {}
         self._unpacked_mask: Mask | None = None
+        self._personal_counts: dict[str, int] | None = None
         self.personal_values: State = {}
         self.mask_initialized = False
         self.last_train_stats = TrainStats()
@@ -110,15 +111,26 @@ class FedAvgClient(Checkpointable, ClientTrainer):
 
     @personal_mask.setter
     def personal_mask(self, mask: Mask) -> None:
-        self.packed_mask = pack_mask({n: m for n, m in mask.items() if bool(m.any())})
+        counts = _true_counts(mask)
+        self.packed_mask = pack_mask({n: m for n, m in mask.items() if counts[n]})
+        self._personal_counts = {n: c for n, c in counts.items() if c}
         self._unpacked_mask = None
+
+    @property
+    def personal_counts(self) -> dict[str, int]:
+        """Personal entries per masked tensor (derived from the mask, counted once per mask)."""
+        if self._personal_counts is None:
+            self._personal_counts = _true_counts(self.personal_mask)
+        return self._personal_counts
 
     def release_unpacked_mask(self) -> None:
         self._unpacked_mask = None
 
     def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
         super().load_checkpoint_state(state)
-        self.release_unpacked_mask()  # derived from packed_mask, rebuilt on next use
+        # derived from packed_mask, rebuilt on next use
+        self.release_unpacked_mask()
+        self._personal_counts = None
 
     def round_metrics(self) -> dict[str, float]:
         """Per-client figures of this round to log: its local work, then the algorithm's own.
@@ -186,9 +198,14 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         stats = train_passes(self.model, self.data.train_x, self.data.train_y, passes, optim=self.ctx.optim,
                              transform=self.ctx.transform, generator=generator, extra_loss=extra_loss,
                              freeze_frozen_norms=self.freeze_frozen_norms,
-                             freeze_norm_stats=self.ctx.config.train.norm_stats == "frozen")
+                             freeze_norm_stats=self.ctx.config.train.norm_stats == "frozen",
+                             precision=self.ctx.config.train.precision)
         self.sample_passes += stats.samples
         return stats
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
+        """The current model's per-sample accuracy and loss on (x, y), in the run's precision."""
+        return evaluate(self.model, x, y, transform=self.ctx.transform, precision=self.ctx.config.train.precision)
 
     def state_entries(self) -> State:
         """Parameters and buffers by name: the entries a mask may cover."""
@@ -217,7 +234,8 @@ class FedAvgClient(Checkpointable, ClientTrainer):
                 state[name].copy_(value)
             mask = self.personal_mask
             for name, values in self.personal_values.items():
-                state[name][mask[name]] = values.to(state[name].dtype)
+                # masked_scatter_ fills the True entries in row-major order: state[name][mask] = values
+                state[name].masked_scatter_(mask[name], values.to(state[name].dtype))
 
     def ensure_personal_mask(self) -> None:
         if not self.mask_initialized:
@@ -230,14 +248,24 @@ class FedAvgClient(Checkpointable, ClientTrainer):
             self.mask_initialized = True
 
     def get_model_params(self) -> dict[str, Any]:
-        """The upload: this client's shared entries (and its mask where it is element-wise)."""
+        """The upload on the wire (cross-silo): this client's shared entries (and its mask where it is
+        element-wise), encoded."""
+        local = self.local_upload()
+        upload = encode_upload(local.state, local.personal_mask, client_id=self.id,
+                               num_samples=self.local_sample_number)
+        self.release_unpacked_mask()  # the upload ends this client's round
+        return upload
+
+    def local_upload(self) -> LocalUpload:
+        """The upload in simulation: live references to the state entries this round's upload covers,
+        and the mask; the server adds it to its average before the next client touches the module.
+        The caller ends the round with :meth:`release_unpacked_mask`."""
         state = self.state_entries()
         names = self.upload_entries()
         if names is not None:
             state = {n: state[n] for n in names}
-        upload = encode_upload(state, self.personal_mask, client_id=self.id, num_samples=self.local_sample_number)
-        self.release_unpacked_mask()  # the upload ends this client's round
-        return upload
+        return LocalUpload(client_id=self.id, num_samples=self.local_sample_number, state=state,
+                           personal_mask=self.personal_mask, personal_counts=self.personal_counts)
 
     def train(self, train_data: Any, device: Any, args: Any) -> TrainStats:
         self.ensure_personal_mask()
@@ -250,7 +278,8 @@ class FedAvgClient(Checkpointable, ClientTrainer):
     def save_personal_values(self) -> None:
         """Keep only the personal entries of the trained model (1-D per tensor)."""
         state = self.state_entries()
-        self.personal_values = {name: state[name][mask].detach().clone() for name, mask in self.personal_mask.items()}
+        self.personal_values = {name: torch.masked_select(state[name].detach(), mask)
+                                for name, mask in self.personal_mask.items()}
 
     def personal_state_nbytes(self) -> int:
         """Bytes this client keeps between rounds: personal values plus packed mask bits."""
@@ -266,13 +295,13 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         """
         self.release_unpacked_mask()
         if type(self).prepare_for_evaluation is FedAvgClient.prepare_for_evaluation:
-            return evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
+            return self.evaluate(self.data.test_x, self.data.test_y)
         saved = snapshot_state(self.model)
         round_passes = self.sample_passes
         try:
             with client_global_rng(self.ctx.config.seed, self.id, self.round_idx, self.ctx.device, stream=1):
                 self.prepare_for_evaluation()
-            result = evaluate(self.model, self.data.test_x, self.data.test_y, transform=self.ctx.transform)
+            result = self.evaluate(self.data.test_x, self.data.test_y)
             # evaluation-time adaptation (FedBABU's fine-tuning) is reported with the evaluation,
             # not as training work of the round
             return dataclasses.replace(result, adapt_sample_passes=self.sample_passes - round_passes)
@@ -284,11 +313,19 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         """Bytes of the global values this client needs: its shared entries, plus, before its
         first local update, the initial values of its personal entries."""
         self.ensure_personal_mask()
-        masks = self.personal_mask
+        counts = self.personal_counts
         total = 0
         for name, value in global_state.items():
-            mask = masks.get(name)
             needs_init = name not in self.personal_values
-            shared = value.numel() if mask is None or needs_init else int((~mask).sum())
+            shared = value.numel() - (0 if needs_init else counts.get(name, 0))
             total += shared * value.element_size()
         return total
+
+
+def _true_counts(mask: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """True entries per tensor, counted on the mask's device with one host synchronisation."""
+    if not mask:
+        return {}
+    first = next(iter(mask.values())).device
+    counts = torch.stack([m.sum().to(first) for m in mask.values()])
+    return dict(zip(mask, (int(c) for c in counts.tolist()), strict=True))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from fedselect.core.compute import backward_flops, backward_fraction
 from fedselect.core.scores import group_scores
 from fedselect.core.selection import SCORE_KIND, SelectionResult
-from fedselect.engine import TrainStats, client_generator, client_global_rng, freeze_norms, trainable_only
+from fedselect.engine import TrainStats, autocast, client_generator, client_global_rng, freeze_norms, trainable_only
 from fedselect.models import LayerGroup, layer_groups
 from fedselect.models.flops import forward_flops_by_group
 from fedselect.plots import plot_selection_heatmap
@@ -145,7 +145,8 @@ class LayerSelClient(FedAvgClient):
             param.grad = None
         for idx in batches:
             inputs = self.ctx.transform(self.data.train_x[idx], train=False)
-            loss = F.cross_entropy(self.model(inputs), self.data.train_y[idx]) / len(batches)
+            with autocast(self.ctx.device, self.ctx.config.train.precision):
+                loss = F.cross_entropy(self.model(inputs), self.data.train_y[idx]) / len(batches)
             loss.backward()
         grads = {name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
                  for name, p, _ in params}

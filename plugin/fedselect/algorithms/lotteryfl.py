@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from fedselect.core.masks import target_count, topk_mask
-from fedselect.engine import ClientDataset, TrainStats, evaluate
+from fedselect.engine import ClientDataset, TrainStats
 from fedselect.options import ConfigError
 from fedselect.registry import register
 
@@ -165,8 +165,7 @@ class LotteryFLClient(FedAvgClient):
         """Li et al. 2021, Alg. 1 (client): maybe prune and rewind, then E epochs of masked SGD."""
         options = self.options
         if self.below_target(options):
-            accuracy = evaluate(self.model, self.data.train_x, self.data.train_y,
-                                transform=self.ctx.transform).accuracy
+            accuracy = self.evaluate(self.data.train_x, self.data.train_y).accuracy
             if accuracy >= options.acc_threshold:
                 self.prune(options)
                 if options.reset_to_init:

@@ -10,11 +10,17 @@ would break the server's ``.to(device)`` step):
 
 Fully personal tensors are not sent at all. The size counted is what is in the dict: values
 plus mask bits, so sparse and personalized methods are charged for exactly what they send.
+
+In single-process simulation nothing is encoded: a client hands the server a
+:class:`LocalUpload` (its live state and mask), the server adds it to its running average at
+once, and the bytes are counted by :func:`upload_nbytes`, the size rule of :func:`payload_nbytes`
+applied to what :func:`encode_upload` would have built (tested equal).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +43,47 @@ def encode_upload(state: Mapping[str, torch.Tensor], personal_mask: Mapping[str,
             partial_masks[name] = mask
     return {"client_id": client_id, "num_samples": num_samples, "tensors": tensors, "partial": partial,
             "masks": pack_mask(partial_masks) if partial_masks else {}}
+
+
+@dataclass(frozen=True)
+class LocalUpload:
+    """A simulated client's upload, not encoded: live references to its state and mask.
+
+    Valid only until the next client writes the shared module, so the server consumes it at once
+    (:meth:`fedselect.algorithms.server.FedAvgServer.add_local_upload`). ``state`` holds the tensors the
+    upload covers; ``personal_mask`` the client's mask (True = personal) for any of them;
+    ``personal_counts`` the number of personal entries per masked tensor.
+    """
+
+    client_id: int
+    num_samples: int
+    state: Mapping[str, torch.Tensor]
+    personal_mask: Mapping[str, torch.Tensor]
+    personal_counts: Mapping[str, int]
+
+    def kind(self, name: str) -> str:
+        """'whole' (sent as is), 'partial' (shared entries and mask sent) or 'personal' (not sent)."""
+        count = self.personal_counts.get(name, 0) if name in self.personal_mask else 0
+        if count == 0:
+            return "whole"
+        return "personal" if count == self.state[name].numel() else "partial"
+
+
+def upload_nbytes(upload: LocalUpload) -> int:
+    """Bytes of the payload :func:`encode_upload` would build for ``upload``, by :func:`payload_nbytes`'s rule.
+
+    Client id and sample count 8 bytes each; a whole tensor its values; a partial tensor its shared
+    values, its packed mask bits (ceil(numel / 8)) and 8 bytes per dimension of the mask's shape.
+    """
+    total = 16
+    for name, value in upload.state.items():
+        kind = upload.kind(name)
+        if kind == "whole":
+            total += value.numel() * value.element_size()
+        elif kind == "partial":
+            shared = value.numel() - upload.personal_counts[name]
+            total += shared * value.element_size() + (value.numel() + 7) // 8 + 8 * value.dim()
+    return total
 
 
 UPLOAD_KEYS = frozenset({"client_id", "num_samples", "tensors", "partial", "masks"})

@@ -12,12 +12,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fedselect.core.aggregate import masked_average
+from fedselect.core.aggregate import MaskedMean
 from fedselect.fedml_bridge import fedml_interfaces
 from fedselect.options import NoOptions
 
 from .context import Checkpointable, Mask, RunArtifacts, RunContext, resolve_options
-from .payload import decode_tensor, validate_upload
+from .payload import LocalUpload, decode_tensor, validate_upload
 
 _, ServerAggregator = fedml_interfaces()
 
@@ -26,6 +26,24 @@ log = logging.getLogger(__name__)
 
 class BadUpdateError(ValueError):
     """A client upload is malformed or non-finite and must not be averaged in."""
+
+
+def _check_finite_shared(upload: LocalUpload) -> None:
+    """ValueError naming the first tensor with a non-finite shared entry."""
+    flags = []
+    names = []
+    for name, value in upload.state.items():
+        if not value.is_floating_point() or upload.kind(name) == "personal":
+            continue
+        bad = ~torch.isfinite(value)
+        if upload.kind(name) == "partial":
+            bad &= ~upload.personal_mask[name]
+        flags.append(bad.any())
+        names.append(name)
+    if flags:
+        found = torch.stack(flags).tolist()
+        if any(found):
+            raise ValueError(f"non-finite values in '{names[found.index(True)]}'")
 
 
 def _sample_weight(num_samples: Any) -> float:
@@ -58,6 +76,7 @@ class FedAvgServer(Checkpointable, ServerAggregator):
         self.dropped_updates: list[tuple[int, str]] = []
         # m_G: entries personal to at least one client of the last round (FedSelect's global mask)
         self.global_personal_mask: Mask = {}
+        self.begin_round()
 
     def get_model_params(self) -> OrderedDict[str, torch.Tensor]:
         return self.global_state
@@ -65,52 +84,85 @@ class FedAvgServer(Checkpointable, ServerAggregator):
     def set_model_params(self, model_parameters: Mapping[str, torch.Tensor]) -> None:
         self.global_state = OrderedDict((k, v) for k, v in model_parameters.items())
 
-    def validate_uploads(self, raw: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, dict[str, Any]]]:
-        """Reject (error or drop, per ``train.on_bad_update``) malformed or non-finite uploads."""
-        accepted = []
-        for num_samples, payload in raw:
-            client = payload.get("client_id", "?") if isinstance(payload, Mapping) else "?"
-            try:
-                weight = _sample_weight(num_samples)
-                validate_upload(payload, self.global_state)
-            except (KeyError, TypeError, ValueError) as exc:
-                if self.ctx.config.train.on_bad_update == "error":
-                    raise BadUpdateError(f"rejected update from client {client}: {exc}") from exc
-                log.warning("dropping update from client %s: %s", client, exc)
-                self.dropped_updates.append((int(client) if str(client).isdigit() else -1, str(exc)))
-                continue
-            accepted.append((weight, payload))
-        return accepted
+    # ---- the round's running average: uploads are added as they arrive ------------------
+    def begin_round(self) -> None:
+        """Start this round's average (:class:`MaskedMean`): nothing of an upload is kept but its sums."""
+        self._mean = MaskedMean(self.global_state)
+        self._accepted = 0
 
-    def aggregate(self, raw_client_model_or_grad_list: list[tuple[float, dict[str, Any]]]) -> OrderedDict:
-        """Each entry becomes the (sample-weighted) mean over the clients that share it.
+    def add_upload(self, num_samples: Any, payload: Any) -> bool:
+        """Validate a wire upload (:func:`validate_upload`) and add it; False when it was dropped."""
+        client = payload.get("client_id", "?") if isinstance(payload, Mapping) else "?"
+        try:
+            weight = _sample_weight(num_samples)
+            validate_upload(payload, self.global_state)
+        except (KeyError, TypeError, ValueError) as exc:
+            return self._reject(client, exc)
+        for name, old in self.global_state.items():
+            decoded = decode_tensor(payload, name, old)
+            if decoded is None:
+                self._mean.skip(name)
+            else:
+                self._mean.add(name, decoded[0], None if name in payload["tensors"] else decoded[1],
+                               self._weight(weight))
+        self._accepted += 1
+        return True
 
-        Entries no accepted client shares keep their previous global value, so personal
-        entries are neither read nor overwritten. Uploads are decoded one tensor at a time, so
-        the server never holds every client's full model at once (100 ResNet-18 clients).
+    def add_local_upload(self, upload: LocalUpload) -> bool:
+        """Add a simulated client's live state (no encoding); False when it was dropped.
+
+        Checked like a wire upload where it can differ from one: the sample count, tensor names,
+        and finiteness of the shared entries (one host synchronisation for the whole upload).
         """
-        accepted = self.validate_uploads(raw_client_model_or_grad_list)
-        if not accepted:
+        try:
+            weight = _sample_weight(upload.num_samples)
+            unknown = sorted(set(upload.state) - set(self.global_state))
+            if unknown:
+                raise ValueError(f"upload has tensor '{unknown[0]}' that the global model lacks")
+            _check_finite_shared(upload)
+        except ValueError as exc:
+            return self._reject(upload.client_id, exc)
+        for name in self.global_state:
+            kind = upload.kind(name) if name in upload.state else "personal"
+            if kind == "personal":
+                self._mean.skip(name)
+            else:
+                shared = None if kind == "whole" else ~upload.personal_mask[name]
+                self._mean.add(name, upload.state[name].detach(), shared, self._weight(weight))
+        self._accepted += 1
+        return True
+
+    def end_round(self) -> OrderedDict[str, torch.Tensor]:
+        """The round's new global state (set by the runtime after ``on_after_aggregation``).
+
+        Each entry is the (sample-weighted) mean over the accepted clients that share it; entries no
+        accepted client shares keep their previous global value, so personal entries are neither
+        read nor overwritten.
+        """
+        if not self._accepted:
             log.warning("no client update accepted this round; the global model is unchanged")
             return OrderedDict(self.global_state)
-        weighted = self.ctx.config.train.weighted_aggregation
-        new_state: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.global_personal_mask = {}
-        for name, old in self.global_state.items():
-            decoded = [(n, decode_tensor(payload, name, old)) for n, payload in accepted]
-            if not old.is_floating_point():
-                # integer buffers (BatchNorm's num_batches_tracked) are counts, not averages
-                sent = [d[0] for _, d in decoded if d is not None]
-                new_state[name] = torch.stack(sent).amax(dim=0) if sent else old
-                continue
-            # a tensor a client did not send at all is personal to it in every entry
-            values = [{name: d[0] if d is not None else old} for _, d in decoded]
-            masks = [{name: ~d[1] if d is not None else torch.ones_like(old, dtype=torch.bool)} for _, d in decoded]
-            weights = [n if weighted else 1.0 for n, _ in decoded]
-            averaged, global_mask = masked_average({name: old}, values, masks, weights)
-            new_state[name] = averaged[name]
-            self.global_personal_mask[name] = global_mask[name]
-        return new_state
+        new_state, self.global_personal_mask = self._mean.result()
+        self._mean = MaskedMean(self.global_state)
+        return OrderedDict((name, new_state[name]) for name in self.global_state)
+
+    def aggregate(self, raw_client_model_or_grad_list: list[tuple[float, dict[str, Any]]]) -> OrderedDict:
+        """FedML's list interface (cross-silo): each wire upload added in turn, then the mean."""
+        self.begin_round()
+        for num_samples, payload in raw_client_model_or_grad_list:
+            self.add_upload(num_samples, payload)
+        return self.end_round()
+
+    def _weight(self, num_samples: float) -> float:
+        return num_samples if self.ctx.config.train.weighted_aggregation else 1.0
+
+    def _reject(self, client: Any, exc: Exception) -> bool:
+        """Per ``train.on_bad_update``: raise, or log and record the dropped update."""
+        if self.ctx.config.train.on_bad_update == "error":
+            raise BadUpdateError(f"rejected update from client {client}: {exc}") from exc
+        log.warning("dropping update from client %s: %s", client, exc)
+        self.dropped_updates.append((int(client) if str(client).isdigit() else -1, str(exc)))
+        return False
 
     # ---- hooks an algorithm overrides -------------------------------------------------
     def needs_plan(self, round_idx: int) -> bool:

@@ -1,4 +1,4 @@
-"""Server side of FedSelect: average each entry over the clients that share it.
+"""Server side of FedSelect: average each entry over the clients that share it, one upload at a time.
 
 FedSelect (arXiv 2306.13264, Sec. 3 / Alg. 2 server step): the server averages the shared
 parameters u over the sampled clients, entry by entry over only those clients whose mask marks the
@@ -6,6 +6,10 @@ entry shared, and keeps a global mask m_G = OR of the client masks. Personal ent
 by the server. (The broadcast back, where each client overwrites only its own shared entries, is
 :meth:`fedselect.algorithms.base.FedAvgClient.set_model_params`; the finiteness guard on uploads is
 :func:`fedselect.algorithms.payload.validate_upload`.)
+
+:class:`MaskedMean` streams: each client's contribution is added as it arrives, so a server holds
+running sums of the size of one model, never the round's uploads. :func:`masked_average` is the
+same computation over a list.
 """
 
 from __future__ import annotations
@@ -18,27 +22,112 @@ from torch import Tensor
 
 from fedselect.core.masks import Mask, State, validate_mask, validate_same_layout
 
-__all__ = ["masked_average"]
+__all__ = ["MaskedMean", "masked_average"]
+
+# Below 2**29 an integer weight times a float32 value is exact in float64 (24 + 29 < 53 bits), so
+# every product w_k * x_k[e] is exact and only the additions round, in client order.
+_EXACT_WEIGHT_LIMIT = 2**29
 
 
-def _check_weights(weights: Sequence[float] | None, n_clients: int) -> list[float]:
-    if weights is None:
-        return [1.0] * n_clients
-    ws = [float(w) for w in weights]
-    if len(ws) != n_clients:
-        raise ValueError(f"got {len(ws)} weights for {n_clients} clients")
-    for i, w in enumerate(ws):
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"weight of client {i} must be finite and >= 0, got {w!r}")
-    if not any(w > 0 for w in ws):
-        raise ValueError("at least one client weight must be > 0")
-    return ws
+def _check_weight(weight: float, client: int | str) -> float:
+    w = float(weight)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"weight of client {client} must be finite and >= 0, got {weight!r}")
+    return w
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision products are formed in float32 by PyTorch's scalar multiply; do the same so the
-    # all-shared case matches FedML's `params * (n_k / N)` bit for bit in every float dtype.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+class MaskedMean:
+    """Running entry-wise weighted mean of the shared entries of streamed client states.
+
+    FedSelect server step (Alg. 2): theta_G[e] = sum_{k in S_e} w_k x_k[e] / sum_{k in S_e} w_k with
+    S_e the clients sharing entry e. Sums are kept in float64 and divided once at the end, so the
+    result is the float64 weighted mean rounded to the tensor's dtype: it does not depend on how an
+    upload arrived (a full tensor with its mask in simulation, or the 1-D shared values on the wire)
+    and, with integer weights (sample counts), not on the client order beyond the additions' rounding.
+    Entries no client shares with weight > 0 keep the previous global value; m_G is the OR of the
+    personal masks (a tensor a client did not send counts as wholly personal to it). Integer tensors
+    (BatchNorm's ``num_batches_tracked``) are counts: the result is the largest value sent.
+
+    Memory: one float64 sum per float tensor, a float64 weight per entry only for tensors some
+    client shared in part (a scalar otherwise), and a bool union mask only where something was
+    personal.
+    """
+
+    def __init__(self, global_state: Mapping[str, Tensor]) -> None:
+        self.global_state = global_state
+        self._sums: dict[str, Tensor] = {}
+        self._whole_weight: dict[str, float] = {}
+        self._entry_weight: dict[str, Tensor] = {}
+        self._personal: dict[str, Tensor] = {}
+        self._int_max: dict[str, Tensor] = {}
+
+    def add(self, name: str, values: Tensor, shared: Tensor | None, weight: float) -> None:
+        """Add one client's ``values`` (full shape) of tensor ``name`` on its ``shared`` entries.
+
+        ``shared`` is a bool tensor (True = shared) or None for the whole tensor. Entries outside
+        ``shared`` are never read (they may hold anything, NaN included).
+        """
+        old = self.global_state[name]
+        if not old.is_floating_point():
+            sent = values.to(old.device) if shared is None else torch.where(shared, values.to(old.device), old)
+            prev = self._int_max.get(name)
+            self._int_max[name] = sent.clone() if prev is None else torch.maximum(prev, sent)
+            return
+        if weight >= _EXACT_WEIGHT_LIMIT:
+            raise ValueError(f"weight {weight!r} is too large for an exact sum (limit {_EXACT_WEIGHT_LIMIT})")
+        total = self._sums.get(name)
+        if total is None:
+            # -0.0 is the additive identity of IEEE floats (0.0 + -0.0 would flip a negative zero)
+            total = self._sums[name] = torch.full(old.shape, -0.0, dtype=torch.float64, device=old.device)
+        x = values.to(old.device)
+        if shared is None:
+            if weight:
+                total.add_(x, alpha=weight)
+            self._whole_weight[name] = self._whole_weight.get(name, 0.0) + weight
+            return
+        shared = shared.to(old.device)
+        if weight:
+            total.add_(torch.where(shared, x, -0.0), alpha=weight)
+        entry = self._entry_weight.get(name)
+        if entry is None:
+            entry = self._entry_weight[name] = torch.zeros(old.shape, dtype=torch.float64, device=old.device)
+        entry.add_(shared, alpha=weight)
+        self._mark_personal(name, ~shared)
+
+    def skip(self, name: str) -> None:
+        """A client sent nothing of tensor ``name``: all of it is personal to that client."""
+        old = self.global_state[name]
+        if old.is_floating_point():
+            self._mark_personal(name, torch.ones(old.shape, dtype=torch.bool, device=old.device))
+
+    def _mark_personal(self, name: str, personal: Tensor) -> None:
+        union = self._personal.get(name)
+        self._personal[name] = personal if union is None else union.logical_or_(personal)
+
+    def result(self) -> tuple[State, Mask]:
+        """(theta_G, m_G): the new global state and the entries personal to some client."""
+        new_state: State = {}
+        global_mask: Mask = {}
+        for name, old in self.global_state.items():
+            if not old.is_floating_point():
+                new_state[name] = self._int_max.get(name, old)
+                continue
+            union = self._personal.get(name)
+            global_mask[name] = union if union is not None else torch.zeros(old.shape, dtype=torch.bool,
+                                                                             device=old.device)
+            total = self._sums.get(name)
+            if total is None:
+                new_state[name] = old
+                continue
+            weight = self._entry_weight.get(name)
+            whole = self._whole_weight.get(name, 0.0)
+            if weight is None:
+                new_state[name] = (total / whole).to(old.dtype) if whole > 0 else old
+                continue
+            weight = weight + whole if whole else weight
+            mean = (total / torch.where(weight > 0, weight, 1.0)).to(old.dtype)
+            new_state[name] = torch.where(weight > 0, mean, old)
+        return new_state, global_mask
 
 
 def masked_average(
@@ -49,27 +138,25 @@ def masked_average(
 ) -> tuple[State, Mask]:
     """Entry-wise average of u over the clients sharing each entry; returns (theta_G, m_G).
 
-    FedSelect server step: for every entry e, theta_G[e] = sum_{k in S_e} w_k x_k[e] / sum_{k in S_e}
-    w_k with S_e the clients whose mask is False at e; ``weights`` are sample counts (FedAvg-style
-    weighting) or None for the uniform average of the released code. Entries with no sharing client
-    (or only zero-weight ones) keep ``global_state``'s value; m_G = OR of the client masks. A mask of
-    None means "nothing personal".
-
-    Arithmetic: each contribution is x_k * (w_k / W_e) with the coefficient formed in float64 and
-    cast to the product's precision, summed in client order. With all-False masks this is exactly
-    FedML's FedAvg formula ``sum_k x_k * (n_k / N)``, bit for bit. Personal entries are selected
-    away with ``torch.where`` before any arithmetic, so NaN/Inf there can never reach the result
-    (a product with a 0/1 mask would turn NaN * 0 into NaN, as in the released code).
-
-    Float tensors only. Raises ValueError on an empty client list, on mismatched keys/shapes (naming
-    the client and tensor) and on negative, non-finite or all-zero weights.
+    :class:`MaskedMean` over a list: ``client_masks[k]`` is client k's personal mask (True =
+    personal, None = nothing personal); ``weights`` are sample counts (FedAvg-style weighting) or
+    None for the uniform average of the released code. Float tensors only. Raises ValueError on an
+    empty client list, on mismatched keys/shapes (naming the client and tensor) and on negative,
+    non-finite or all-zero weights.
     """
     n = len(client_states)
     if n == 0:
         raise ValueError("masked_average needs at least one client state")
     if len(client_masks) != n:
         raise ValueError(f"got {len(client_masks)} masks for {n} client states")
-    ws = _check_weights(weights, n)
+    if weights is not None and len(weights) != n:
+        raise ValueError(f"got {len(weights)} weights for {n} clients")
+    ws = [1.0] * n if weights is None else [_check_weight(w, i) for i, w in enumerate(weights)]
+    if not any(w > 0 for w in ws):
+        raise ValueError("at least one client weight must be > 0")
+    for key, g in global_state.items():
+        if not g.is_floating_point():
+            raise ValueError(f"tensor {key!r} has dtype {g.dtype}; only float tensors can be averaged")
     for i, (cs, cm) in enumerate(zip(client_states, client_masks, strict=True)):
         validate_same_layout(global_state, cs, "global state", f"client {i}'s state")
         if cm is not None:
@@ -77,39 +164,9 @@ def masked_average(
                 validate_mask(cm, global_state)
             except ValueError as err:
                 raise ValueError(f"client {i}'s mask: {err}") from err
-
-    new_global: State = {}
-    global_mask: Mask = {}
-    for key, g in global_state.items():
-        if not g.is_floating_point():
-            raise ValueError(f"tensor {key!r} has dtype {g.dtype}; only float tensors can be averaged")
-        device = g.device
-        compute = _opmath(g.dtype)
-        shared_by = []
-        union = torch.zeros(g.shape, dtype=torch.bool, device=device)
-        # float64 denominators: sums of integer sample counts are exact, as in FedML's Python sum.
-        denom = torch.zeros(g.shape, dtype=torch.float64, device=device)
-        for cm, w in zip(client_masks, ws, strict=True):
-            if cm is None:
-                shared = torch.ones(g.shape, dtype=torch.bool, device=device)
-            else:
-                m = cm[key].to(device)
-                shared = ~m
-                union |= m
-            shared_by.append(shared)
-            denom = denom + torch.where(shared, torch.tensor(w, dtype=torch.float64, device=device), 0.0)
-        has_weight = denom > 0
-        safe_denom = torch.where(has_weight, denom, torch.ones((), dtype=torch.float64, device=device))
-        # -0.0 is the additive identity of IEEE floats (0.0 + -0.0 would flip a negative zero).
-        acc = torch.full(g.shape, -0.0, dtype=g.dtype, device=device)
-        for cs, shared, w in zip(client_states, shared_by, ws, strict=True):
-            if w == 0:
-                continue
-            x = cs[key].detach().to(device)
-            coef = (w / safe_denom).to(compute)
-            contrib = (x.to(compute) * coef).to(g.dtype)
-            acc = torch.where(shared, acc + contrib, acc)
-        new_global[key] = torch.where(has_weight, acc, g.detach())
-        global_mask[key] = union
-    return new_global, global_mask
-
+    mean = MaskedMean(global_state)
+    for cs, cm, w in zip(client_states, client_masks, ws, strict=True):
+        for key in global_state:
+            personal = None if cm is None else cm[key]
+            mean.add(key, cs[key].detach(), None if personal is None else ~personal.to(torch.bool), w)
+    return mean.result()

@@ -133,28 +133,36 @@ def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor
             f"within has shape {tuple(within.shape)} but scores have shape {tuple(scores.shape)}"
         )
     flat_within = within.reshape(-1)
-    n_candidates = int(flat_within.sum().item())
+    n_candidates = int(flat_within.sum())
     if not (0 <= k <= n_candidates):
         raise ValueError(f"k={k} is outside [0, {n_candidates}] (number of candidate entries)")
-    out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k == 0:
-        return out.reshape(scores.shape)
     flat = scores.reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    idx = flat_within.nonzero().squeeze(1)
-    vals = flat[idx]
-    if vals.is_floating_point() and bool(torch.isnan(vals).any()):
-        raise ValueError("scores contain NaN among the candidate entries")
+    vals = torch.masked_select(flat, flat_within)
+    if k == n_candidates:
+        # every candidate is chosen: no selection, but NaN among them still has no ranking
+        if vals.is_floating_point() and bool(torch.isnan(vals).any()):
+            raise ValueError("scores contain NaN among the candidate entries")
+        return within.clone()
+    out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k == 0:
+        return out.reshape(scores.shape)
     # The k-th largest value is unique even though the order among tied entries is not; everything
     # above it is in, and the tied entries fill the remaining slots in index order. kthvalue is a
     # selection (linear time), cheaper than sorting millions of entries per tensor.
     kth = torch.kthvalue(vals, n_candidates - k + 1).values
     above = vals > kth
-    need = k - int(above.sum().item())
     tied = vals == kth
-    chosen = above | (tied & (torch.cumsum(tied.to(torch.int64), 0) <= need))
-    out[idx[chosen]] = True
+    nans = torch.isnan(vals).sum() if vals.is_floating_point() else torch.zeros((), dtype=torch.int64)
+    # one host synchronisation for the three counts
+    n_nan, n_above, n_tied = (int(c) for c in torch.stack([nans.to(above.device), above.sum(), tied.sum()]).tolist())
+    if n_nan:
+        raise ValueError("scores contain NaN among the candidate entries")
+    need = k - n_above
+    chosen = above | tied if need == n_tied else above | (tied & (torch.cumsum(tied, 0) <= need))
+    # candidates in flat order, as masked_select read them
+    out.masked_scatter_(flat_within, chosen)
     return out.reshape(scores.shape)
 
 
@@ -275,11 +283,6 @@ class PackedTensor(NamedTuple):
     shape: tuple[int, ...]
 
 
-# MSB-first bit weights, the same layout as numpy.packbits, so packed masks can be read with numpy too.
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-_BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
-
-
 def pack_mask(mask: Mapping[str, Tensor]) -> dict[str, PackedTensor]:
     """Bit-pack a mask, one bit per entry (row-major, MSB first, zero-padded to whole bytes).
 
@@ -290,12 +293,8 @@ def pack_mask(mask: Mapping[str, Tensor]) -> dict[str, PackedTensor]:
     for k, m in mask.items():
         if m.dtype != torch.bool:
             raise ValueError(f"mask tensor {k!r} has dtype {m.dtype}, expected torch.bool")
-        flat = m.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
-        pad = (-flat.numel()) % 8
-        if pad:
-            flat = torch.cat([flat, torch.zeros(pad, dtype=torch.uint8)])
-        # Weighted sum of 8 bits is at most 255, so uint8 arithmetic cannot overflow.
-        bits = (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+        # numpy's packbits is this layout (MSB first, zero-padded) and runs in C
+        bits = torch.from_numpy(np.packbits(m.detach().reshape(-1).cpu().numpy()))
         out[k] = PackedTensor(bits=bits, shape=tuple(m.shape))
     return out
 
@@ -317,8 +316,8 @@ def unpack_mask(
                 f"packed tensor {k!r}: expected {(numel + 7) // 8} uint8 bytes for shape {shape_t}, "
                 f"got {bits.dtype} of shape {tuple(bits.shape)}"
             )
-        unpacked = (bits.cpu().unsqueeze(1) >> _BIT_SHIFTS) & 1
-        m = unpacked.reshape(-1)[:numel].to(torch.bool).reshape(shape_t)
+        flat = np.unpackbits(bits.cpu().numpy(), count=numel).view(np.bool_)
+        m = torch.from_numpy(flat).reshape(shape_t)
         out[k] = m if device is None else m.to(device)
     return out
 

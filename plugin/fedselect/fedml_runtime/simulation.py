@@ -7,8 +7,18 @@ and runs the same hooks, in the same order, as FedML's cross-silo client and ser
 do, so an algorithm written once runs in both:
 
 client: set_model_params(global) -> on_before_local_training -> train -> on_after_local_training
-        -> get_model_params (upload)
-server: on_before_aggregation -> aggregate -> on_after_aggregation -> set_model_params
+        -> upload
+server: add each upload to the round's average -> on_after_aggregation -> set_model_params
+
+Without a wire: a simulated client's upload is not encoded. As each client finishes, the server
+adds its live state under its mask to a running average (``local_upload`` ->
+``FedAvgServer.add_local_upload``), so the server never holds more than the sums of one model and
+touches each tensor once; bytes are counted by the wire format's own size rule
+(:func:`fedselect.algorithms.payload.upload_nbytes`, tested equal to the encoded payload's). The
+cross-silo runtime sends the encoded upload and the server adds the decoded tensors to the same
+running average (:func:`aggregate_round`), so both runtimes give the same global model bit for
+bit. FedML's list-level ``on_before_aggregation`` (its differential-privacy, attack and defence
+modules, which this project does not configure) runs in cross-silo only.
 
 An algorithm may add a planning exchange before local training (layer selection: clients
 report layer scores, the server solves which layers each trains): its server's
@@ -36,7 +46,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedselect.algorithms.payload import payload_nbytes
+from fedselect.algorithms.payload import upload_nbytes
 from fedselect.engine import EvalResult
 
 log = logging.getLogger(__name__)
@@ -142,7 +152,6 @@ class SimulationFlow:
         self.args.round_idx = round_idx
         sampled = sample_clients(len(self.clients), self.participation, self.seed, round_idx)
         global_params = self.server.get_model_params()
-        uploads: list[tuple[float, Any]] = []
         bytes_up = bytes_down = 0
         losses = []
         client_metrics: dict[int, dict[str, float]] = {}
@@ -151,6 +160,8 @@ class SimulationFlow:
         plan_up, plan_down = self.plan(round_idx, sampled, global_params)
         bytes_up += plan_up
         bytes_down += plan_down
+        dropped_before = len(self.server.dropped_updates)
+        self.server.begin_round()
         for cid in sampled:
             trainer = self.clients[cid]
             trainer.set_model_params(global_params)
@@ -159,10 +170,13 @@ class SimulationFlow:
             trainer.on_after_local_training(None, self.device, self.args)
             losses.append(stats.mean_loss)
             client_metrics[cid] = trainer.round_metrics()
-            upload = trainer.get_model_params()
-            bytes_up += payload_nbytes(upload)
-            uploads.append((float(trainer.local_sample_number), upload))
-        dropped, server_metrics = aggregate_round(self.server, uploads)
+            upload = trainer.local_upload()
+            bytes_up += upload_nbytes(upload)
+            self.server.add_local_upload(upload)
+            trainer.release_unpacked_mask()  # the upload ends this client's round
+        self.server.set_model_params(self.server.on_after_aggregation(self.server.end_round()))
+        dropped = list(self.server.dropped_updates[dropped_before:])
+        server_metrics = self.server.round_metrics()
 
         evaluation = None
         if (round_idx + 1) % self.eval_every == 0 or round_idx + 1 == self.rounds:

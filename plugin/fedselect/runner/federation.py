@@ -29,7 +29,7 @@ from fedselect.data import (
     make_partition,
     partition_key,
 )
-from fedselect.engine import ClientDataset, ImageTransform
+from fedselect.engine import ClientDataset, ImageTransform, configure_device
 from fedselect.models import build_model, pretrained_input_stats
 from fedselect.options import ConfigError
 from fedselect.registry import AlgorithmSpec, get_algorithm, validate_algorithm_options
@@ -72,7 +72,15 @@ def data_transform(config: ExperimentConfig, data: ImageData | TextData) -> Call
 def image_transform(config: ExperimentConfig, data_mean: Sequence[float], data_std: Sequence[float]) -> ImageTransform:
     """The config's image transform; the data's (mean, std) count only where the weights declare none."""
     mean, std = pretrained_input_stats(config.model.name, config.model.weights) or (data_mean, data_std)
-    return ImageTransform(tuple(mean), tuple(std), augment=config.train.augment, resize=config.data.image_size)
+    return ImageTransform(tuple(mean), tuple(std), augment=config.train.augment, resize=config.data.image_size,
+                          channels_last=config.train.channels_last)
+
+
+def on_device(config: ExperimentConfig, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The run's model on its device, in the configured memory layout, with the device set up for it."""
+    configure_device(device)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
 
 
 def build_run_model(config: ExperimentConfig, data: ImageData | TextData) -> torch.nn.Module:
@@ -136,7 +144,8 @@ def initial_model_and_context(config: ExperimentConfig, options: Any, device: to
     what a cross-silo process builds from the clients' descriptors, as the simulation does from the data."""
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, num_classes, in_channels=in_channels,
-                        image_size=config.data.image_size or image_size, weights=config.model.weights).to(device)
+                        image_size=config.data.image_size or image_size, weights=config.model.weights)
+    model = on_device(config, model, device)
     ctx = RunContext(config=config, options=options, device=device, transform=image_transform(config, mean, std))
     return model, ctx
 
@@ -188,7 +197,7 @@ def build_federation(config: ExperimentConfig, device: torch.device, args: Any, 
     partition = get_partition(config, data)
     client_data = client_datasets(data, partition, device)
     torch.manual_seed(config.seed)
-    model = build_run_model(config, data).to(device)
+    model = on_device(config, build_run_model(config, data), device)
     ctx, clients, server = build_participants(config, model, client_data, device=device, args=args,
                                               transform=data_transform(config, data), algorithm=algorithm)
     return Federation(config, spec, options, device, data, partition, client_data, model, ctx, clients, server)
