@@ -1,6 +1,7 @@
-# Two entry points for a fresh machine (see README):
+# Entry points for a fresh machine (see README):
 #   make run    set up .venv, then `snakemake all` on the default study
 #   make test   set up .venv, then lint and the test suite
+#   make bench  the benchmarks' CPU smoke (bench/gpu_check --tiny); on a GPU see bench/README.md
 PYTHON ?= python3
 VENV ?= .venv
 STUDY ?= default
@@ -29,8 +30,11 @@ lint: setup
 test: lint
 	$(BIN)/pytest -q
 
+# the CPU smoke of the benchmarks' GPU path (bench/README.md, "gpu_check"): a tiny CIFAR-10 subset in
+# .gpu/ (made once), ours vs the released code (when .gpu/released exists) and the study cost at J = 1,2
 bench: setup
-	$(BIN)/python bench/run_all.py
+	@[ -d .gpu/data ] || bash bench/gpu_check --prepare --no-wheels
+	PYTHON=$(BIN)/python bash bench/gpu_check --device cpu --tiny --out results/bench
 
 clean:
 	rm -rf results .snakemake
