@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fedselect.core.gradltn import gradltn
-from fedselect.core.masks import grow_mask, iou_matrix, personal_fraction, personal_fraction_by_group
+from fedselect.core.masks import counted_fraction, grow_mask, iou_matrix, personal_fraction
 from fedselect.engine import TrainStats, restore_state, snapshot_state
 from fedselect.models import head_param_names, layer_groups
 from fedselect.options import ConfigError
@@ -195,10 +195,12 @@ class FedSelectClient(FedAvgClient):
         return artifacts
 
     def algorithm_metrics(self) -> dict[str, float]:
-        mask = self.parameter_mask()
-        groups = {g.name: list(g.param_names) for g in layer_groups(self.model)}
-        metrics = {"personal_fraction": personal_fraction(mask)}
-        metrics.update({f"personal_fraction_{g}": f for g, f in personal_fraction_by_group(mask, groups).items()})
+        # from the counts kept with the mask: no pass over the mask per round
+        counts = self.personal_counts
+        sizes = {n: p.numel() for n, p in self.model.named_parameters()}
+        metrics = {"personal_fraction": counted_fraction(counts, sizes)}
+        metrics.update({f"personal_fraction_{g.name}": counted_fraction(counts, sizes, g.param_names)
+                        for g in layer_groups(self.model)})
         return metrics
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "personal_fraction_by_group",
     "target_count",
     "topk_mask",
+    "counted_fraction",
     "topk_mask_global",
     "unpack_mask",
     "validate_mask",
@@ -227,6 +228,14 @@ def personal_fraction(mask: Mapping[str, Tensor]) -> float:
     """
     n_true, n_all = personal_count(mask)
     return n_true / n_all if n_all else 0.0
+
+
+def counted_fraction(counts: Mapping[str, int], sizes: Mapping[str, int], keys: Iterable[str] | None = None) -> float:
+    """:func:`personal_fraction` from per-tensor personal counts (absent = 0) and sizes, over ``keys``
+    (default: every tensor in ``sizes``), without touching a mask: |v| / |theta| as logged per round."""
+    names = list(sizes) if keys is None else list(keys)
+    n_all = sum(sizes[k] for k in names)
+    return sum(counts.get(k, 0) for k in names) / n_all if n_all else 0.0
 
 
 def personal_fraction_by_group(
