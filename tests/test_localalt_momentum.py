@@ -10,7 +10,8 @@ import copy
 import torch
 from torch import nn
 
-from fedselect.engine import MaskedSGD, OptimConfig, SplitEpoch, client_generator, train_passes
+from fedselect.engine import OptimConfig, SplitEpoch, client_generator, train_passes
+from fedselect.optim import MaskedSGD
 
 
 def identity(x, *, train, generator=None):

@@ -4,10 +4,8 @@ Client datasets here are small (hundreds to a few thousand images), so they live
 device as uint8 tensors; batches are drawn by index permutation and augmented on the
 device. A DataLoader with worker processes would cost more than the training itself.
 
-The optimizer step can be restricted to a boolean mask per parameter tensor: this is the
-mechanism under every partially personalized method (FedPer's head, FedSelect's learned
-element-wise mask, layer selection's frozen blocks). Tensors that are not trainable at all
-get ``requires_grad=False`` so autograd skips their gradient work entirely.
+The optimizer step can be restricted to a boolean mask per parameter tensor
+(:class:`fedselect.optim.MaskedSGD`, :func:`fedselect.optim.trainable_only`).
 
 On a GPU nothing here waits for the device inside a pass: losses and counts are summed on the
 device and read once per pass (or evaluation), whole-tensor updates run as multi-tensor ops, and
@@ -19,7 +17,7 @@ batches and convolution weights channels-last.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -28,9 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name -> None (whole tensor trainable) or a bool tensor of the parameter's shape (True =
-# this entry may change). A parameter missing from the mapping is frozen.
-TrainableSpec = Mapping[str, torch.Tensor | None]
+from fedselect.optim import MaskedSGD, TrainableSpec, trainable_only
 
 # extra loss term added to the cross-entropy, e.g. Ditto's proximal term; gets the model
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
@@ -119,117 +115,6 @@ class ImageTransform:
         chans = torch.arange(c, device=x.device).view(1, c, 1, 1)
         cropped = padded[batch, chans, rows, cols]
         return torch.where(flips.view(n, 1, 1, 1), cropped.flip(3), cropped)
-
-
-class MaskedSGD:
-    """SGD with momentum and weight decay whose step touches only the masked entries.
-
-    ``torch.optim.SGD`` would still apply weight decay and momentum to entries whose gradient
-    was zeroed, so masked-out entries would drift. Here an update is ``p -= where(m, lr*d, 0)``:
-    entries outside the mask are bit-identical after any number of steps.
-
-    Momentum is masked the same way: an entry's buffer takes in gradient only in a step that
-    may update that entry, and is left as it was otherwise. Buffers are kept per parameter name
-    across passes, so alternating passes over different parts (LocalAlt) behave as one momentum
-    optimizer per part: the shared part u never spends momentum gathered from gradients of a
-    pass that held it fixed (Pillutla et al. 2022, Alg. 1: u is fixed while v trains), and a
-    v-pass followed by a u-pass equals the v-pass followed by a fresh optimizer's u-pass. A
-    whole tensor that a pass freezes has no gradient and keeps its buffer, the same rule.
-    """
-
-    def __init__(self, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def step(self, params: list[tuple[str, nn.Parameter, torch.Tensor | None]]) -> None:
-        whole = [(name, param) for name, param, mask in params if mask is None and param.grad is not None]
-        if whole:
-            self._step_whole(whole)
-        for name, param, mask in params:
-            if mask is None or param.grad is None:
-                continue
-            direction = param.grad
-            if self.weight_decay:
-                direction = direction.add(param, alpha=self.weight_decay)
-            if self.momentum:
-                direction = self._momentum(name, direction, mask)
-            param.sub_(torch.where(mask, direction * self.lr, 0.0))
-
-    def _step_whole(self, whole: list[tuple[str, nn.Parameter]]) -> None:
-        """Tensors updated in full, as one multi-tensor (``_foreach``) op per stage.
-
-        The same operations, in the same order, as one tensor at a time (on CPU PyTorch runs them so;
-        on a GPU they are fused into a few kernel launches instead of several per tensor).
-        """
-        params = [param for _, param in whole]
-        directions = [param.grad for param in params]
-        if self.weight_decay:
-            directions = torch._foreach_add(directions, params, alpha=self.weight_decay)
-        if self.momentum:
-            fresh = [i for i, (name, _) in enumerate(whole) if name not in self.buffers]
-            for i in fresh:
-                self.buffers[whole[i][0]] = directions[i].clone()
-            old = [i for i in range(len(whole)) if i not in set(fresh)]
-            if old:
-                buffers = [self.buffers[whole[i][0]] for i in old]
-                torch._foreach_mul_(buffers, self.momentum)
-                torch._foreach_add_(buffers, [directions[i] for i in old])
-            directions = [self.buffers[name] for name, _ in whole]
-        torch._foreach_add_(params, directions, alpha=-self.lr)
-
-    def _momentum(self, name: str, direction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """buf <- momentum * buf + direction on the entries this step may update; others unchanged."""
-        buf = self.buffers.get(name)
-        if buf is None:
-            buf = self.buffers[name] = torch.where(mask, direction, 0.0)
-        else:
-            buf.copy_(torch.where(mask, buf * self.momentum + direction, buf))
-        return buf
-
-    @staticmethod
-    def zero_grad(params: list[tuple[str, nn.Parameter, torch.Tensor | None]]) -> None:
-        for _, param, _ in params:
-            param.grad = None
-
-
-@contextmanager
-def trainable_only(model: nn.Module, trainable: TrainableSpec | None
-                   ) -> Iterator[list[tuple[str, nn.Parameter, torch.Tensor | None]]]:
-    """Within the block only the named parameters require grad; yields (name, param, mask).
-
-    A mask that is all True becomes None (plain update); an all-False mask freezes the tensor.
-    """
-    params = dict(model.named_parameters())
-    if trainable is None:
-        trainable = dict.fromkeys(params)
-    unknown = [name for name in trainable if name not in params]
-    if unknown:
-        raise KeyError(f"trainable spec names unknown parameter '{unknown[0]}'")
-    saved = {name: p.requires_grad for name, p in params.items()}
-    selected: list[tuple[str, nn.Parameter, torch.Tensor | None]] = []
-    try:
-        for name, param in params.items():
-            on = name in trainable
-            mask = trainable.get(name)
-            if on and mask is not None:
-                if mask.shape != param.shape:
-                    raise ValueError(f"mask for '{name}' has shape {tuple(mask.shape)}, "
-                                     f"parameter has {tuple(param.shape)}")
-                mask = mask.to(device=param.device, dtype=torch.bool)
-                if bool(mask.all()):
-                    mask = None
-                elif not bool(mask.any()):
-                    on = False
-            param.requires_grad_(on)
-            if on:
-                selected.append((name, param, mask))
-        yield selected
-    finally:
-        for name, param in params.items():
-            param.requires_grad_(saved[name])
 
 
 @dataclass

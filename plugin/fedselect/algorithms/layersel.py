@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from fedselect.core.compute import backward_flops, backward_fraction
 from fedselect.core.scores import group_scores
 from fedselect.core.selection import SCORE_KIND, SelectionResult
-from fedselect.engine import TrainStats, autocast, client_generator, client_global_rng, freeze_norms, trainable_only
+from fedselect.engine import TrainStats, autocast, client_generator, client_global_rng, freeze_norms
 from fedselect.models import LayerGroup, layer_groups
 from fedselect.models.flops import forward_flops_by_group
+from fedselect.optim import trainable_only
 from fedselect.plots import plot_selection_heatmap
 from fedselect.registry import register
 
