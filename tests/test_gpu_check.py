@@ -121,7 +121,8 @@ def test_standin_matches_fedml(tmp_path: Path) -> None:
     probe.write_text(PROBE)
     results = {}
     for name, extra in (("fedml", []), ("standin", [str(REPO / "bench" / "gpu_standin")])):
-        env = {**os.environ, "FEDSELECT_FEDML_HOME": str(tmp_path / name),
+        # HOME too: FedMLRunner.run() writes ~/.fedml/fedml_trace/<pid> (both do)
+        env = {**os.environ, "FEDSELECT_FEDML_HOME": str(tmp_path / name), "HOME": str(tmp_path / f"{name}-home"),
                "PYTHONPATH": os.pathsep.join([*extra, str(REPO / "plugin")])}
         proc = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=120)
         if name == "fedml" and proc.returncode == 3:
