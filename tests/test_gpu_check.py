@@ -55,7 +55,7 @@ def failure_text(proc: subprocess.CompletedProcess, out: Path) -> str:
 
 
 def run_check(gpu: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FEDSELECT_FEDML_STANDIN": "1", "PYTHON": sys.executable}
+    env = {**os.environ, "FEDSELECT_FEDML_STANDIN": "1", "PYTHON": sys.executable, "HOME": str(out.parent / "home")}
     env.pop("OUT", None)
     return subprocess.run(["bash", str(GPU_CHECK), "--gpu-dir", str(gpu), "--device", "cpu", "--tiny",
                            "--out", str(out), "--work", str(out.parent / f"{out.name}-work"), *extra],
