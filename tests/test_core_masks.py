@@ -304,3 +304,22 @@ def test_grow_mask_validation() -> None:
         grow_mask(mask, {"w": torch.zeros(4)}, rate=1.5, target_fraction=0.8)
     with pytest.raises(ValueError, match="nope"):
         grow_mask(mask, {"w": torch.zeros(4)}, rate=0.5, target_fraction=0.8, keys=["nope"])
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.49, 0.5, 0.9, 1.0])
+def test_topk_mask_both_selection_paths_agree_with_a_sort(fraction: float) -> None:
+    """Few candidates are gathered, many are ranked in place: both give the sort's answer, ties by index."""
+    g = torch.Generator().manual_seed(int(fraction * 100))
+    scores = torch.randint(-3, 4, (40, 25), generator=g).float()  # many ties
+    scores[0, :5] = float("-inf")
+    within = torch.rand(40, 25, generator=g) < fraction
+    n = int(within.sum())
+    for k in (1, n // 3, n // 2, n - 1):
+        chosen = topk_mask(scores, k, within=within)
+        flat_idx = within.reshape(-1).nonzero().squeeze(1)
+        vals = scores.reshape(-1)[flat_idx]
+        # stable descending sort: equal scores keep index order
+        order = torch.sort(-vals, stable=True).indices[:k]
+        expected = torch.zeros(scores.numel(), dtype=torch.bool)
+        expected[flat_idx[order]] = True
+        assert torch.equal(chosen.reshape(-1), expected), (fraction, k)

@@ -327,5 +327,5 @@ def _true_counts(mask: Mapping[str, torch.Tensor]) -> dict[str, int]:
     if not mask:
         return {}
     first = next(iter(mask.values())).device
-    counts = torch.stack([m.sum().to(first) for m in mask.values()])
+    counts = torch.stack([torch.count_nonzero(m).to(first) for m in mask.values()])
     return dict(zip(mask, (int(c) for c in counts.tolist()), strict=True))

@@ -134,37 +134,54 @@ def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor
             f"within has shape {tuple(within.shape)} but scores have shape {tuple(scores.shape)}"
         )
     flat_within = within.reshape(-1)
-    n_candidates = int(flat_within.sum())
+    n_candidates = int(torch.count_nonzero(flat_within))
     if not (0 <= k <= n_candidates):
         raise ValueError(f"k={k} is outside [0, {n_candidates}] (number of candidate entries)")
     flat = scores.reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    vals = torch.masked_select(flat, flat_within)
+    if k == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if k == n_candidates:
         # every candidate is chosen: no selection, but NaN among them still has no ranking
-        if vals.is_floating_point() and bool(torch.isnan(vals).any()):
+        if flat.is_floating_point() and bool(torch.isnan(flat).logical_and_(flat_within).any()):
             raise ValueError("scores contain NaN among the candidate entries")
         return within.clone()
+    if flat.is_floating_point() and 2 * n_candidates >= flat.numel():
+        # most entries are candidates: rank in place, the others pushed below every candidate (-inf
+        # ties with a -inf candidate are kept out by the tie rule below), with no gather or scatter
+        vals = flat if n_candidates == flat.numel() else torch.where(flat_within, flat, float("-inf"))
+        chosen = _top_k_in_order(vals, k, candidates=flat_within)
+        return chosen.reshape(scores.shape)
+    vals = torch.masked_select(flat, flat_within)
     out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k == 0:
-        return out.reshape(scores.shape)
-    # The k-th largest value is unique even though the order among tied entries is not; everything
-    # above it is in, and the tied entries fill the remaining slots in index order. kthvalue is a
-    # selection (linear time), cheaper than sorting millions of entries per tensor.
-    kth = torch.kthvalue(vals, n_candidates - k + 1).values
+    # candidates in flat order, as masked_select read them
+    out.masked_scatter_(flat_within, _top_k_in_order(vals, k))
+    return out.reshape(scores.shape)
+
+
+def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> Tensor:
+    """Exactly ``k`` True entries of ``vals`` (among ``candidates``): the largest, ties to the lower index.
+
+    The k-th largest value is unique even though the order among tied entries is not; everything
+    above it is in, and the tied entries fill the remaining slots in index order. kthvalue is a
+    selection (linear time), cheaper than sorting millions of entries per tensor.
+    """
+    kth = torch.kthvalue(vals, vals.numel() - k + 1).values
     above = vals > kth
     tied = vals == kth
-    nans = torch.isnan(vals).sum() if vals.is_floating_point() else torch.zeros((), dtype=torch.int64)
-    # one host synchronisation for the three counts
-    n_nan, n_above, n_tied = (int(c) for c in torch.stack([nans.to(above.device), above.sum(), tied.sum()]).tolist())
-    if n_nan:
+    if candidates is not None:
+        tied &= candidates
+    # amax propagates NaN: one reduction tells whether a candidate is NaN (non-candidates are -inf)
+    nan = torch.isnan(vals.amax()) if vals.is_floating_point() else torch.zeros((), dtype=torch.bool)
+    # one host synchronisation for the three figures
+    has_nan, n_above, n_tied = (int(c) for c in torch.stack(
+        [nan.to(device=vals.device, dtype=torch.int64), torch.count_nonzero(above), torch.count_nonzero(tied)]
+    ).tolist())
+    if has_nan:
         raise ValueError("scores contain NaN among the candidate entries")
     need = k - n_above
-    chosen = above | tied if need == n_tied else above | (tied & (torch.cumsum(tied, 0) <= need))
-    # candidates in flat order, as masked_select read them
-    out.masked_scatter_(flat_within, chosen)
-    return out.reshape(scores.shape)
+    return above | tied if need == n_tied else above | (tied & (torch.cumsum(tied, 0) <= need))
 
 
 def topk_mask_global(
@@ -216,7 +233,7 @@ def personal_count(mask: Mapping[str, Tensor], keys: Iterable[str] | None = None
     for k in names:
         if k not in mask:
             raise ValueError(f"mask has no tensor {k!r}")
-        n_true += int(mask[k].sum().item())
+        n_true += int(torch.count_nonzero(mask[k]))
         n_all += mask[k].numel()
     return n_true, n_all
 
@@ -382,7 +399,7 @@ def grow_mask(
                 f"tensor {name!r}: mask has shape {tuple(m.shape)}, change has {tuple(delta.shape)}"
             )
         n = m.numel()
-        n_personal = int(m.sum().item())
+        n_personal = int(torch.count_nonzero(m))
         if n == 0 or n_personal / n > target_fraction:
             out[name] = m.clone()
             continue
