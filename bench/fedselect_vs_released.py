@@ -211,7 +211,7 @@ def our_config(spec: dict[str, Any]) -> Any:
                   "eval_every": 1, "weighted_aggregation": False, "norm_buffers": "personal"},
         "algo": algo,
         "tracking": {"results_dir": str(Path(spec["work_dir"]) / "ours")},
-    })
+    }, spec.get("ours_set") or ())
 
 
 # ---------------------------------------------------------------- children
@@ -768,6 +768,9 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where both sides train: cpu (CUDA hidden from both children) or cuda (both on the GPU)")
     parser.add_argument("--sides", choices=("both", "ours", "released"), default="both")
+    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for our side only, e.g. train.precision=bf16 (repeatable); "
+                             "the comparison is then no longer at equal arithmetic")
     parser.add_argument("--order", choices=("released-first", "ours-first"), default="released-first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
@@ -798,7 +801,7 @@ def main() -> None:
                                         "test_per_class", "batch_size", "lr", "p", "grow_target", "mask_every",
                                         "ours_search", "gradltn_iterations", "gradltn_epochs", "released_clip",
                                         "released_final_eval", "released_fix_bn", "seed", "threads", "data_root",
-                                        "sides", "device")}
+                                        "sides", "device", "ours_set")}
     spec.update(work_dir=str(work.resolve()),
                 released_repo=str(Path(ns.released_repo).resolve()) if ns.released_repo else None)
     spec["ours_commit"] = git_describe(Path(__file__).resolve().parent)
