@@ -323,3 +323,29 @@ def test_topk_mask_both_selection_paths_agree_with_a_sort(fraction: float) -> No
         expected = torch.zeros(scores.numel(), dtype=torch.bool)
         expected[flat_idx[order]] = True
         assert torch.equal(chosen.reshape(-1), expected), (fraction, k)
+
+
+def test_segmented_topk_equals_per_tensor_topk() -> None:
+    """The GPU path (one segmented sort for every tensor) chooses exactly what topk_mask chooses."""
+    from fedselect.core.masks import topk_masks
+
+    g = torch.Generator().manual_seed(11)
+    shapes = {"a": (17, 9), "b": (40,), "c": (3, 4, 5), "empty_choice": (6,)}
+    scores = {n: torch.randint(0, 5, s, generator=g).float() for n, s in shapes.items()}
+    scores["b"][:7] = float("-inf")
+    scores["c"] = torch.rand(3, 4, 5, generator=g)
+    within = {n: torch.rand(s, generator=g) < 0.6 for n, s in shapes.items()}
+    counts = {n: int(m.sum()) for n, m in within.items()}
+    ks = {"a": counts["a"] // 2, "b": counts["b"] - 1, "c": 1, "empty_choice": 0}
+    per_tensor = topk_masks(list(shapes), scores.__getitem__, ks, within, method="per_tensor")
+    segmented = topk_masks(list(shapes), scores.__getitem__, ks, within, method="segmented")
+    for name in shapes:
+        assert torch.equal(per_tensor[name], segmented[name]), name
+        assert int(segmented[name].sum()) == ks[name]
+        assert not bool((segmented[name] & ~within[name]).any())
+    scores["a"][0, 0] = float("nan")
+    within["a"][0, 0] = True
+    with pytest.raises(ValueError, match="NaN"):
+        topk_masks(list(shapes), scores.__getitem__, ks, within, method="segmented")
+    with pytest.raises(ValueError, match="outside"):
+        topk_masks(["c"], scores.__getitem__, {"c": 61}, within, method="segmented")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedselect.optim import MaskedSGD, TrainableSpec, trainable_only
+from fedselect.optim import MaskedSGD, TrainableSpec, mask_coverage, trainable_only
 
 # extra loss term added to the cross-entropy, e.g. Ditto's proximal term; gets the model
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
@@ -203,7 +203,9 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
 def _has_trainable(model: nn.Module, spec: TrainableSpec | None) -> bool:
     if spec is None:
         return any(True for _ in model.parameters())
-    return any(mask is None or bool(torch.as_tensor(mask).any()) for mask in spec.values())
+    if any(mask is None for mask in spec.values()):
+        return True
+    return any(c != "none" for c in mask_coverage({n: torch.as_tensor(m) for n, m in spec.items()}).values())
 
 
 def _train_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor,

@@ -93,6 +93,16 @@ class MaskedSGD:
             param.grad = None
 
 
+def mask_coverage(masks: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """"all", "none" or "some" True entries per mask, with one host synchronisation for all of them."""
+    if not masks:
+        return {}
+    first = next(iter(masks.values())).device
+    figures = torch.stack([torch.stack([m.all(), m.any()]).to(first) for m in masks.values()]).tolist()
+    return {name: "all" if every else ("some" if some else "none")
+            for name, (every, some) in zip(masks, figures, strict=True)}
+
+
 @contextmanager
 def trainable_only(model: nn.Module, trainable: TrainableSpec | None
                    ) -> Iterator[list[tuple[str, nn.Parameter, torch.Tensor | None]]]:
@@ -108,18 +118,22 @@ def trainable_only(model: nn.Module, trainable: TrainableSpec | None
         raise KeyError(f"trainable spec names unknown parameter '{unknown[0]}'")
     saved = {name: p.requires_grad for name, p in params.items()}
     selected: list[tuple[str, nn.Parameter, torch.Tensor | None]] = []
+    masks = {}
+    for name, mask in trainable.items():
+        if mask is not None:
+            if mask.shape != params[name].shape:
+                raise ValueError(f"mask for '{name}' has shape {tuple(mask.shape)}, "
+                                 f"parameter has {tuple(params[name].shape)}")
+            masks[name] = mask.to(device=params[name].device, dtype=torch.bool)
+    coverage = mask_coverage(masks)
     try:
         for name, param in params.items():
             on = name in trainable
-            mask = trainable.get(name)
-            if on and mask is not None:
-                if mask.shape != param.shape:
-                    raise ValueError(f"mask for '{name}' has shape {tuple(mask.shape)}, "
-                                     f"parameter has {tuple(param.shape)}")
-                mask = mask.to(device=param.device, dtype=torch.bool)
-                if bool(mask.all()):
+            mask = masks.get(name)
+            if mask is not None:
+                if coverage[name] == "all":
                     mask = None
-                elif not bool(mask.any()):
+                elif coverage[name] == "none":
                     on = False
             param.requires_grad_(on)
             if on:

@@ -26,8 +26,9 @@ from fedselect.core.masks import (
     full_mask,
     personal_count,
     target_count,
-    topk_mask,
     topk_mask_global,
+    topk_masks,
+    true_counts,
     validate_mask,
     validate_same_layout,
 )
@@ -273,11 +274,10 @@ def _select(
         total = sum(t.numel() for t in theta0.values())
         k_target = min(target_count(total, fraction), personal_count(mask)[0])
         return topk_mask_global({k: gamma(k) for k in theta0}, k_target, within=mask)
-    new_mask: Mask = {}
-    for k, t0 in theta0.items():  # one gamma at a time keeps peak memory at one extra tensor
-        k_target = min(target_count(t0.numel(), fraction), int(mask[k].sum().item()))
-        new_mask[k] = topk_mask(gamma(k), k_target, within=mask[k])
-    return new_mask
+    counts = true_counts(mask)
+    ks = {k: min(target_count(t0.numel(), fraction), counts[k]) for k, t0 in theta0.items()}
+    # on CPU one gamma at a time (peak memory: one extra tensor); on a GPU all tensors in one sort
+    return topk_masks(list(theta0), gamma, ks, mask)
 
 
 def _is_fixed(
@@ -291,7 +291,8 @@ def _is_fixed(
     if topk_scope == "model":
         total = sum(t.numel() for t in theta0.values())
         return target_count(total, final_fraction) >= personal_count(mask)[0]
-    return all(target_count(theta0[k].numel(), final_fraction) >= int(m.sum().item()) for k, m in mask.items())
+    counts = true_counts(mask)
+    return all(target_count(theta0[k].numel(), final_fraction) >= counts[k] for k in mask)
 
 
 def _same_mask(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:

@@ -15,7 +15,7 @@ code's ``>= quantile`` rule turns whole layers personal when many changes tie (s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +40,8 @@ __all__ = [
     "personal_fraction_by_group",
     "target_count",
     "topk_mask",
+    "topk_masks",
+    "true_counts",
     "counted_fraction",
     "topk_mask_global",
     "unpack_mask",
@@ -182,6 +184,78 @@ def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> T
         raise ValueError("scores contain NaN among the candidate entries")
     need = k - n_above
     return above | tied if need == n_tied else above | (tied & (torch.cumsum(tied, 0) <= need))
+
+
+def true_counts(mask: Mapping[str, Tensor]) -> dict[str, int]:
+    """True entries per tensor, counted on the device with one host synchronisation for all."""
+    if not mask:
+        return {}
+    first = next(iter(mask.values())).device
+    counts = torch.stack([torch.count_nonzero(m).to(first) for m in mask.values()]).tolist()
+    return dict(zip(mask, (int(c) for c in counts), strict=True))
+
+
+def topk_masks(
+    names: Sequence[str],
+    score_of: Callable[[str], Tensor],
+    ks: Mapping[str, int],
+    within: Mapping[str, Tensor],
+    *,
+    method: str = "auto",
+) -> Mask:
+    """:func:`topk_mask` of every named tensor: ``ks[n]`` entries of ``score_of(n)`` within ``within[n]``.
+
+    The per-tensor selections of FedSelect Alg. 1 (``topk_scope: tensor``) and of mask growth, for a
+    whole model at once. ``method="per_tensor"`` runs :func:`topk_mask` one tensor at a time (one
+    score in memory at a time; the CPU default); ``"segmented"`` ranks every tensor in one segmented
+    stable sort with a single host synchronisation (the CUDA default, where a selection and a few
+    synchronisations per tensor would leave the GPU idle). Both choose exactly the same entries.
+    """
+    if method == "auto":
+        device = within[names[0]].device if names else torch.device("cpu")
+        method = "segmented" if device.type == "cuda" else "per_tensor"
+    if method == "per_tensor":
+        return {n: topk_mask(score_of(n), ks[n], within=within[n]) for n in names}
+    if method != "segmented":
+        raise ValueError(f"method must be auto, per_tensor or segmented, got {method!r}")
+    return _segmented_topk(names, [score_of(n) for n in names], ks, within)
+
+
+def _segmented_topk(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[str, int],
+                    within: Mapping[str, Tensor]) -> Mask:
+    """Every tensor's exact top-k in one pass: order all entries by (tensor, candidate first, score
+    descending, flat index) with stable sorts, least significant key first, and keep each tensor's
+    first k."""
+    if not names:
+        return {}
+    device = scores[0].device
+    flat = torch.cat([sc.detach().reshape(-1).to(device=device, dtype=torch.float64) for sc in scores])
+    cand = torch.cat([within[n].reshape(-1).to(device) for n in names])
+    size_list = [sc.numel() for sc in scores]
+    sizes = torch.tensor(size_list, device=device)
+    seg = torch.repeat_interleave(torch.arange(len(names), device=device), sizes)
+    # one synchronisation: every tensor's candidate count (k must fit) and whether a candidate is NaN
+    figures = torch.cat([torch.zeros(len(names), dtype=torch.int64, device=device).index_add_(0, seg, cand.long()),
+                         (torch.isnan(flat) & cand).any().long().view(1)]).tolist()
+    if figures[-1]:
+        raise ValueError("scores contain NaN among the candidate entries")
+    for name, n_candidates in zip(names, figures[:-1], strict=True):
+        if not (0 <= ks[name] <= n_candidates):
+            raise ValueError(f"k={ks[name]} is outside [0, {n_candidates}] (number of candidate entries) "
+                             f"for tensor {name!r}")
+    order = torch.argsort(-flat, stable=True)
+    order = order[torch.argsort((~cand[order]).to(torch.uint8), stable=True)]
+    order = order[torch.argsort(seg[order], stable=True)]
+    starts = torch.cumsum(sizes, 0) - sizes
+    ranked_seg = seg[order]
+    rank = torch.arange(flat.numel(), device=device) - starts[ranked_seg]
+    k_of = torch.tensor([ks[n] for n in names], device=device)
+    chosen = torch.empty(flat.numel(), dtype=torch.bool, device=device)
+    chosen[order] = rank < k_of[ranked_seg]
+    out: Mask = {}
+    for name, part, sc in zip(names, torch.split(chosen, size_list), scores, strict=True):
+        out[name] = part.reshape(sc.shape)
+    return out
 
 
 def topk_mask_global(
@@ -384,31 +458,29 @@ def grow_mask(
     if not (0.0 <= target_fraction <= 1.0):
         raise ValueError(f"target_fraction must be in [0, 1], got {target_fraction!r}")
     names = set(mask) if keys is None else set(keys)
-    out: Mask = {}
-    for name, m in mask.items():
-        if name not in names:
-            out[name] = m.clone()
-            continue
+    missing = names - set(mask)
+    if missing:
+        raise ValueError(f"keys name tensor {sorted(missing)[0]!r} that the mask lacks")
+    for name in names:
+        m = mask[name]
         if m.dtype != torch.bool:
             raise ValueError(f"mask tensor {name!r} has dtype {m.dtype}, expected torch.bool")
         if name not in change:
             raise ValueError(f"change is missing tensor {name!r}")
-        delta = change[name]
-        if tuple(delta.shape) != tuple(m.shape):
+        if tuple(change[name].shape) != tuple(m.shape):
             raise ValueError(
-                f"tensor {name!r}: mask has shape {tuple(m.shape)}, change has {tuple(delta.shape)}"
+                f"tensor {name!r}: mask has shape {tuple(m.shape)}, change has {tuple(change[name].shape)}"
             )
-        n = m.numel()
-        n_personal = int(torch.count_nonzero(m))
+    grown_names = [n for n in mask if n in names]
+    personal = true_counts({n: mask[n] for n in grown_names})
+    ks: dict[str, int] = {}
+    for name in grown_names:
+        n, n_personal = mask[name].numel(), personal[name]
         if n == 0 or n_personal / n > target_fraction:
-            out[name] = m.clone()
             continue
         k = target_count(n - n_personal, rate)
         if cap_at_target:
             k = min(k, max(0, target_count(n, target_fraction) - n_personal))
-        grown = topk_mask(delta.detach().abs(), k, within=~m)
-        out[name] = m | grown
-    missing = names - set(mask)
-    if missing:
-        raise ValueError(f"keys name tensor {sorted(missing)[0]!r} that the mask lacks")
-    return out
+        ks[name] = k
+    chosen = topk_masks(list(ks), lambda name: change[name].detach().abs(), ks, {n: ~mask[n] for n in ks})
+    return {name: mask[name] | chosen[name] if name in chosen else m.clone() for name, m in mask.items()}
