@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedselect.core.masks import grow_mask, topk_mask, topk_mask_global
+from fedselect.core.topk import grow_mask, topk_mask, topk_mask_global
 from fedselect.engine import ImageTransform, OptimConfig, SplitEpoch, evaluate, train_passes
 
 

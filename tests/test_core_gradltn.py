@@ -15,7 +15,8 @@ from fedselect.core.gradltn import (
     selection_fractions,
 )
 from fedselect.core.localalt import invert_mask, localalt_passes, localalt_phases
-from fedselect.core.masks import empty_mask, full_mask, target_count, topk_mask, topk_mask_global
+from fedselect.core.masks import empty_mask, full_mask, target_count
+from fedselect.core.topk import topk_mask, topk_mask_global
 
 State = dict[str, torch.Tensor]
 

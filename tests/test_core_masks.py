@@ -11,18 +11,16 @@ import torch
 from fedselect.core.masks import (
     empty_mask,
     full_mask,
-    grow_mask,
     iou_matrix,
     mask_iou,
     pack_mask,
     personal_fraction,
     personal_fraction_by_group,
     target_count,
-    topk_mask,
-    topk_mask_global,
     unpack_mask,
     validate_mask,
 )
+from fedselect.core.topk import grow_mask, topk_mask, topk_mask_global
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -327,7 +325,7 @@ def test_topk_mask_both_selection_paths_agree_with_a_sort(fraction: float) -> No
 
 def test_segmented_topk_equals_per_tensor_topk() -> None:
     """The GPU path (one segmented sort for every tensor) chooses exactly what topk_mask chooses."""
-    from fedselect.core.masks import topk_masks
+    from fedselect.core.topk import topk_masks
 
     g = torch.Generator().manual_seed(11)
     shapes = {"a": (17, 9), "b": (40,), "c": (3, 4, 5), "empty_choice": (6,)}

@@ -6,7 +6,7 @@ Its difference from FedAvg, on the mask mechanism of :mod:`fedselect.algorithms.
   :func:`fedselect.core.gradltn.gradltn`) on its current model theta_k = global values on
   shared entries + its personal values, every ``search_every`` of its participations; or,
   as in the authors' released code, grows the mask online (``mask_search: grow``;
-  :func:`fedselect.core.masks.grow_mask`).
+  :func:`fedselect.core.topk.grow_mask`).
 * local schedule: LocalAlt (Pillutla et al. 2022; :func:`fedselect.algorithms.parts.train_localalt`),
   per epoch one pass over the personal entries v, then one over the shared entries u.
 * server: unchanged: each entry averaged over the clients that share it (paper Alg. 2).
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from fedselect.core.gradltn import gradltn
-from fedselect.core.masks import counted_fraction, grow_mask, iou_matrix, personal_fraction
+from fedselect.core.masks import counted_fraction, iou_matrix, personal_fraction
+from fedselect.core.topk import grow_mask
 from fedselect.engine import TrainStats, restore_state, snapshot_state
 from fedselect.models import head_param_names, layer_groups
 from fedselect.options import ConfigError

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedselect.core.masks import target_count, topk_mask
+from fedselect.core.masks import target_count
+from fedselect.core.topk import topk_mask
 from fedselect.engine import ClientDataset, TrainStats
 from fedselect.options import ConfigError
 from fedselect.registry import register

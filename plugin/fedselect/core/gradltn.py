@@ -26,12 +26,11 @@ from fedselect.core.masks import (
     full_mask,
     personal_count,
     target_count,
-    topk_mask_global,
-    topk_masks,
     true_counts,
     validate_mask,
     validate_same_layout,
 )
+from fedselect.core.topk import topk_mask_global, topk_masks
 
 __all__ = [
     "FRACTION_RULES",

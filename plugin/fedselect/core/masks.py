@@ -15,7 +15,7 @@ code's ``>= quantile`` rule turns whole layers personal when many changes tie (s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -31,7 +31,6 @@ __all__ = [
     "State",
     "empty_mask",
     "full_mask",
-    "grow_mask",
     "iou_matrix",
     "mask_iou",
     "pack_mask",
@@ -39,11 +38,8 @@ __all__ = [
     "personal_fraction",
     "personal_fraction_by_group",
     "target_count",
-    "topk_mask",
-    "topk_masks",
     "true_counts",
     "counted_fraction",
-    "topk_mask_global",
     "unpack_mask",
     "validate_mask",
     "validate_same_layout",
@@ -118,74 +114,6 @@ def validate_same_layout(
             )
 
 
-def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor:
-    """Exactly ``k`` True entries: the largest ``scores`` among the entries where ``within`` is True.
-
-    Implements "the largest (1 - r) fraction of gamma within m" of FedSelect Alg. 1 as an exact
-    top-k. Ties are broken by flat (row-major) index, lower index first, so the count is exact even
-    when all scores are equal (the released code's ``>= quantile`` rule selects every tied entry).
-    ``within=None`` means the whole tensor. NaN scores among the candidates raise ValueError (a
-    diverged client has no meaningful ranking); +-inf are ordinary values.
-    """
-    if within is None:
-        within = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    if within.dtype != torch.bool:
-        raise ValueError(f"within must be a bool tensor, got {within.dtype}")
-    if tuple(within.shape) != tuple(scores.shape):
-        raise ValueError(
-            f"within has shape {tuple(within.shape)} but scores have shape {tuple(scores.shape)}"
-        )
-    flat_within = within.reshape(-1)
-    n_candidates = int(torch.count_nonzero(flat_within))
-    if not (0 <= k <= n_candidates):
-        raise ValueError(f"k={k} is outside [0, {n_candidates}] (number of candidate entries)")
-    flat = scores.reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    if k == 0:
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k == n_candidates:
-        # every candidate is chosen: no selection, but NaN among them still has no ranking
-        if flat.is_floating_point() and bool(torch.isnan(flat).logical_and_(flat_within).any()):
-            raise ValueError("scores contain NaN among the candidate entries")
-        return within.clone()
-    if flat.is_floating_point() and 2 * n_candidates >= flat.numel():
-        # most entries are candidates: rank in place, the others pushed below every candidate (-inf
-        # ties with a -inf candidate are kept out by the tie rule below), with no gather or scatter
-        vals = flat if n_candidates == flat.numel() else torch.where(flat_within, flat, float("-inf"))
-        chosen = _top_k_in_order(vals, k, candidates=flat_within)
-        return chosen.reshape(scores.shape)
-    vals = torch.masked_select(flat, flat_within)
-    out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    # candidates in flat order, as masked_select read them
-    out.masked_scatter_(flat_within, _top_k_in_order(vals, k))
-    return out.reshape(scores.shape)
-
-
-def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> Tensor:
-    """Exactly ``k`` True entries of ``vals`` (among ``candidates``): the largest, ties to the lower index.
-
-    The k-th largest value is unique even though the order among tied entries is not; everything
-    above it is in, and the tied entries fill the remaining slots in index order. kthvalue is a
-    selection (linear time), cheaper than sorting millions of entries per tensor.
-    """
-    kth = torch.kthvalue(vals, vals.numel() - k + 1).values
-    above = vals > kth
-    tied = vals == kth
-    if candidates is not None:
-        tied &= candidates
-    # amax propagates NaN: one reduction tells whether a candidate is NaN (non-candidates are -inf)
-    nan = torch.isnan(vals.amax()) if vals.is_floating_point() else torch.zeros((), dtype=torch.bool)
-    # one host synchronisation for the three figures
-    has_nan, n_above, n_tied = (int(c) for c in torch.stack(
-        [nan.to(device=vals.device, dtype=torch.int64), torch.count_nonzero(above), torch.count_nonzero(tied)]
-    ).tolist())
-    if has_nan:
-        raise ValueError("scores contain NaN among the candidate entries")
-    need = k - n_above
-    return above | tied if need == n_tied else above | (tied & (torch.cumsum(tied, 0) <= need))
-
-
 def true_counts(mask: Mapping[str, Tensor]) -> dict[str, int]:
     """True entries per tensor, counted on the device with one host synchronisation for all."""
     if not mask:
@@ -193,107 +121,6 @@ def true_counts(mask: Mapping[str, Tensor]) -> dict[str, int]:
     first = next(iter(mask.values())).device
     counts = torch.stack([torch.count_nonzero(m).to(first) for m in mask.values()]).tolist()
     return dict(zip(mask, (int(c) for c in counts), strict=True))
-
-
-def topk_masks(
-    names: Sequence[str],
-    score_of: Callable[[str], Tensor],
-    ks: Mapping[str, int],
-    within: Mapping[str, Tensor],
-    *,
-    method: str = "auto",
-) -> Mask:
-    """:func:`topk_mask` of every named tensor: ``ks[n]`` entries of ``score_of(n)`` within ``within[n]``.
-
-    The per-tensor selections of FedSelect Alg. 1 (``topk_scope: tensor``) and of mask growth, for a
-    whole model at once. ``method="per_tensor"`` runs :func:`topk_mask` one tensor at a time (one
-    score in memory at a time; the CPU default); ``"segmented"`` ranks every tensor in one segmented
-    stable sort with a single host synchronisation (the CUDA default, where a selection and a few
-    synchronisations per tensor would leave the GPU idle). Both choose exactly the same entries.
-    """
-    if method == "auto":
-        device = within[names[0]].device if names else torch.device("cpu")
-        method = "segmented" if device.type == "cuda" else "per_tensor"
-    if method == "per_tensor":
-        return {n: topk_mask(score_of(n), ks[n], within=within[n]) for n in names}
-    if method != "segmented":
-        raise ValueError(f"method must be auto, per_tensor or segmented, got {method!r}")
-    return _segmented_topk(names, [score_of(n) for n in names], ks, within)
-
-
-def _segmented_topk(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[str, int],
-                    within: Mapping[str, Tensor]) -> Mask:
-    """Every tensor's exact top-k in one pass: order all entries by (tensor, candidate first, score
-    descending, flat index) with stable sorts, least significant key first, and keep each tensor's
-    first k."""
-    if not names:
-        return {}
-    device = scores[0].device
-    flat = torch.cat([sc.detach().reshape(-1).to(device=device, dtype=torch.float64) for sc in scores])
-    cand = torch.cat([within[n].reshape(-1).to(device) for n in names])
-    size_list = [sc.numel() for sc in scores]
-    sizes = torch.tensor(size_list, device=device)
-    seg = torch.repeat_interleave(torch.arange(len(names), device=device), sizes)
-    # one synchronisation: every tensor's candidate count (k must fit) and whether a candidate is NaN
-    figures = torch.cat([torch.zeros(len(names), dtype=torch.int64, device=device).index_add_(0, seg, cand.long()),
-                         (torch.isnan(flat) & cand).any().long().view(1)]).tolist()
-    if figures[-1]:
-        raise ValueError("scores contain NaN among the candidate entries")
-    for name, n_candidates in zip(names, figures[:-1], strict=True):
-        if not (0 <= ks[name] <= n_candidates):
-            raise ValueError(f"k={ks[name]} is outside [0, {n_candidates}] (number of candidate entries) "
-                             f"for tensor {name!r}")
-    order = torch.argsort(-flat, stable=True)
-    order = order[torch.argsort((~cand[order]).to(torch.uint8), stable=True)]
-    order = order[torch.argsort(seg[order], stable=True)]
-    starts = torch.cumsum(sizes, 0) - sizes
-    ranked_seg = seg[order]
-    rank = torch.arange(flat.numel(), device=device) - starts[ranked_seg]
-    k_of = torch.tensor([ks[n] for n in names], device=device)
-    chosen = torch.empty(flat.numel(), dtype=torch.bool, device=device)
-    chosen[order] = rank < k_of[ranked_seg]
-    out: Mask = {}
-    for name, part, sc in zip(names, torch.split(chosen, size_list), scores, strict=True):
-        out[name] = part.reshape(sc.shape)
-    return out
-
-
-def topk_mask_global(
-    scores: Mapping[str, Tensor], k: int, *, within: Mapping[str, Tensor] | None = None
-) -> Mask:
-    """Exactly ``k`` True entries over *all* tensors: the largest ``scores`` of the whole model.
-
-    The model-wide ("global") reading of "the largest (1 - r) fraction of gamma within m" in
-    FedSelect Alg. 1, as in global lottery-ticket pruning (Frankle & Carbin 2019, Sec. 4). One score
-    vector is built by concatenating the flattened tensors in ``scores``' key order and a single
-    exact selection runs on it (``topk_mask``), so ties go to the earlier tensor in key order, then
-    to the lower flat index. ``within`` (same keys and shapes, bool; None = everything) restricts the
-    candidates; ``k`` must lie in [0, number of candidates]. Scores are compared after promotion to
-    one common dtype, so tensors of different dtypes rank against each other by value.
-    """
-    if within is not None:
-        validate_mask(within, scores)
-    keys = list(scores)
-    if not keys:
-        if k != 0:
-            raise ValueError(f"k={k} is outside [0, 0] (number of candidate entries)")
-        return {}
-    device = scores[keys[0]].device
-    dtype = scores[keys[0]].dtype
-    for name in keys[1:]:
-        dtype = torch.promote_types(dtype, scores[name].dtype)
-    flat = torch.cat([scores[name].detach().reshape(-1).to(device=device, dtype=dtype) for name in keys])
-    flat_within = None
-    if within is not None:
-        flat_within = torch.cat([within[name].reshape(-1).to(device) for name in keys])
-    chosen = topk_mask(flat, k, within=flat_within)
-    out: Mask = {}
-    offset = 0
-    for name in keys:
-        t = scores[name]
-        out[name] = chosen[offset : offset + t.numel()].reshape(t.shape).to(t.device)
-        offset += t.numel()
-    return out
 
 
 def personal_count(mask: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> tuple[int, int]:
@@ -420,67 +247,3 @@ def unpack_mask(
         m = torch.from_numpy(flat).reshape(shape_t)
         out[k] = m if device is None else m.to(device)
     return out
-
-
-def grow_mask(
-    mask: Mapping[str, Tensor],
-    change: Mapping[str, Tensor],
-    *,
-    rate: float,
-    target_fraction: float,
-    keys: Iterable[str] | None = None,
-    cap_at_target: bool = False,
-) -> Mask:
-    """Online mask growth of the released FedSelect code (the "FedSelectv2"/CVPR variant).
-
-    Exact semantics, per tensor ``t`` among ``keys`` (default: every tensor; the released code grows
-    only tensors whose name contains ``weight``, which callers select through ``keys``):
-
-    * with ``n`` entries of which ``P`` are personal: if ``P / n > target_fraction`` (strictly, as the
-      released ``_violates_bound``) the tensor is left unchanged;
-    * otherwise ``k = target_count(n - P, rate)`` still-shared entries with the largest ``|change|``
-      become personal (exact top-k, ties to the lower flat index); personal entries stay personal.
-      With ``cap_at_target`` (not in the released code) ``k`` is further limited so that the tensor's
-      personal count does not pass ``target_count(n, target_fraction)``.
-
-    Tensors outside ``keys`` are copied unchanged. ``change`` must cover the grown tensors with the
-    same shapes (it is typically theta_now - theta_at_last_growth).
-
-    Difference from the released code (``get_mask_from_delta`` with ``invert=True``): it takes the
-    value at sorted position ``round((1 - rate) * (n - P))`` of the shared entries' |change| as a
-    cutoff and makes every entry with ``|change| >= cutoff`` personal. When many changes tie (exactly
-    zero for weights that get no gradient, e.g. 3x3 kernels acting on 1x1 maps), all of them pass at
-    once and a whole layer flips; it also indexes past the end when that position equals ``n - P``.
-    Here exactly ``k`` entries move, so the fraction after one growth step is ``(P + k) / n``.
-    """
-    if not (0.0 <= rate <= 1.0):
-        raise ValueError(f"rate must be in [0, 1], got {rate!r}")
-    if not (0.0 <= target_fraction <= 1.0):
-        raise ValueError(f"target_fraction must be in [0, 1], got {target_fraction!r}")
-    names = set(mask) if keys is None else set(keys)
-    missing = names - set(mask)
-    if missing:
-        raise ValueError(f"keys name tensor {sorted(missing)[0]!r} that the mask lacks")
-    for name in names:
-        m = mask[name]
-        if m.dtype != torch.bool:
-            raise ValueError(f"mask tensor {name!r} has dtype {m.dtype}, expected torch.bool")
-        if name not in change:
-            raise ValueError(f"change is missing tensor {name!r}")
-        if tuple(change[name].shape) != tuple(m.shape):
-            raise ValueError(
-                f"tensor {name!r}: mask has shape {tuple(m.shape)}, change has {tuple(change[name].shape)}"
-            )
-    grown_names = [n for n in mask if n in names]
-    personal = true_counts({n: mask[n] for n in grown_names})
-    ks: dict[str, int] = {}
-    for name in grown_names:
-        n, n_personal = mask[name].numel(), personal[name]
-        if n == 0 or n_personal / n > target_fraction:
-            continue
-        k = target_count(n - n_personal, rate)
-        if cap_at_target:
-            k = min(k, max(0, target_count(n, target_fraction) - n_personal))
-        ks[name] = k
-    chosen = topk_masks(list(ks), lambda name: change[name].detach().abs(), ks, {n: ~mask[n] for n in ks})
-    return {name: mask[name] | chosen[name] if name in chosen else m.clone() for name, m in mask.items()}
