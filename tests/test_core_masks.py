@@ -347,3 +347,28 @@ def test_segmented_topk_equals_per_tensor_topk() -> None:
         topk_masks(list(shapes), scores.__getitem__, ks, within, method="segmented")
     with pytest.raises(ValueError, match="outside"):
         topk_masks(["c"], scores.__getitem__, {"c": 61}, within, method="segmented")
+
+
+def test_gather_masked_without_reading_the_count_back() -> None:
+    """The GPU path (ranks by cumsum, index_copy with a spare slot) gives masked_select's values."""
+    from fedselect.core.masks import gather_masked
+
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(7, 6, 5, generator=g)
+    for fraction in (0.0, 0.3, 1.0):
+        mask = torch.rand(7, 6, 5, generator=g) < fraction
+        count = int(mask.sum())
+        expected = torch.masked_select(values, mask)
+        got = gather_masked(values, mask, count, method="index_copy")
+        assert torch.equal(got, expected) and got.shape == (count,)
+        assert torch.equal(gather_masked(values, mask, count), expected)
+
+
+def test_pack_mask_with_one_host_copy_round_trips() -> None:
+    g = torch.Generator().manual_seed(6)
+    mask = {"a": torch.rand(3, 5, generator=g) < 0.5, "b": torch.rand(9, generator=g) < 0.5,
+            "c": torch.zeros(0, dtype=torch.bool)}
+    packed = pack_mask(mask)
+    assert [p.bits.numel() for p in packed.values()] == [2, 2, 0]
+    for name, m in unpack_mask(packed).items():
+        assert torch.equal(m, mask[name]), name

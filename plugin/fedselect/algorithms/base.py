@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fedselect.core.masks import PackedTensor, pack_mask, unpack_mask
+from fedselect.core.masks import PackedTensor, gather_masked, pack_mask, unpack_mask
 from fedselect.engine import (
     ClientDataset,
     EvalResult,
@@ -278,7 +278,8 @@ class FedAvgClient(Checkpointable, ClientTrainer):
     def save_personal_values(self) -> None:
         """Keep only the personal entries of the trained model (1-D per tensor)."""
         state = self.state_entries()
-        self.personal_values = {name: torch.masked_select(state[name].detach(), mask)
+        counts = self.personal_counts
+        self.personal_values = {name: gather_masked(state[name].detach(), mask, counts[name])
                                 for name, mask in self.personal_mask.items()}
 
     def personal_state_nbytes(self) -> int:

@@ -295,7 +295,12 @@ def _is_fixed(
 
 
 def _same_mask(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+    if a.keys() != b.keys():
+        return False
+    if any(a[k].shape != b[k].shape for k in a):
+        return False
+    # one host synchronisation for the whole comparison
+    return not a or not bool(torch.stack([(a[k] != b[k].to(a[k].device)).any() for k in a]).any())
 
 
 def _fraction(mask: Mapping[str, Tensor]) -> float:

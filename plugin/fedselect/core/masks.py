@@ -31,6 +31,7 @@ __all__ = [
     "State",
     "empty_mask",
     "full_mask",
+    "gather_masked",
     "iou_matrix",
     "mask_iou",
     "pack_mask",
@@ -129,14 +130,11 @@ def personal_count(mask: Mapping[str, Tensor], keys: Iterable[str] | None = None
     The counts behind |v| / |theta| of the partial-personalization split (Pillutla et al. 2022, Sec. 2).
     """
     names = list(mask) if keys is None else list(keys)
-    n_true = 0
-    n_all = 0
     for k in names:
         if k not in mask:
             raise ValueError(f"mask has no tensor {k!r}")
-        n_true += int(torch.count_nonzero(mask[k]))
-        n_all += mask[k].numel()
-    return n_true, n_all
+    counts = true_counts({k: mask[k] for k in names})
+    return sum(counts.values()), sum(mask[k].numel() for k in names)
 
 
 def personal_fraction(mask: Mapping[str, Tensor]) -> float:
@@ -203,6 +201,25 @@ def iou_matrix(masks: Sequence[Mapping[str, Tensor]], keys: Iterable[str] | None
     return out
 
 
+def gather_masked(values: Tensor, mask: Tensor, count: int, *, method: str = "auto") -> Tensor:
+    """``values[mask]`` (row-major order) when the number of True entries, ``count``, is known.
+
+    ``masked_select`` must read the mask's count back from the device; with the count known, the
+    GPU path writes each selected value to its rank (``cumsum``) in a buffer with one spare slot for
+    the rest, so nothing waits for the device. Same values in the same order either way
+    (``method``: auto = ``index_copy`` on CUDA, ``masked_select`` elsewhere).
+    """
+    if method == "auto":
+        method = "index_copy" if values.device.type == "cuda" else "masked_select"
+    if method == "masked_select":
+        return torch.masked_select(values, mask)
+    flat_mask = mask.reshape(-1)
+    rank = torch.cumsum(flat_mask, 0) - 1
+    slot = torch.where(flat_mask, rank, count)  # every unselected entry writes the spare slot
+    out = torch.empty(count + 1, dtype=values.dtype, device=values.device)
+    return out.index_copy_(0, slot, values.reshape(-1))[:count].clone()
+
+
 class PackedTensor(NamedTuple):
     """One bit-packed mask tensor: ``bits`` (uint8, 8 entries per byte, MSB first) and its shape."""
 
@@ -216,13 +233,21 @@ def pack_mask(mask: Mapping[str, Tensor]) -> dict[str, PackedTensor]:
     The wire/storage form of a client's mask m_k (FedSelect Alg. 1 output): ceil(numel / 8) bytes per
     tensor instead of one byte per bool. Packed bits are on the CPU.
     """
-    out: dict[str, PackedTensor] = {}
     for k, m in mask.items():
         if m.dtype != torch.bool:
             raise ValueError(f"mask tensor {k!r} has dtype {m.dtype}, expected torch.bool")
+    if not mask:
+        return {}
+    # one device-to-host copy for the whole mask (a GPU waits once, not once per tensor)
+    flat = torch.cat([m.detach().reshape(-1).to(next(iter(mask.values())).device) for m in mask.values()])
+    host = flat.cpu().numpy()
+    out: dict[str, PackedTensor] = {}
+    offset = 0
+    for k, m in mask.items():
         # numpy's packbits is this layout (MSB first, zero-padded) and runs in C
-        bits = torch.from_numpy(np.packbits(m.detach().reshape(-1).cpu().numpy()))
-        out[k] = PackedTensor(bits=bits, shape=tuple(m.shape))
+        out[k] = PackedTensor(bits=torch.from_numpy(np.packbits(host[offset:offset + m.numel()])),
+                              shape=tuple(m.shape))
+        offset += m.numel()
     return out
 
 
