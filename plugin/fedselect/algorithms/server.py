@@ -29,21 +29,26 @@ class BadUpdateError(ValueError):
 
 
 def _check_finite_shared(upload: LocalUpload) -> None:
-    """ValueError naming the first tensor with a non-finite shared entry."""
-    flags = []
-    names = []
-    for name, value in upload.state.items():
-        if not value.is_floating_point() or upload.kind(name) == "personal":
-            continue
-        bad = ~torch.isfinite(value)
-        if upload.kind(name) == "partial":
-            bad &= ~upload.personal_mask[name]
-        flags.append(bad.any())
-        names.append(name)
-    if flags:
-        found = torch.stack(flags).tolist()
-        if any(found):
-            raise ValueError(f"non-finite values in '{names[found.index(True)]}'")
+    """ValueError naming the first tensor with a non-finite shared entry.
+
+    One sum per tensor (any NaN or Inf among the shared entries makes it non-finite), read back
+    with one host synchronisation; only an upload that fails is searched entry by entry.
+    """
+    names = [n for n, v in upload.state.items() if v.is_floating_point() and upload.kind(n) != "personal"]
+    if not names:
+        return
+    sums = torch.stack([_shared(upload, n).sum(dtype=torch.float64) for n in names])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name in names:  # (a float64 tensor's sum may overflow with every entry finite: then accepted)
+        if not bool(torch.isfinite(_shared(upload, name)).all()):
+            raise ValueError(f"non-finite values in '{name}'")
+
+
+def _shared(upload: LocalUpload, name: str) -> torch.Tensor:
+    """The tensor with its personal entries zeroed (never read: NaN there stays home)."""
+    value = upload.state[name].detach()
+    return value if upload.kind(name) == "whole" else torch.where(upload.personal_mask[name], 0.0, value)
 
 
 def _sample_weight(num_samples: Any) -> float:
