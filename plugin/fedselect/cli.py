@@ -78,9 +78,16 @@ def cmd_run(ns: argparse.Namespace) -> int:
     record = run_experiment(config, record_path=ns.out, progress=not ns.no_progress)
     print(f"{record['algorithm']} seed {record['seed']}: final mean acc {record['final_mean_acc']:.4f}, "
           f"best {record['best_mean_acc']:.4f} (round {record['best_round']}), "
-          f"bytes up {record['bytes_up']:,} down {record['bytes_down']:,}, {record['wall_seconds']:.1f} s, "
-          f"mlflow run {record['mlflow_run_id']}")
+          f"bytes up {record['bytes_up']:,} down {record['bytes_down']:,}, {record['wall_seconds']:.1f} s")
+    print(logged_line(record))
     return 0
+
+
+def logged_line(record: dict) -> str:
+    """Where a run logged: its MLflow store, experiment and run id, and the command that shows it."""
+    uri = record["tracking_uri"]
+    return (f"logged to MLflow {uri}, experiment {record['mlflow_experiment']}, run {record['mlflow_run_id']}"
+            f" (view: mlflow ui --backend-store-uri {uri})")
 
 
 def cmd_partition(ns: argparse.Namespace) -> int:
@@ -173,8 +180,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         print(f"fedselect serve: federation failed: {exc}", file=sys.stderr)
         return 1
     print(f"{record['algorithm']} cross-silo: final mean acc {record['final_mean_acc']:.4f}, bytes up "
-          f"{record['bytes_up']:,} (wire {sum(record['wire_bytes_up_per_round']):,}), {record['wall_seconds']:.1f} s, "
-          f"mlflow run {record['mlflow_run_id']}")
+          f"{record['bytes_up']:,} (wire {sum(record['wire_bytes_up_per_round']):,}), {record['wall_seconds']:.1f} s")
+    print(logged_line(record))
     return 0
 
 
@@ -242,13 +249,14 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 def cmd_compare(ns: argparse.Namespace) -> int:
     """``fedselect compare``: errors are reported on stderr with exit status 2."""
+    from fedselect.config import TrackingConfig
     from fedselect.files import atomic_write_text
-    from fedselect.tracking import default_tracking_uri
+    from fedselect.tracking import run_tracking_uri
     from fedselect.tracking.compare import CompareError, compare, parse_tags
 
     try:
         group_by = [k.strip() for k in ns.group_by.split(",") if k.strip()] if ns.group_by else None
-        text = compare(ns.tracking_uri or default_tracking_uri("results"), experiment=ns.experiment,
+        text = compare(ns.tracking_uri or run_tracking_uri(TrackingConfig()), experiment=ns.experiment,
                        tags=parse_tags(ns.tag), run_ids=ns.run_id, group_by=group_by, fmt=ns.format,
                        title=ns.title, any_status=ns.any_status)
     except (CompareError, FileNotFoundError, ValueError) as exc:

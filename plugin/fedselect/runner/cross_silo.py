@@ -31,7 +31,7 @@ from fedselect.fedml_runtime.cross_silo_client import FedSelectClientManager
 from fedselect.fedml_runtime.grpc_channel import Endpoint, write_ipconfig
 from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_home, fedml_sections
 from fedselect.options import ConfigError
-from fedselect.tracking import default_tracking_uri, prepare_store
+from fedselect.tracking import prepare_store, run_tracking_uri
 
 from .federation import initial_model_and_context, partition_spec, resolve_algorithm
 from .record import RunRecorder
@@ -122,11 +122,10 @@ class ServerSession:
         self.common = check_descriptors(descriptors, training_fingerprint(config))
         self.descriptors = descriptors
         model, ctx = model_for(config, self.options, self.device, self.common)  # the simulation's initial model
-        results_dir = Path(config.tracking.results_dir)
         run_name = config.tracking.run_name or f"{config.algorithm}-{config.data.dataset}-seed{config.seed}-cross-silo"
         self.recorder = RunRecorder(config, self.options, run_name,
                                     run_tags(config, self.common["partition_key"], mode="cross_silo"),
-                                    config.tracking.tracking_uri or default_tracking_uri(results_dir),
+                                    run_tracking_uri(config.tracking),
                                     num_clients=len(descriptors), totaled=self.spec.client_cls.totaled_metrics)
         self.recorder.__enter__()
         self.recorder.log_start({"client_data.json": {str(c): d for c, d in descriptors.items()}})
@@ -175,7 +174,7 @@ def serve(config: ExperimentConfig, *, record_path: str | os.PathLike | None = N
     started = time.time()
     Path(config.tracking.results_dir).mkdir(parents=True, exist_ok=True)
     args = cross_silo_args(config, 0)
-    prepare_store(config.tracking.tracking_uri or default_tracking_uri(config.tracking.results_dir))
+    prepare_store(run_tracking_uri(config.tracking))
     with ServerSession(config, args, progress=progress) as session:
         # listening from here on: clients that start sooner wait for this port (deploy.join_timeout_s)
         manager = FedSelectServerManager(args, config=config, on_joined=session.on_joined,

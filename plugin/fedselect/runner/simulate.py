@@ -14,7 +14,7 @@ from fedselect.engine import resolve_device
 from fedselect.fedml_bridge import import_fedml
 from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_dataset_tuple, fedml_home, fedml_sections
 from fedselect.fedml_runtime.simulation import SimulationFlow
-from fedselect.tracking import default_tracking_uri
+from fedselect.tracking import run_tracking_uri
 
 from .checkpoint import RunCheckpointer
 from .federation import Federation, build_federation, load_data, partition_spec, resolve_algorithm
@@ -40,7 +40,7 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
     checkpointer = RunCheckpointer(config, run_name=run_name, device=device)
     args = build_fedml_args(fedml_sections(config), home=fedml_home(results_dir))
     fed = build_federation(config, device, args, data=load_data(config), algorithm=algorithm)
-    tracking_uri = config.tracking.tracking_uri or default_tracking_uri(results_dir)
+    tracking_uri = run_tracking_uri(config.tracking)
     summary = partition_summary(fed.partition, fed.data.train_y.numpy(), fed.data.test_y.numpy(), fed.data.classes)
     with RunRecorder(config, fed.options, run_name, run_tags(config, fed.partition_key), tracking_uri,
                      num_clients=len(fed.clients), totaled=fed.spec.client_cls.totaled_metrics,

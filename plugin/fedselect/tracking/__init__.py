@@ -24,6 +24,7 @@ from fedselect.tracking.store import (
     default_tracking_uri,
     is_transient,
     prepare_store,
+    run_tracking_uri,
     sqlite_path,
     with_retry,
 )
@@ -32,5 +33,5 @@ from fedselect.tracking.tracker import RunTracker
 __all__ = [
     "ALGO_OPTIONS_KEY", "ARTIFACT_DIRNAME", "DB_FILENAME", "RUN_RECORD_KEYS", "RunTracker", "Scalar",
     "default_tracking_uri", "flatten", "is_transient", "load_runs", "metric_history", "prepare_store",
-    "read_run_record", "sqlite_path", "with_retry", "write_run_record",
+    "read_run_record", "run_tracking_uri", "sqlite_path", "with_retry", "write_run_record",
 ]

@@ -72,6 +72,13 @@ def default_tracking_uri(results_dir: str | os.PathLike) -> str:
     return f"sqlite:///{(Path(results_dir).resolve() / DB_FILENAME).as_posix()}"
 
 
+def run_tracking_uri(tracking: Any) -> str:
+    """The one store rule: the store a run with this ``tracking:`` config section logs to (its
+    ``tracking_uri``, else :func:`default_tracking_uri` of its ``results_dir``). ``fedselect compare``
+    reads the default section's store, so a run on defaults is where compare looks."""
+    return tracking.tracking_uri or default_tracking_uri(tracking.results_dir)
+
+
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI; None for in-memory sqlite and other stores."""
     if not tracking_uri.startswith("sqlite:///"):

@@ -1,0 +1,41 @@
+"""One store rule: a run on default tracking settings logs where `fedselect compare` reads by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedselect.cli import main
+from fedselect.config import TrackingConfig, load_config, load_config_dict
+from fedselect.study import load_study, run_config
+from fedselect.tracking import run_tracking_uri, sqlite_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_env_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_smoke_config_and_every_study_run_log_to_compares_default_store() -> None:
+    default = run_tracking_uri(TrackingConfig())
+    assert run_tracking_uri(load_config(REPO / "configs" / "smoke.yaml").tracking) == default
+    schema = REPO / "workflows" / "schemas" / "study.schema.json"
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        if path.name == "smoke.yaml":
+            continue
+        study = load_study(path, schema)
+        for run in study.run_names():
+            config = load_config_dict(run_config(study, run, study.seeds[0]))
+            assert run_tracking_uri(config.tracking) == default, (path.name, run)
+
+
+def test_compare_reads_that_store_by_default(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--experiment", "nothing-here"]) == 2
+    err = capsys.readouterr().err
+    expected = sqlite_path(run_tracking_uri(TrackingConfig()))
+    assert expected == tmp_path.resolve() / "results" / "mlflow.db"
+    assert str(expected) in err
