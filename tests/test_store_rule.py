@@ -39,3 +39,19 @@ def test_compare_reads_that_store_by_default(tmp_path, monkeypatch, capsys) -> N
     expected = sqlite_path(run_tracking_uri(TrackingConfig()))
     assert expected == tmp_path.resolve() / "results" / "mlflow.db"
     assert str(expected) in err
+
+
+def test_a_run_left_running_by_a_killed_job_is_marked_killed_when_the_job_reruns(tmp_path) -> None:
+    from fedselect.tracking import RunTracker, load_runs
+
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    killed = RunTracker(tracking_uri=uri, experiment="study", run_name="fedavg-seed0").__enter__()
+    # the process dies here: no __exit__, the run stays RUNNING
+    other = RunTracker(tracking_uri=uri, experiment="study", run_name="fedrep-seed0").__enter__()
+    with RunTracker(tracking_uri=uri, experiment="study", run_name="fedavg-seed0") as rerun:
+        rerun.log_metrics({"mean_acc": 0.5}, step=0)
+    runs = {r["run_id"]: r for r in load_runs(uri, experiment="study")}
+    assert runs[killed.run_id]["status"] == "KILLED"
+    assert runs[killed.run_id]["tags"]["superseded_by"] == rerun.run_id
+    assert runs[rerun.run_id]["status"] == "FINISHED"
+    assert runs[other.run_id]["status"] == "RUNNING"  # another job's run is not touched

@@ -54,6 +54,7 @@ class RunTracker:
     ``run_id`` reopens that existing run of ``experiment`` instead of creating one (a training
     run resumed from its checkpoint logs into the run it started): its status goes back to
     RUNNING and the ``error`` tag of the interrupted attempt is removed; ``tags`` are not re-set.
+    Other runs of the same name and experiment still RUNNING (left by a killed job) become KILLED.
     """
 
     def __init__(self, *, tracking_uri: str, experiment: str, run_name: str,
@@ -100,9 +101,25 @@ class RunTracker:
             run = with_retry("create run", client.create_run, self._experiment_id, run_name=self.run_name,
                              tags=tags)
         self._client, self._run_id = client, run.info.run_id
+        self._retire_stale_runs(client)
         log.info("MLflow run %s (%s) in experiment %r at %s", self._run_id, self.run_name, self.experiment,
                  self.tracking_uri)
         return self
+
+    def _retire_stale_runs(self, client: MlflowClient) -> None:
+        """Runs of this name still RUNNING were left by a killed process: this run takes over, so they
+        are marked KILLED (tag ``superseded_by``). A live duplicate, if any, sets its own status at its end."""
+        name = self.run_name.replace("'", "\\'")
+        stale = with_retry("search stale runs", client.search_runs, [self._experiment_id],
+                           filter_string=f"attributes.run_name = '{name}' and attributes.status = 'RUNNING'",
+                           max_results=1000)
+        for old in stale:
+            if old.info.run_id == self._run_id:
+                continue
+            with_retry("tag stale run", client.set_tag, old.info.run_id, "superseded_by", self._run_id)
+            with_retry("end stale run", client.set_terminated, old.info.run_id, "KILLED")
+            log.warning("MLflow run %s (%s) was left RUNNING by a killed process; marked KILLED",
+                        old.info.run_id, self.run_name)
 
     def _reopen(self, client: MlflowClient, run_id: str) -> Any:
         from mlflow.exceptions import MlflowException
