@@ -155,12 +155,24 @@ def masks_section(records: Sequence[Path]) -> list[str]:
     return lines + [""]
 
 
+def reproduce_command(study_file: Path, name: str, results_dir: Path) -> str:
+    """The command that runs this study again: by name for ``configs/<name>.yaml`` into ``results/``,
+    else by study file and results folder (the Snakefile's ``study_file=`` / ``results_dir=``)."""
+    repo = Path(__file__).resolve().parents[1]
+    in_configs = Path(study_file).resolve() == (repo / "configs" / f"{name}.yaml").resolve()
+    default_results = Path(results_dir).resolve() == (repo / "results").resolve()
+    if in_configs and default_results:
+        return f"snakemake all --cores 2 --config study={name}"
+    return f"snakemake all --cores 2 --config study_file={study_file} results_dir={results_dir}"
+
+
 def build_report(study_file: Path, summary: Path, figures_dir: Path, out: Path,
                  records: Sequence[Path] = ()) -> str:
     study = load_study(study_file)
     paper = read_study_paper(str(study_file), study.run_names())
     lines = [f"# Study `{study.name}`", "",
-             f"Reproduce: `snakemake all --cores 2 --config study={study.name}` (study file `{study_file}`).", ""]
+             f"Reproduce: `{reproduce_command(study_file, study.name, out.parent.parent)}` "
+             f"(study file `{study_file}`).", ""]
     lines += setting_section(study, paper)
     lines += ["## Results", ""] + _table_body(summary.read_text(encoding="utf-8")) + [""]
     lines += figures_section(figures_dir, out)

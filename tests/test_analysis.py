@@ -341,3 +341,27 @@ def test_compare_help_says_what_it_reads_and_writes(capsys):
         cli.main(["compare", "--help"])
     out = capsys.readouterr().out
     assert "Reads:" in out and "Writes:" in out and "--experiment" in out
+
+
+def test_reproduce_command_names_a_study_outside_configs_by_its_file(tmp_path):
+    from analysis.report import reproduce_command
+
+    repo = Path(__file__).resolve().parents[1]
+    assert reproduce_command(repo / "configs" / "default.yaml", "default", repo / "results") == \
+        "snakemake all --cores 2 --config study=default"
+    mine = tmp_path / "mine.yaml"
+    assert reproduce_command(mine, "mine", tmp_path / "out") == \
+        f"snakemake all --cores 2 --config study_file={mine} results_dir={tmp_path / 'out'}"
+    # a study of configs/ written into another results folder needs that folder too
+    assert "results_dir=" in reproduce_command(repo / "configs" / "default.yaml", "default", tmp_path)
+
+
+def test_one_seed_prints_n_1_not_a_zero_spread():
+    from fedselect.tracking.tables import markdown_table
+
+    row = {"run": "fedavg", "algorithm": "fedavg", "seeds": 1, "final_acc_mean": 0.5, "final_acc_std": 0.0,
+           "best_acc_mean": 0.6, "best_acc_std": 0.0, "client_spread": 0.1, "bytes_up_per_client_round": 1e6,
+           "bytes_down_per_client_round": 1e6, "wall_seconds": 3.0}
+    one = markdown_table([row])
+    assert "50.00 (n = 1)" in one and "± 0.00" not in one
+    assert "50.00 ± 1.00" in markdown_table([{**row, "seeds": 2, "final_acc_std": 0.01}])

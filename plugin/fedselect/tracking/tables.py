@@ -19,8 +19,9 @@ FIELDS: tuple[str, ...] = (
 )
 
 
-def _pct(mean: float, std: float) -> str:
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+def _pct(mean: float, std: float, seeds: int) -> str:
+    """Mean ± std over seeds in percent; with one seed there is no spread to show, so "(n = 1)"."""
+    return f"{100 * mean:.2f} (n = 1)" if seeds == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def _passes(value: float | None) -> str:
@@ -46,8 +47,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = Non
     lines = [f"# {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["run"], r["algorithm"], str(r["seeds"]), _pct(r["final_acc_mean"], r["final_acc_std"]),
-                 _pct(r["best_acc_mean"], r["best_acc_std"]), f"{100 * r['client_spread']:.2f}",
+        cells = [r["run"], r["algorithm"], str(r["seeds"]), _pct(r["final_acc_mean"], r["final_acc_std"], r["seeds"]),
+                 _pct(r["best_acc_mean"], r["best_acc_std"], r["seeds"]), f"{100 * r['client_spread']:.2f}",
                  f"{r['bytes_up_per_client_round'] / 1e6:.3f}", f"{r['bytes_down_per_client_round'] / 1e6:.3f}",
                  f"{r['wall_seconds']:.0f}", _passes(r.get("train_passes_per_client_round"))]
         if has_eval:
