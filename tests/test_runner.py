@@ -116,3 +116,29 @@ def test_the_documented_new_algorithm_runs():
     assert set(trainers[0].personal_mask) == expected
     # personal entries never leave the clients: the server still holds their initial values
     assert all(torch.equal(server.get_model_params()[n], init[n]) for n in expected)
+
+
+def test_plugin_on_run_check_config_and_algorithms(tmp_path, capsys):
+    """`--plugin` imports a module that registers an algorithm before anything reads the config."""
+    import sys
+
+    from fedselect.cli import main
+
+    module = tmp_path / "my_fedavg_plugin.py"
+    module.write_text("from fedselect.algorithms.base import FedAvgClient, FedAvgServer\n"
+                      "from fedselect.registry import register\n"
+                      "register('my_fedavg', client=FedAvgClient, server=FedAvgServer, summary='FedAvg, renamed')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["algorithms", "--plugin", "my_fedavg_plugin"]) == 0
+        assert "my_fedavg" in capsys.readouterr().out.split()
+        config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+        assert main(["check-config", "--config", str(config), "--set", "algorithm=my_fedavg",
+                     "--plugin", "my_fedavg_plugin"]) == 0
+        assert "algorithm: my_fedavg" in capsys.readouterr().out
+        from fedselect.cli import build_parser
+
+        ns = build_parser().parse_args(["run", "--config", str(config), "--plugin", "my_fedavg_plugin"])
+        assert ns.plugin == ["my_fedavg_plugin"]
+    finally:
+        sys.path.remove(str(tmp_path))

@@ -34,6 +34,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                              "(e.g. --set train.lr=0.05 --set algorithm=local)")
 
 
+def _add_plugin_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (it registers extra algorithms); repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedselect", description="Selective fine-tuning in federated learning, "
                                      "as FedML algorithms, with MLflow tracking.", epilog=EPILOG,
@@ -47,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "registered algorithm through FedMLRunner, log every round to MLflow, and "
                                      "write a run record JSON.")
     _add_config_args(run)
+    _add_plugin_arg(run)
     run.add_argument("--out", type=Path, help="write the run record JSON here")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -62,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "that later runs read the cached tensors.")
     _add_config_args(cache)
 
-    sub.add_parser("algorithms", help="list the registered algorithm names, one per line")
+    algorithms = sub.add_parser("algorithms", help="list the registered algorithm names, one per line")
+    _add_plugin_arg(algorithms)
     check = sub.add_parser("check-config", help="validate a config and print it with defaults filled in")
     _add_config_args(check)
+    _add_plugin_arg(check)
     _add_compare_parser(sub)
     _add_deploy_parsers(sub)
     return parser
@@ -72,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     from fedselect.config import load_config
+    from fedselect.registry import load_plugins
     from fedselect.runner.simulate import run_experiment
 
+    load_plugins(ns.plugin)
     config = load_config(ns.config, ns.overrides)
     record = run_experiment(config, record_path=ns.out, progress=not ns.no_progress)
     print(f"{record['algorithm']} seed {record['seed']}: final mean acc {record['final_mean_acc']:.4f}, "
@@ -120,16 +130,19 @@ def cmd_cache_data(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_algorithms(_: argparse.Namespace) -> int:
-    from fedselect.registry import available_algorithms
+def cmd_algorithms(ns: argparse.Namespace) -> int:
+    from fedselect.registry import available_algorithms, load_plugins
 
+    load_plugins(ns.plugin)
     print("\n".join(available_algorithms()))
     return 0
 
 
 def cmd_check_config(ns: argparse.Namespace) -> int:
     from fedselect.config import dump_config, load_config
+    from fedselect.registry import load_plugins
 
+    load_plugins(ns.plugin)
     print(dump_config(load_config(ns.config, ns.overrides)), end="")
     return 0
 
@@ -149,8 +162,7 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
                                        "exit non-zero if any failed.")
     for p in (serve, join, local):
         _add_config_args(p)
-        p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                       help="import MODULE first (it registers extra algorithms); repeatable")
+        _add_plugin_arg(p)
     serve.add_argument("--out", type=Path, help="write the run record JSON here")
     join.add_argument("--rank", type=int, required=True, help="this client's rank, 1..data.partition.num_clients")
     local.add_argument("--clients", type=int, help="number of clients (default: data.partition.num_clients)")

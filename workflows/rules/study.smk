@@ -64,7 +64,7 @@ rule train:
         gpu=GPUS_PER_JOB,
         gpu_slots=1,
     shell:
-        "OMP_NUM_THREADS={threads} fedselect run --config {input.config} "
+        "OMP_NUM_THREADS={threads} fedselect run --config {input.config} " + PLUGIN_ARGS + " "
         "--set data.partition_file={input.partition} --out {output} --no-progress > {log} 2>&1"
 
 
