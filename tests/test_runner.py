@@ -33,6 +33,11 @@ def test_run_params_and_record_hold_every_resolved_option(tmp_path, monkeypatch)
     for name in defaults:
         assert f"algo.{name}" in run["params"], name
     assert run["params"]["algo.search_every"] == str(defaults["search_every"])
+    # only what shaped a simulated run: no deploy section, no unset keys outside the options
+    assert not [k for k in run["params"] if k.startswith("deploy.")]
+    assert not [k for k, v in run["params"].items() if v == "None" and not k.startswith("algo.")]
+    # MLflow's Source and Git Commit fields
+    assert run["tags"]["mlflow.source.name"] == "fedselect"
 
 
 def test_every_builtin_algorithm_declares_its_options_on_the_client():

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from fedselect.files import atomic_writer
 
@@ -389,8 +390,13 @@ def decode_images(paths: Sequence[str], *, workers: int | None = None) -> np.nda
     else:
         size = min(_CHUNK_FILES, math.ceil(len(paths) / workers))
         pieces = [paths[i:i + size] for i in range(0, len(paths), size)]
-        with _pool_context().Pool(workers) as pool:
-            chunks = list(pool.imap(_decode_chunk, pieces))
+        # a first decode takes tens of seconds: show it (on stderr, off when not a terminal)
+        with _pool_context().Pool(workers) as pool, tqdm(total=len(paths), desc="decoding images", unit="img",
+                                                          leave=False, disable=None) as bar:
+            chunks = []
+            for chunk in pool.imap(_decode_chunk, pieces):
+                chunks.append(chunk)
+                bar.update(len(chunk))
     shape = chunks[0].shape[1:3]
     channels = max(c.shape[3] for c in chunks)
     out = np.empty((len(paths), *shape, channels), dtype=np.uint8)

@@ -135,7 +135,7 @@ class SimulationFlow:
             result = self.run_round(round_idx)
             self.results.append(result)
             if result.evaluation is not None:
-                bar.set_postfix(acc=f"{result.mean_accuracy:.4f}", loss=f"{result.train_loss:.3f}")
+                bar.set_postfix({"mean acc": f"{result.mean_accuracy:.4f}", "train loss": f"{result.train_loss:.3f}"})
             if self.on_round_end is not None:
                 self.on_round_end(result)
             if self.checkpoint_due(round_idx):
@@ -162,7 +162,9 @@ class SimulationFlow:
         bytes_down += plan_down
         dropped_before = len(self.server.dropped_updates)
         self.server.begin_round()
-        for cid in sampled:
+        # clients done / sampled inside the round (a round of FedSelect can take a minute)
+        for cid in tqdm(sampled, desc=f"round {round_idx + 1}: clients", unit="client", leave=False,
+                        disable=not self.progress):
             trainer = self.clients[cid]
             trainer.set_model_params(global_params)
             trainer.on_before_local_training(None, self.device, self.args)

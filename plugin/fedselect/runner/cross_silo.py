@@ -126,7 +126,8 @@ class ServerSession:
         self.recorder = RunRecorder(config, self.options, run_name,
                                     run_tags(config, self.common["partition_key"], mode="cross_silo"),
                                     run_tracking_uri(config.tracking),
-                                    num_clients=len(descriptors), totaled=self.spec.client_cls.totaled_metrics)
+                                    num_clients=len(descriptors), totaled=self.spec.client_cls.totaled_metrics,
+                                    deployed=True)
         self.recorder.__enter__()
         self.recorder.log_start({"client_data.json": {str(c): d for c, d in descriptors.items()}})
         return self.spec.server_cls(model, self.args, ctx=ctx)

@@ -137,11 +137,23 @@ def per_client_csv(result: RoundResult, clients: Mapping[int, Any] | Sequence[An
     return buf.getvalue()
 
 
-def run_params(config: ExperimentConfig, options: Any) -> dict[str, Any]:
-    """What a run logs as MLflow params: its config, with ``algo`` holding every resolved option."""
-    params = config.to_dict()
+def run_params(config: ExperimentConfig, options: Any, *, deployed: bool = False) -> dict[str, Any]:
+    """What a run logs as MLflow params: its config, with ``algo`` holding every resolved option.
+
+    Unset keys (None) outside ``algo`` and, for a simulated run, the ``deploy`` section (unused by
+    ``run``) are left out, so the run page and the compare view show what shaped the run; the whole config, unset keys
+    included, is the run's ``config.yaml`` artifact.
+    """
+    params = _without_none(config.to_dict())
+    # every resolved option, unset ones too: the record of what the algorithm ran with
     params["algo"] = resolved_dict(options)
+    if not deployed:
+        params.pop("deploy", None)
     return params
+
+
+def _without_none(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in tree.items() if v is not None}
 
 
 @dataclass
@@ -157,6 +169,7 @@ class RunRecorder:
     totaled: Sequence[str] = ("train_sample_passes",)
     run_id: str | None = None  # continue this MLflow run (a resumed run)
     defer: bool = False  # hold round metrics until flushed (checkpointed runs)
+    deployed: bool = False  # a cross-silo run (its deploy section is logged too)
     tracker: RunTracker = field(init=False)
     logger: RoundLogger = field(init=False)
 
@@ -179,7 +192,7 @@ class RunRecorder:
 
     def log_start(self, files: Mapping[str, Any]) -> None:
         """Params (resolved options included), the config as YAML and the given JSON files."""
-        self.tracker.log_params(run_params(self.config, self.options))
+        self.tracker.log_params(run_params(self.config, self.options, deployed=self.deployed))
         self.tracker.log_text(dump_config(self.config), "config.yaml")
         for name, content in files.items():
             self.tracker.log_dict(content, name)

@@ -18,13 +18,19 @@ from fedselect.tracking import run_tracking_uri
 
 from .checkpoint import RunCheckpointer
 from .federation import Federation, build_federation, load_data, partition_spec, resolve_algorithm
-from .record import RunRecorder
+from .record import RunRecorder, git_commit
 
 
 def run_tags(config: ExperimentConfig, partition_key: str | None, **extra: str) -> dict[str, str]:
-    """The MLflow tags a run is found by (both runtimes)."""
+    """The MLflow tags a run is found by (both runtimes), with MLflow's own source tags (the UI's
+    Source and Git Commit fields: which code produced the run)."""
+    source = {"mlflow.source.name": "fedselect", "mlflow.source.type": "LOCAL"}
+    commit = git_commit()
+    if commit != "unknown":
+        source["mlflow.source.git.commit"] = commit
     return {"algorithm": config.algorithm, "dataset": config.data.dataset, "seed": str(config.seed),
-            "partition": str(partition_key), "fedselect_version": __version__, **extra, **config.tracking.tags}
+            "partition": str(partition_key), "fedselect_version": __version__, **source, **extra,
+            **config.tracking.tags}
 
 
 def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike | None = None,
