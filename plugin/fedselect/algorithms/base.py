@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fedselect.core.masks import PackedTensor, gather_masked, pack_mask, unpack_mask
+from fedselect.core.masks import PackedTensor, gather_masked, pack_mask, true_counts, unpack_mask
 from fedselect.engine import (
     ClientDataset,
     EvalResult,
@@ -111,7 +111,7 @@ class FedAvgClient(Checkpointable, ClientTrainer):
 
     @personal_mask.setter
     def personal_mask(self, mask: Mask) -> None:
-        counts = _true_counts(mask)
+        counts = true_counts(mask)
         self.packed_mask = pack_mask({n: m for n, m in mask.items() if counts[n]})
         self._personal_counts = {n: c for n, c in counts.items() if c}
         self._unpacked_mask = None
@@ -120,7 +120,7 @@ class FedAvgClient(Checkpointable, ClientTrainer):
     def personal_counts(self) -> dict[str, int]:
         """Personal entries per masked tensor (derived from the mask, counted once per mask)."""
         if self._personal_counts is None:
-            self._personal_counts = _true_counts(self.personal_mask)
+            self._personal_counts = true_counts(self.personal_mask)
         return self._personal_counts
 
     def release_unpacked_mask(self) -> None:
@@ -321,12 +321,3 @@ class FedAvgClient(Checkpointable, ClientTrainer):
             shared = value.numel() - (0 if needs_init else counts.get(name, 0))
             total += shared * value.element_size()
         return total
-
-
-def _true_counts(mask: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """True entries per tensor, counted on the mask's device with one host synchronisation."""
-    if not mask:
-        return {}
-    first = next(iter(mask.values())).device
-    counts = torch.stack([torch.count_nonzero(m).to(first) for m in mask.values()])
-    return dict(zip(mask, (int(c) for c in counts.tolist()), strict=True))
