@@ -63,9 +63,25 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+# a method's look in every figure of a study: name -> (colour, marker)
+Styles = Mapping[str, tuple[Any, str]]
+
+
+def method_styles(names: Sequence[str]) -> dict[str, tuple[Any, str]]:
+    """One colour and marker per run variant, fixed by the sorted names of the whole study, so a
+    method looks the same in the learning curves, accuracy vs bytes and accuracy vs compute."""
+    ordered = sorted(set(names))
+    return {name: (color, _MARKERS[i % len(_MARKERS)]) for i, (name, color)
+            in enumerate(zip(ordered, _colors(len(ordered)), strict=True))}
+
+
 def _save(fig: Any, path: Path) -> None:
+    """PNG at 300 dpi and a vector PDF beside it (papers take either)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=300)
+    fig.savefig(path.with_suffix(".pdf"))
     _pyplot().close(fig)
 
 
@@ -89,18 +105,26 @@ def mean_curves(groups: Mapping[str, Sequence[RunStats]], key: str = "mean_acc")
     return curves
 
 
-def plot_learning_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path) -> None:
+def plot_learning_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path,
+                         styles: Styles | None = None) -> None:
+    """Mean over seeds per round (rounds 1..R); a ± std band only where the seeds differ (none with one seed)."""
     plt = _pyplot()
+    styles = styles or method_styles(list(curves))
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for color, (name, (rounds, mean, std)) in zip(_colors(len(curves)), curves.items(), strict=True):
-        ax.plot(rounds, 100 * mean, color=color, label=name, marker="o" if len(rounds) < 3 else None)
-        ax.fill_between(rounds, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
+    banded = False
+    for name, (rounds, mean, std) in curves.items():
+        color, marker = styles[name]
+        ax.plot(rounds, 100 * mean, color=color, label=name, marker=marker, markevery=max(1, len(rounds) // 10),
+                markersize=4)
+        if np.any(std > 0):
+            banded = True
+            ax.fill_between(rounds, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel("mean client test accuracy (%)")
-    ax.set_title("learning curves (band: ± std over seeds)")
+    ax.set_title("learning curves" + (" (band: ± std over seeds)" if banded else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
+    ax.legend(fontsize=9, ncol=2 if len(curves) > 6 else 1)
     _save(fig, path)
 
 
@@ -164,28 +188,31 @@ def plot_accuracy_vs_p(selection: Selection, path: Path) -> str | None:
 # ------------------------------------------------------------------------ accuracy vs cost
 
 
-def _scatter(ax: Any, xs: Sequence[float], rows: Sequence[Mapping[str, Any]]) -> None:
-    for color, x, row in zip(_colors(len(rows)), xs, rows, strict=True):
-        ax.errorbar([x], [100 * row["final_acc_mean"]], yerr=[100 * row["final_acc_std"]], color=color, marker="o",
-                    capsize=3, linestyle="none", label=row["run"])
+def _scatter(ax: Any, xs: Sequence[float], rows: Sequence[Mapping[str, Any]], styles: Styles | None = None) -> None:
+    styles = styles or method_styles([r["run"] for r in rows])
+    for x, row in zip(xs, rows, strict=True):
+        color, marker = styles[row["run"]]
+        ax.errorbar([x], [100 * row["final_acc_mean"]], yerr=[100 * row["final_acc_std"]], color=color,
+                    marker=marker, capsize=3, linestyle="none", label=row["run"])
         ax.annotate(row["run"], (x, 100 * row["final_acc_mean"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
+                    fontsize=8)
     ax.grid(alpha=0.3)
 
 
-def plot_accuracy_vs_bytes(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+def plot_accuracy_vs_bytes(rows: Sequence[Mapping[str, Any]], path: Path, styles: Styles | None = None) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, label in ((axes[0], "bytes_up_per_client_round", "MB up per client per round"),
                            (axes[1], "bytes_down_per_client_round", "MB down per client per round")):
-        _scatter(ax, [r[key] / 1e6 for r in rows], rows)
+        _scatter(ax, [r[key] / 1e6 for r in rows], rows, styles)
         ax.set_xlabel(label)
     axes[0].set_ylabel("final mean client test accuracy (%)")
     fig.suptitle("accuracy vs communication (± std over seeds)")
     _save(fig, path)
 
 
-def plot_accuracy_vs_compute(rows: Sequence[Mapping[str, Any]], path: Path) -> str | None:
+def plot_accuracy_vs_compute(rows: Sequence[Mapping[str, Any]], path: Path, styles: Styles | None = None
+                             ) -> str | None:
     """Only variants whose runs log ``compute_backward_mean``; returns the reason when none do."""
     with_compute = [r for r in rows if r.get("compute_backward_per_client_round") is not None]
     if not with_compute:
@@ -195,7 +222,7 @@ def plot_accuracy_vs_compute(rows: Sequence[Mapping[str, Any]], path: Path) -> s
         log.info("accuracy vs compute: left out variants that log no compute: %s", ", ".join(missing))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    _scatter(ax, [r["compute_backward_per_client_round"] for r in with_compute], with_compute)
+    _scatter(ax, [r["compute_backward_per_client_round"] for r in with_compute], with_compute, styles)
     ax.set_xlabel("estimated backward GFLOPs per client per round (compute_backward_mean)")
     ax.set_ylabel("final mean client test accuracy (%)")
     ax.set_title("accuracy vs compute (± std over seeds)")
@@ -250,18 +277,21 @@ def make_figures(selection: Selection, out_dir: Path) -> dict[str, Any]:
         log.info("figure %s skipped: %s", name, reason)
         index["skipped"].append({"name": name, "reason": reason})
 
-    plot_learning_curves(mean_curves(selection.groups), out_dir / "learning_curves.png")
-    done("learning_curves", "Mean client test accuracy per round; line: mean over seeds, band: ± std over seeds.")
+    # one look per method across the study's figures
+    styles = method_styles([*selection.groups, *(r["run"] for r in selection.rows)])
+    plot_learning_curves(mean_curves(selection.groups), out_dir / "learning_curves.png", styles)
+    done("learning_curves", "Mean client test accuracy per round (rounds 1..R; MLflow step = round - 1); line: "
+                            "mean over seeds, band: ± std over seeds (none with one seed).")
     reason = plot_accuracy_vs_p(selection, out_dir / "accuracy_vs_p.png")
     if reason:
         skipped("accuracy_vs_p", reason)
     else:
         done("accuracy_vs_p", "Final mean client accuracy of FedSelect against its personalization rate p "
                               "(FedSelect paper, Figure 2); error bars: ± std over seeds.")
-    plot_accuracy_vs_bytes(selection.rows, out_dir / "accuracy_vs_bytes.png")
+    plot_accuracy_vs_bytes(selection.rows, out_dir / "accuracy_vs_bytes.png", styles)
     done("accuracy_vs_bytes", "Final mean client accuracy against bytes uploaded (left) and downloaded (right) "
                               "per client per round.")
-    reason = plot_accuracy_vs_compute(selection.rows, out_dir / "accuracy_vs_compute.png")
+    reason = plot_accuracy_vs_compute(selection.rows, out_dir / "accuracy_vs_compute.png", styles)
     if reason:
         skipped("accuracy_vs_compute", reason)
     else:

@@ -365,3 +365,14 @@ def test_one_seed_prints_n_1_not_a_zero_spread():
     one = markdown_table([row])
     assert "50.00 (n = 1)" in one and "± 0.00" not in one
     assert "50.00 ± 1.00" in markdown_table([{**row, "seeds": 2, "final_acc_std": 0.01}])
+
+
+def test_a_method_keeps_its_colour_and_marker_across_figures(tmp_path):
+    import numpy as np
+
+    styles = figures.method_styles(["fedselect_p0.5", "fedavg", "local"])
+    assert styles == figures.method_styles(["local", "fedavg", "fedselect_p0.5", "fedavg"])
+    assert len({s for s in styles.values()}) == 3
+    curves = {"fedavg": (np.array([1, 2]), np.array([0.2, 0.3]), np.zeros(2))}  # one seed: no band
+    figures.plot_learning_curves(curves, tmp_path / "lc.png", styles)
+    assert (tmp_path / "lc.png").stat().st_size > 0 and (tmp_path / "lc.pdf").stat().st_size > 0
