@@ -17,11 +17,12 @@ def plot_iou_heatmap(matrix: np.ndarray, path: str | os.PathLike, *, title: str,
     import matplotlib.pyplot as plt
 
     n = matrix.shape[0]
-    labels = list(labels) if labels is not None else [str(i) for i in range(n)]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 0.8 + 0.4 * n))
+    labels = list(labels) if labels is not None else [f"client {i}" for i in range(n)]
+    # at least 6 x 5 inches at 300 dpi, growing with the clients, so the annotations stay readable
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.6 * n), max(5.0, 1.2 + 0.55 * n)))
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(n), labels)
-    ax.set_yticks(range(n), labels)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
     ax.set_xlabel("client")
     ax.set_ylabel("client")
     ax.set_title(title)
@@ -32,7 +33,7 @@ def plot_iou_heatmap(matrix: np.ndarray, path: str | os.PathLike, *, title: str,
                         color="white" if matrix[i, j] < 0.6 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="IoU of personal masks")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=300)
     plt.close(fig)
 
 
@@ -55,5 +56,5 @@ def plot_selection_heatmap(share: np.ndarray, path: str | os.PathLike, *, layers
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of clients training it")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=300)
     plt.close(fig)
