@@ -17,7 +17,7 @@ batches and convolution weights channels-last.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -180,14 +180,24 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
         return stats
     optimizer = MaskedSGD(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     was_training = model.training
+    # each spec's mask coverage read once per call (epochs repeat the same spec objects)
+    coverages: dict[int, dict[str, str]] = {}
+
+    def coverage(spec: TrainableSpec | None) -> dict[str, str]:
+        if spec is None:
+            return {}
+        if id(spec) not in coverages:
+            coverages[id(spec)] = mask_coverage({n: torch.as_tensor(m) for n, m in spec.items() if m is not None})
+        return coverages[id(spec)]
+
     for entry in passes:
         phases = entry.phases if isinstance(entry, SplitEpoch) else (entry,)
-        if not any(_has_trainable(model, spec) for spec in phases):
+        if not any(_has_trainable(model, spec, coverage(spec)) for spec in phases):
             continue
         order = torch.randperm(n, generator=generator).to(y.device, non_blocking=True)
         slices = torch.tensor_split(order, len(phases)) if len(phases) > 1 else (order,)
         for spec, idx in zip(phases, slices, strict=True):
-            with trainable_only(model, spec) as params:
+            with trainable_only(model, spec, coverage(spec)) as params:
                 if not params:
                     continue
                 model.train()
@@ -200,12 +210,10 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
     return stats
 
 
-def _has_trainable(model: nn.Module, spec: TrainableSpec | None) -> bool:
+def _has_trainable(model: nn.Module, spec: TrainableSpec | None, coverage: Mapping[str, str]) -> bool:
     if spec is None:
         return any(True for _ in model.parameters())
-    if any(mask is None for mask in spec.values()):
-        return True
-    return any(c != "none" for c in mask_coverage({n: torch.as_tensor(m) for n, m in spec.items()}).values())
+    return any(mask is None for mask in spec.values()) or any(c != "none" for c in coverage.values())
 
 
 def _train_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor,

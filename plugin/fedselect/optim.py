@@ -104,11 +104,13 @@ def mask_coverage(masks: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 
 @contextmanager
-def trainable_only(model: nn.Module, trainable: TrainableSpec | None
+def trainable_only(model: nn.Module, trainable: TrainableSpec | None,
+                   coverage: Mapping[str, str] | None = None
                    ) -> Iterator[list[tuple[str, nn.Parameter, torch.Tensor | None]]]:
     """Within the block only the named parameters require grad; yields (name, param, mask).
 
     A mask that is all True becomes None (plain update); an all-False mask freezes the tensor.
+    ``coverage``: the spec's :func:`mask_coverage`, when the caller already read it.
     """
     params = dict(model.named_parameters())
     if trainable is None:
@@ -125,7 +127,8 @@ def trainable_only(model: nn.Module, trainable: TrainableSpec | None
                 raise ValueError(f"mask for '{name}' has shape {tuple(mask.shape)}, "
                                  f"parameter has {tuple(params[name].shape)}")
             masks[name] = mask.to(device=params[name].device, dtype=torch.bool)
-    coverage = mask_coverage(masks)
+    if coverage is None:
+        coverage = mask_coverage(masks)
     try:
         for name, param in params.items():
             on = name in trainable

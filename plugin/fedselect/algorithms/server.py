@@ -148,7 +148,7 @@ class FedAvgServer(Checkpointable, ServerAggregator):
             log.warning("no client update accepted this round; the global model is unchanged")
             return OrderedDict(self.global_state)
         new_state, self.global_personal_mask = self._mean.result()
-        self._mean = MaskedMean(self.global_state)
+        self._mean = MaskedMean(self.global_state)  # drop the float64 sums between rounds
         return OrderedDict((name, new_state[name]) for name in self.global_state)
 
     def aggregate(self, raw_client_model_or_grad_list: list[tuple[float, dict[str, Any]]]) -> OrderedDict:
