@@ -36,6 +36,7 @@ from analysis.paper import FEDSELECT_TABLE1, NOT_RECORDED, option_value
 from analysis.runs import Selection, add_selection_args, load_selection, variant_options
 from fedselect.files import atomic_write_text
 from fedselect.tracking import metric_history, with_retry
+from fedselect.tracking import metric_names as names
 from fedselect.tracking.compare import RunStats
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _save(fig: Any, path: Path) -> None:
 # ----------------------------------------------------------------------------- learning curves
 
 
-def mean_curves(groups: Mapping[str, Sequence[RunStats]], key: str = "mean_acc") -> \
+def mean_curves(groups: Mapping[str, Sequence[RunStats]], key: str = names.MEAN_ACC) -> \
         dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per variant: (rounds, mean, std over seeds) of ``key`` on the rounds every seed evaluated.
 
@@ -96,7 +97,8 @@ def mean_curves(groups: Mapping[str, Sequence[RunStats]], key: str = "mean_acc")
     """
     curves = {}
     for name, members in groups.items():
-        histories = [dict(metric_history(s.tracking_uri, s.run_id, key)) for s in members]
+        histories = [dict(metric_history(s.tracking_uri, s.run_id, key)
+                          or metric_history(s.tracking_uri, s.run_id, names.LEGACY.get(key, key))) for s in members]
         steps = sorted(set.intersection(*(set(h) for h in histories)))
         if not steps:
             raise ValueError(f"variant {name}: its runs share no round with a {key!r} value")

@@ -114,7 +114,7 @@ def paired_difference(a: str, b: str, runs_a: Mapping[str, SeedResult],
     for seed in seeds:
         ca, cb = runs_a[seed].client_acc, runs_b[seed].client_acc
         if not ca or not cb:
-            notes.append(f"{a} vs {b}, seed {seed}: no per-client accuracies (acc_client_*) logged by "
+            notes.append(f"{a} vs {b}, seed {seed}: no per-client accuracies (acc_per_client/*) logged by "
                          f"{a if not ca else b}; seed left out of the client pairs")
             continue
         shared = sorted(set(ca) & set(cb))

@@ -37,9 +37,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from fedselect.study import Study
 
 Value = float | tuple[float, float]  # one number, or a range reported as "lo-hi"
 
@@ -183,11 +186,10 @@ def parse_paper_spec(raw: Mapping[str, Any] | None, run_names: Sequence[str], *,
     return PaperSpec(table=table, column=column, runs=runs)
 
 
-def read_study_paper(study_file: str, run_names: Sequence[str]) -> PaperSpec | None:
-    """The ``paper:`` key of a study file (already schema-validated by :func:`fedselect.study.load_study`)."""
-    with open(study_file, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
-    return parse_paper_spec(raw.get("paper"), run_names, where=str(study_file))
+def read_study_paper(study: Study) -> PaperSpec | None:
+    """The ``paper:`` key of a loaded study (its column templates and run stems already resolved
+    per run by :func:`fedselect.study.load_study`)."""
+    return parse_paper_spec(study.paper, study.run_names(), where=str(study.path))
 
 
 # -------------------------------------------------------------------------------- matching

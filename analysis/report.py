@@ -169,7 +169,7 @@ def reproduce_command(study_file: Path, name: str, results_dir: Path) -> str:
 def build_report(study_file: Path, summary: Path, figures_dir: Path, out: Path,
                  records: Sequence[Path] = ()) -> str:
     study = load_study(study_file)
-    paper = read_study_paper(str(study_file), study.run_names())
+    paper = read_study_paper(study)
     lines = [f"# Study `{study.name}`", "",
              f"Reproduce: `{reproduce_command(study_file, study.name, out.parent.parent)}` "
              f"(study file `{study_file}`).", ""]

@@ -114,7 +114,7 @@ def load_selection(ns: argparse.Namespace) -> Selection:
     study = paper = None
     if ns.study is not None:
         study = load_study(ns.study)
-        paper = read_study_paper(str(ns.study), study.run_names())
+        paper = read_study_paper(study)
         if paper is not None:
             add_paper_columns(rows, paper, variant_options(groups))
     return Selection(stats=stats, groups=groups, rows=rows, notes=notes, study=study, paper=paper)

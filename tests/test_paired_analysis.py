@@ -77,7 +77,7 @@ def test_clients_missing_or_different_are_noted():
     result = paired_difference("A", "B", a, b)
     assert result.clients.n == 2 and result.clients.mean == pytest.approx(0.1)
     assert any("evaluated different clients (3 vs 2); paired the 2" in n for n in result.notes)
-    assert any("seed 1: no per-client accuracies (acc_client_*) logged by A" in n for n in result.notes)
+    assert any("seed 1: no per-client accuracies (acc_per_client/*) logged by A" in n for n in result.notes)
     no_clients = paired_difference("A", "B", {"0": SeedResult(0.8, 0.8)}, {"0": SeedResult(0.7, 0.7)})
     assert no_clients.clients is None and not no_clients.final.defined
     assert paired_difference("A", "B", {"0": SeedResult(0.8, 0.8)}, {"1": SeedResult(0.7, 0.7)}) is None

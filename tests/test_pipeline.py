@@ -72,7 +72,7 @@ def test_run_end_to_end_logs_to_mlflow_and_is_deterministic(tmp_path, data_root)
     assert {r["run_id"] for r in runs} == {first["mlflow_run_id"], second["mlflow_run_id"]}
     run = next(r for r in runs if r["run_id"] == first["mlflow_run_id"])
     assert run["status"] == "FINISHED" and run["params"]["train.rounds"] == "2"
-    assert [step for step, _ in metric_history(saved["tracking_uri"], first["mlflow_run_id"], "mean_acc")] == [0, 1]
+    assert [step for step, _ in metric_history(saved["tracking_uri"], first["mlflow_run_id"], "acc/mean")] == [0, 1]
     assert "personal_fraction_mean" in run["metrics"]
     assert 0.0 < saved["mask_iou_model_mean"] <= 1.0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedselect.cli import main
 from fedselect.config import TrackingConfig, load_config, load_config_dict
@@ -24,7 +25,8 @@ def test_smoke_config_and_every_study_run_log_to_compares_default_store() -> Non
     assert run_tracking_uri(load_config(REPO / "configs" / "smoke.yaml").tracking) == default
     schema = REPO / "workflows" / "schemas" / "study.schema.json"
     for path in sorted((REPO / "configs").glob("*.yaml")):
-        if path.name == "smoke.yaml":
+        if "study" not in (yaml.safe_load(path.read_text()) or {}):  # a run config (smoke, reference)
+            assert run_tracking_uri(load_config(path).tracking) == default, path.name
             continue
         study = load_study(path, schema)
         for run in study.run_names():

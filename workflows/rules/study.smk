@@ -1,6 +1,7 @@
 wildcard_constraints:
-    run="[A-Za-z0-9_.]+",
+    run="[A-Za-z0-9_.-]+",
     seed="[0-9]+",
+    data="data-[0-9a-f]{8}",
 
 
 rule run_config:
@@ -18,13 +19,13 @@ rule run_config:
 rule data_cache:
     conda:
         ENV_FILE
-    # decodes the dataset once into the tensor cache, before jobs run in parallel
+    # decodes the dataset of one data setting once into the tensor cache, before jobs run in parallel
     input:
-        f"{OUT}/configs/{RUNS[0]}-seed{SEEDS[0]}.yaml",
+        lambda wc: f"{OUT}/configs/{DATA_RUNS[wc.data][0]}-seed{SEEDS[0]}.yaml",
     output:
-        touch(f"{OUT}/.data-cached"),
+        touch(f"{OUT}/partitions/{{data}}/.data-cached"),
     log:
-        f"{OUT}/logs/data_cache.log",
+        f"{OUT}/logs/data_cache-{{data}}.log",
     shell:
         "fedselect cache-data --config {input} > {log} 2>&1"
 
@@ -32,13 +33,14 @@ rule data_cache:
 rule partition:
     conda:
         ENV_FILE
+    # one partition per data setting and seed, shared by every run of that setting
     input:
-        config=f"{OUT}/configs/{RUNS[0]}-seed{{seed}}.yaml",
-        cached=f"{OUT}/.data-cached",
+        config=lambda wc: f"{OUT}/configs/{DATA_RUNS[wc.data][0]}-seed{wc.seed}.yaml",
+        cached=f"{OUT}/partitions/{{data}}/.data-cached",
     output:
-        f"{OUT}/partitions/seed{{seed}}.json",
+        f"{OUT}/partitions/{{data}}/seed{{seed}}.json",
     log:
-        f"{OUT}/logs/partition-seed{{seed}}.log",
+        f"{OUT}/logs/partition-{{data}}-seed{{seed}}.log",
     shell:
         "fedselect partition --config {input.config} --out {output} > {log} 2>&1"
 
@@ -48,7 +50,7 @@ rule train:
         ENV_FILE
     input:
         config=f"{OUT}/configs/{{run}}-seed{{seed}}.yaml",
-        partition=f"{OUT}/partitions/seed{{seed}}.json",
+        partition=lambda wc: f"{OUT}/partitions/{DATA_OF[wc.run]}/seed{wc.seed}.json",
     output:
         f"{OUT}/runs/{{run}}-seed{{seed}}.json",
     log:

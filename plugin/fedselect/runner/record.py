@@ -27,6 +27,7 @@ from fedselect.config import ExperimentConfig, dump_config
 from fedselect.fedml_runtime.simulation import RoundResult
 from fedselect.options import resolved_dict
 from fedselect.tracking import RunTracker, prepare_store, write_run_record
+from fedselect.tracking import metric_names as names
 
 
 def git_commit() -> str:
@@ -91,20 +92,21 @@ class RoundLogger(Checkpointable):
             accs = result.client_accuracies
             evals = [result.evaluation[c] for c in sorted(result.evaluation)]
             metrics.update({
-                "mean_acc": float(np.mean(accs)),
-                "std_acc": float(np.std(accs)),
-                "min_acc": float(np.min(accs)),
-                "max_acc": float(np.max(accs)),
-                "pooled_acc": sum(e.correct for e in evals) / max(1, sum(e.total for e in evals)),
+                names.MEAN_ACC: float(np.mean(accs)),
+                names.STD_ACC: float(np.std(accs)),
+                names.MIN_ACC: float(np.min(accs)),
+                names.MAX_ACC: float(np.max(accs)),
+                names.POOLED_ACC: sum(e.correct for e in evals) / max(1, sum(e.total for e in evals)),
                 "test_loss": sum(e.loss_sum for e in evals) / max(1, sum(e.total for e in evals)),
             })
-            metrics.update({f"acc_client_{c}": result.evaluation[c].accuracy for c in sorted(result.evaluation)})
+            metrics.update({names.client_acc(c, self.num_clients): result.evaluation[c].accuracy
+                            for c in sorted(result.evaluation)})
             adapt = [e.adapt_sample_passes for e in evals]
             if any(adapt):
                 # work spent adapting the model just before evaluation (FedBABU's fine-tuning)
                 metrics["eval_sample_passes_mean"] = float(np.mean(adapt))
-            if metrics["mean_acc"] > self.best_mean_acc:
-                self.best_mean_acc, self.best_round = metrics["mean_acc"], result.round_idx
+            if metrics[names.MEAN_ACC] > self.best_mean_acc:
+                self.best_mean_acc, self.best_round = metrics[names.MEAN_ACC], result.round_idx
             self.last_eval = result
         self.history.append({"round": result.round_idx, **metrics})
         self.pending.append((result.round_idx, int(time.time() * 1000), metrics))
@@ -178,7 +180,7 @@ class RunRecorder:
         prepare_store(self.tracking_uri)
         self.tracker = RunTracker(tracking_uri=self.tracking_uri, experiment=self.config.tracking.experiment,
                                   run_name=self.run_name, tags=self.tags, artifact_root=results_dir / "mlartifacts",
-                                  run_id=self.run_id).__enter__()
+                                  run_id=self.run_id, description=self.config.tracking.description).__enter__()
         self.logger = RoundLogger(self.tracker, self.num_clients, defer=self.defer, totaled=self.totaled)
         return self
 
@@ -216,7 +218,7 @@ class RunRecorder:
             "bytes_up": logger.bytes_up, "bytes_down": logger.bytes_down,
             "bytes_up_per_round": [h["bytes_up_round"] for h in logger.history],
             "bytes_down_per_round": [h["bytes_down_round"] for h in logger.history],
-            "mean_acc_per_round": [h.get("mean_acc") for h in logger.history],
+            "mean_acc_per_round": [h.get(names.MEAN_ACC) for h in logger.history],
             "wall_seconds": wall_seconds, **extra,
             "mlflow_run_id": self.tracker.run_id, "mlflow_experiment": config.tracking.experiment,
             "tracking_uri": self.tracking_uri, "fedselect_version": __version__, "git_commit": git_commit(),
@@ -226,7 +228,8 @@ class RunRecorder:
                 self.tracker.log_artifact(path, artifact_path=path.parent.relative_to(self.plots_dir).as_posix())
             record.update(artifact.record)
         record.update(logger.work_totals())
-        self.tracker.log_metrics({"final_mean_acc": record["final_mean_acc"], "best_mean_acc": record["best_mean_acc"],
+        self.tracker.log_metrics({names.FINAL_MEAN_ACC: record["final_mean_acc"],
+                                  names.BEST_MEAN_ACC: record["best_mean_acc"],
                                   "wall_seconds": record["wall_seconds"]}, step=config.train.rounds)
         self.tracker.log_dict(record, "run_record.json")
         if record_path is not None:

@@ -19,7 +19,6 @@ The Markdown and CSV text of the rows: :mod:`fedselect.tracking.tables`.
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fedselect.tracking import metric_names as names
 from fedselect.tracking.queries import load_runs, metric_history
 from fedselect.tracking.tables import csv_text, markdown_table
 
@@ -40,7 +40,6 @@ COMPUTE_METRIC = "compute_backward_mean"
 TRAIN_PASSES_METRIC = "train_sample_passes_mean"
 EVAL_PASSES_METRIC = "eval_sample_passes_mean"
 # each client's accuracy at an evaluated round; the latest value is the final evaluation's
-CLIENT_ACC_METRIC = re.compile(r"acc_client_(\d+)")
 
 
 class CompareError(ValueError):
@@ -166,26 +165,28 @@ def run_stats(run: Mapping[str, Any], tracking_uri: str, group: str) -> RunStats
     """Reduce one run (a :func:`load_runs` dict); metric histories are read only where needed."""
     metrics = run["metrics"]
     name = f"run {run['run_id']} ({run['run_name']})"
-    if "mean_acc" not in metrics:
-        raise CompareError(f"{name} logged no 'mean_acc': no evaluation was run or it is not a training run")
-    for key in ("std_acc", "bytes_up", "bytes_down"):
-        if key not in metrics:
+    mean_acc = names.lookup(metrics, names.MEAN_ACC)
+    if mean_acc is None:
+        raise CompareError(f"{name} logged no {names.MEAN_ACC!r}: no evaluation was run or it is not a training run")
+    for key in (names.STD_ACC, "bytes_up", "bytes_down"):
+        if names.lookup(metrics, key) is None:
             raise CompareError(f"{name} logged no {key!r}: not a fedselect training run")
-    final = metrics.get("final_mean_acc", metrics["mean_acc"])
-    best = metrics.get("best_mean_acc")
+    final = names.lookup(metrics, names.FINAL_MEAN_ACC)
+    final = mean_acc if final is None else final
+    best = names.lookup(metrics, names.BEST_MEAN_ACC)
     if best is None:  # an unfinished run: the best evaluated round so far
-        best = max(v for _, v in metric_history(tracking_uri, run["run_id"], "mean_acc"))
+        best = max(v for _, v in mean_acc_history(tracking_uri, run["run_id"]))
     clients = _int_param(run, "data.partition.num_clients")
     rounds = _int_param(run, "train.rounds")
     per_client_round = 1.0 / (clients * rounds)
     wall = metrics.get("wall_seconds")
     if wall is None:
         wall = ((run["end_time"] or run["start_time"]) - run["start_time"]) / 1000.0
-    client_acc = {int(m.group(1)): float(v) for k, v in metrics.items() if (m := CLIENT_ACC_METRIC.fullmatch(k))}
+    client_acc = {c: float(v) for k, v in metrics.items() if (c := names.client_of(k)) is not None}
     return RunStats(
         run_id=run["run_id"], run_name=run["run_name"], group=group, algorithm=_algorithm(run),
         seed=run["tags"].get("seed", run["params"].get("seed", "?")), status=run["status"],
-        final_acc=float(final), best_acc=float(best), client_spread=float(metrics["std_acc"]),
+        final_acc=float(final), best_acc=float(best), client_spread=float(names.lookup(metrics, names.STD_ACC)),
         bytes_up_per_client_round=metrics["bytes_up"] * per_client_round,
         bytes_down_per_client_round=metrics["bytes_down"] * per_client_round,
         wall_seconds=float(wall), compute_backward=_history_mean(run, tracking_uri, COMPUTE_METRIC),
@@ -284,3 +285,10 @@ def compare(tracking_uri: str, *, experiment: str | None = None, tags: Mapping[s
     if fmt == "csv":
         return csv_text(rows)
     return markdown_table(rows, title=title, notes=notes)
+
+
+def mean_acc_history(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
+    """The run's mean accuracy per evaluated round (``acc/mean``, or ``mean_acc`` in a store written
+    before the rename)."""
+    return (metric_history(tracking_uri, run_id, names.MEAN_ACC)
+            or metric_history(tracking_uri, run_id, names.LEGACY[names.MEAN_ACC]))

@@ -206,3 +206,12 @@ def get_or_create_experiment(mlflow_client: MlflowClient, tracking_uri: str, nam
         raise RuntimeError(f"MLflow experiment {name!r} ({experiment.experiment_id}) is deleted in "
                            f"{tracking_uri}; restore it in the MLflow UI or purge it (`mlflow gc`)")
     return experiment.experiment_id
+
+
+def set_experiment_description(mlflow_client: MlflowClient, experiment_id: str, description: str) -> None:
+    """Show ``description`` on the experiment's page (MLflow's ``mlflow.note.content`` tag); set only when it
+    differs, so runs of one study do not rewrite it."""
+    experiment = with_retry("get experiment", mlflow_client.get_experiment, experiment_id)
+    if experiment.tags.get("mlflow.note.content") != description:
+        with_retry("set experiment description", mlflow_client.set_experiment_tag, experiment_id,
+                   "mlflow.note.content", description)

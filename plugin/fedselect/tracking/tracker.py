@@ -59,8 +59,9 @@ class RunTracker:
 
     def __init__(self, *, tracking_uri: str, experiment: str, run_name: str,
                  tags: dict[str, str] | None = None, artifact_root: str | os.PathLike | None = None,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, description: str | None = None) -> None:
         self.tracking_uri = tracking_uri
+        self.description = description
         self._reopen_id = run_id
         self.experiment = experiment
         self.run_name = run_name
@@ -94,6 +95,8 @@ class RunTracker:
         client = store.client(self.tracking_uri)
         self._experiment_id = store.get_or_create_experiment(client, self.tracking_uri, self.experiment,
                                                               self._artifact_location)
+        if self.description:  # the MLflow UI shows this experiment tag as the experiment's description
+            store.set_experiment_description(client, self._experiment_id, self.description)
         if self._reopen_id is not None:
             run = self._reopen(client, self._reopen_id)
         else:
