@@ -144,10 +144,23 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
+def tls_overrides(config: Path) -> list[str]:
+    """Certificates for the config's federation beside it, and the overrides naming them: the
+    federations here run with the default mutual TLS (tests/test_tls.py compares it with insecure)."""
+    from fedselect.certs import write_federation
+
+    certs = config.parent / "certs"
+    if not (certs / "ca.pem").exists():
+        n = yaml.safe_load(config.read_text())["data"]["partition"]["num_clients"]
+        write_federation(certs, clients=n, server_host="127.0.0.1", days=1)
+    return [f"deploy.ca_cert={certs / 'ca.pem'}", f"deploy.cert={certs / 'rank-{rank}.pem'}",
+            f"deploy.key={certs / 'rank-{rank}.key'}"]
+
+
 def start(fleet: Fleet, config: Path, ranks: list[int], *, record: Path, plugins: list[str] = PLUGIN) -> int:
     """Server (writing ``record``) and the given client ranks, on a fresh block of loopback ports."""
     port = free_port_block(max(ranks, default=0) + 3)
-    overrides = [f"deploy.server_port={port}"]
+    overrides = [f"deploy.server_port={port}", *tls_overrides(config)]
     fleet.start("server", member_argv("serve", config, overrides, plugins, "--out", str(record)), cwd=REPO)
     for rank in ranks:
         fleet.start(f"client-{rank}", member_argv("join", config, overrides, plugins, "--rank", str(rank)), cwd=REPO)
@@ -184,7 +197,7 @@ def assert_same_run(federated: dict, simulated: dict, extra_metrics: tuple[str, 
     for key in ("per_client_acc", "mean_acc_per_round", "bytes_up_per_round", "bytes_down_per_round",
                 "final_mean_acc", "best_round"):
         assert federated[key] == simulated[key], key
-    for key in ("train_loss", "test_loss", "acc_client_0", "acc_client_1", *extra_metrics):
+    for key in ("train_loss", "test_loss", "acc_per_client/client_00", "acc_per_client/client_01", *extra_metrics):
         assert history(federated, key) == history(simulated, key), key
 
 
@@ -222,7 +235,7 @@ def test_launch_local_fedavg_matches_simulation(tmp_path, tiny_folder):
     federated = json.loads((tmp_path / "federated.json").read_text())
     assert federated["mode"] == "cross_silo" and federated["clients_failed"] == {}
     raw["data"]["partition"]["num_clients"] = 3
-    assert_same_run(federated, simulate(raw), ("acc_client_2", "clients_sampled"))
+    assert_same_run(federated, simulate(raw), ("acc_per_client/client_02", "clients_sampled"))
     assert federated["mean_acc_per_round"][0] is None and len(federated["per_client_acc"]) == 3
     # the wire carries the whole pickled message: at least what the algorithm counts
     for wire, counted in zip(federated["wire_bytes_up_per_round"], federated["bytes_up_per_round"], strict=True):

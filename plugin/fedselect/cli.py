@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_arg(check)
     _add_compare_parser(sub)
     _add_deploy_parsers(sub)
+    _add_certs_parser(sub)
     return parser
 
 
@@ -169,6 +170,41 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds before everything is ended")
     local.add_argument("--log-dir", type=Path, help="one log file per process (default: under results_dir)")
     local.add_argument("--out", type=Path, help="the server writes the run record JSON here")
+
+
+def _add_certs_parser(sub: argparse._SubParsersAction) -> None:
+    """``certs``: a CA and one key + certificate per party of a cross-silo federation."""
+    certs = sub.add_parser("certs", help="make a CA and rank-bound TLS certificates for serve/join",
+                           description="Make a certificate authority and, for the server (rank 0) and each client "
+                                       "rank 1..N, a key and a certificate naming its rank (fedselect-rank-K), for "
+                                       "the mutual TLS of `fedselect serve`/`join`. Keys are written with mode 0600. "
+                                       "See docs/DEPLOYMENT.md.")
+    certs.add_argument("--out", type=Path, default=Path("certs"), help="folder to write (default: certs)")
+    certs.add_argument("--clients", type=int, required=True, help="number of clients N")
+    certs.add_argument("--server-host", required=True,
+                       help="the server's address as clients reach it (deploy.server_host); put in its certificate")
+    certs.add_argument("--client-hosts", default="", help="comma-separated addresses of clients 1..N (optional)")
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    certs.add_argument("--force", action="store_true", help="overwrite an existing CA in --out")
+
+
+def cmd_certs(ns: argparse.Namespace) -> int:
+    from fedselect.certs import write_federation
+
+    hosts = [h.strip() for h in ns.client_hosts.split(",") if h.strip()]
+    try:
+        issued = write_federation(ns.out, clients=ns.clients, server_host=ns.server_host, days=ns.days,
+                                  client_hosts=hosts, force=ns.force)
+    except (ValueError, FileExistsError) as exc:
+        print(f"fedselect certs: error: {exc}", file=sys.stderr)
+        return 2
+    width = max(len(str(i.path)) for i in issued)
+    print(f"wrote a CA and certificates for the server and {ns.clients} clients, valid {ns.days} days:")
+    for item in issued:
+        print(f"  {str(item.path):<{width}}  ->  {item.machine}")
+    print("on every machine, deploy.ca_cert/cert/key name these files (defaults: certs/ca.pem, "
+          "certs/rank-{rank}.pem, certs/rank-{rank}.key); copy keys over a secure channel")
+    return 0
 
 
 def _deploy_config(ns: argparse.Namespace) -> Any:
@@ -283,7 +319,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "partition": cmd_partition, "cache-data": cmd_cache_data, "algorithms": cmd_algorithms,
             "check-config": cmd_check_config, "compare": cmd_compare, "serve": cmd_serve, "join": cmd_join,
-            "launch-local": cmd_launch_local}
+            "launch-local": cmd_launch_local, "certs": cmd_certs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -287,9 +287,33 @@ class DeployConfig:
     classes: list[str] = field(default_factory=list)
     norm_mean: list[float] = field(default_factory=list)
     norm_std: list[float] = field(default_factory=list)
+    # mutual TLS with rank-bound certificates (`fedselect certs`), on unless insecure is true;
+    # paths relative to the working directory, "{rank}" filled in with each process's rank
+    insecure: bool = False
+    ca_cert: str = "certs/ca.pem"
+    cert: str = "certs/rank-{rank}.pem"
+    key: str = "certs/rank-{rank}.key"
+    # the name clients expect in the server's certificate; None: "fedselect-rank-0"
+    server_name: str | None = None
+    # one message's cap in MB; None: from the model (its values + mask bits + slack)
+    max_message_mb: float | None = None
+    # messages a process queues before senders wait; None: 4 per client + 8
+    receive_queue: int | None = None
+
+    def tls_files(self, rank: int) -> dict[str, Path]:
+        """Rank ``rank``'s TLS files by config key; a missing one is a ConfigError naming key and file."""
+        files = {f"deploy.{k}": Path(getattr(self, k).replace("{rank}", str(rank))) for k in ("ca_cert", "cert", "key")}
+        for key, path in files.items():
+            check(path.is_file(), key, f"names {path}, which does not exist (make certificates with `fedselect "
+                  "certs`, see docs/DEPLOYMENT.md; deploy.insecure: true turns TLS off)")
+        return files
 
     def __post_init__(self) -> None:
         check(1 <= self.server_port <= 65535, "deploy.server_port", "must be in 1..65535")
+        check(self.max_message_mb is None or self.max_message_mb > 0, "deploy.max_message_mb", "must be > 0")
+        check(self.receive_queue is None or self.receive_queue >= 1, "deploy.receive_queue", "must be >= 1")
+        check(self.insecure or all(getattr(self, k) for k in ("ca_cert", "cert", "key")), "deploy.cert",
+              "and deploy.key, deploy.ca_cert must be set unless deploy.insecure is true")
         for key in ("join_timeout_s", "peer_timeout_s", "response_timeout_s", "heartbeat_s"):
             check(getattr(self, key) > 0, f"deploy.{key}", "must be > 0")
         check(self.min_clients >= 1, "deploy.min_clients", "must be >= 1")

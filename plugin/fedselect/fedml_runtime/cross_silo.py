@@ -55,6 +55,7 @@ from fedselect.fedml_runtime.messages import (
     to_json,
 )
 from fedselect.fedml_runtime.simulation import RoundResult, aggregate_round, json_nbytes, sample_clients
+from fedselect.fedml_runtime.transport import Transport, message_cap
 
 import_fedml()
 from fedml.core.distributed.communication.message import Message  # noqa: E402
@@ -73,9 +74,10 @@ class FedSelectServerManager(FedMLServerManager):
     """
 
     def __init__(self, args: Any, *, config: ExperimentConfig, on_joined: Callable[[dict[int, dict[str, Any]]], Any],
-                 on_round_end: Callable[[RoundResult, dict[str, float]], None]) -> None:
+                 on_round_end: Callable[[RoundResult, dict[str, float]], None], transport: Transport) -> None:
         self.config = config
         self.deploy = config.deploy
+        self.transport = transport
         self.num_clients = num_clients = config.data.partition.num_clients
         super().__init__(args, None, None, 0, num_clients, "GRPC")
         self.rounds = config.train.rounds
@@ -103,10 +105,12 @@ class FedSelectServerManager(FedMLServerManager):
         self.prober = Prober(self.com_manager, self.deploy.heartbeat_s)
         self.com_manager.on_idle = self._guarded(self._check_deadlines)
         self.com_manager.rpc_timeout_s = self.deploy.response_timeout_s
+        self.com_manager.on_refused = self._guarded(self._on_refused, advance=True)
 
     # ---- FedML plumbing ---------------------------------------------------------------------
     def _init_manager(self) -> None:
-        self.com_manager = FedSelectChannel(self.args.grpc_ipconfig_path, self.rank, self.size, self.args)
+        self.com_manager = FedSelectChannel(self.args.grpc_ipconfig_path, self.rank, self.size, self.args,
+                                            transport=self.transport)
         self.com_manager.add_observer(self)
 
     def register_message_receive_handlers(self) -> None:
@@ -273,6 +277,11 @@ class FedSelectServerManager(FedMLServerManager):
         log.warning("dropping update from client %d: %s", cid, reason)
         self.rejected.append((cid, reason))
 
+    def _on_refused(self, rank: int, reason: str) -> None:
+        """The channel refused a message of a client's certificate (too large, queue full): it is lost."""
+        if 1 <= rank <= self.num_clients and rank - 1 not in self.failed:
+            self._fail(rank - 1, reason)
+
     def _on_report(self, msg: Any) -> None:
         cid = self._client_of(msg)
         if self._expected("report", cid, msg):
@@ -291,6 +300,9 @@ class FedSelectServerManager(FedMLServerManager):
         if self.phase == "join":
             if len(self.descriptors) + len(self.failed) >= self.num_clients:
                 self.server = self.on_joined(dict(sorted(self.descriptors.items())))
+                # nobody sends while the clients wait for their first model: the cap may grow now
+                self.com_manager.set_message_cap(message_cap(self.server.model.state_dict()),
+                                                 "from the model; deploy.max_message_mb overrides")
                 self.phase = "rounds"
                 self._start_round(0)
             else:

@@ -42,6 +42,7 @@ from fedselect.fedml_runtime.messages import (
     run_until_done,
     to_json,
 )
+from fedselect.fedml_runtime.transport import Transport, message_cap
 
 import_fedml()
 from fedml.core.distributed.communication.message import Message  # noqa: E402
@@ -55,8 +56,10 @@ class FedSelectClientManager(ClientMasterManager):
     """Rank ``client_id + 1`` of a cross-silo federation; ``adapter`` wraps our ClientTrainer."""
 
     def __init__(self, args: Any, adapter: Any, *, client_id: int, num_clients: int, deploy: DeployConfig,
-                 descriptor: dict[str, Any]) -> None:
+                 descriptor: dict[str, Any], transport: Transport) -> None:
         self.deploy = deploy
+        self.transport = transport
+        self.model_cap = message_cap(adapter.trainer.trainer.model.state_dict())
         super().__init__(args, adapter, None, client_id + 1, num_clients, "GRPC")
         self.client_id = client_id
         self.descriptor = descriptor
@@ -73,9 +76,11 @@ class FedSelectClientManager(ClientMasterManager):
         self.prober = Prober(self.com_manager, deploy.heartbeat_s)
         self.com_manager.on_idle = self._guarded(self._check_server)
         self.com_manager.rpc_timeout_s = deploy.response_timeout_s
+        self.com_manager.on_refused = self._guarded(self._on_refused)
 
     def _init_manager(self) -> None:
-        self.com_manager = FedSelectChannel(self.args.grpc_ipconfig_path, self.rank, self.size, self.args)
+        self.com_manager = FedSelectChannel(self.args.grpc_ipconfig_path, self.rank, self.size, self.args,
+                                            transport=self.transport, message_cap=self.model_cap)
         self.com_manager.add_observer(self)
 
     def register_message_receive_handlers(self) -> None:
@@ -194,6 +199,9 @@ class FedSelectClientManager(ClientMasterManager):
         self._send(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER,
                    {MyMessage.MSG_ARG_KEY_MODEL_PARAMS: upload, MyMessage.MSG_ARG_KEY_NUM_SAMPLES: num_samples,
                     KEY_ROUND: round_idx, KEY_META: json.dumps(meta)})
+
+    def _on_refused(self, _rank: int, reason: str) -> None:
+        raise FederationError(f"a message from the server was lost: {reason}")
 
     def _on_finish(self, msg: Any) -> None:
         reason = msg.get(KEY_REASON) or None

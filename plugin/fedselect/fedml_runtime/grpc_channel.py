@@ -5,8 +5,14 @@ What FedML 0.9.6's ``GRPCCommManager`` does, and what this subclass changes:
 * It ``pickle.loads`` whatever arrives on its port: anyone who can connect can run code in the
   process. Here a message travels as ``torch.save`` of its parameters and is read back with
   ``torch.load(weights_only=True)`` (tensors, containers, numbers, strings and the allow-listed
-  :data:`WIRE_TYPES` only), and a message from a rank not in the ipconfig is dropped. There is
-  still no authentication and no encryption (docs/DEPLOYMENT.md).
+  :data:`WIRE_TYPES` only), and a message from a rank not in the ipconfig is dropped.
+* It listens and connects without TLS, and the sender's rank is a field of the message. Here
+  (unless ``deploy.insecure``) every connection is mutual TLS with certificates of the
+  federation's CA, the sender's rank is the one its certificate names, and a message claiming
+  another rank is dropped and logged (:mod:`.transport`).
+* It accepts messages of up to 1000 MB into an unbounded queue. Here a message over the cap
+  (from the model, or ``deploy.max_message_mb``) is refused naming its sender, and the queue is
+  bounded: a sender waits while it is full.
 * Its receive loop polls the queue without sleeping (one core at 100 % while idle). Here it
   blocks on the queue, waking every ``poll_s`` to run ``on_idle`` (deadlines, liveness probes).
 * A send to an unreachable peer fails at once; here it waits up to ``connect_timeout_s`` for
@@ -17,6 +23,7 @@ What FedML 0.9.6's ``GRPCCommManager`` does, and what this subclass changes:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -24,6 +31,7 @@ import queue
 import socket
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,7 @@ import torch
 
 from fedselect.core.masks import PackedTensor
 from fedselect.fedml_bridge import import_fedml
+from fedselect.fedml_runtime.transport import Transport, peer_rank
 
 import_fedml()
 from fedml.core.distributed.communication.grpc import (  # noqa: E402  (needs the offline patch first)
@@ -48,6 +57,11 @@ log = logging.getLogger(__name__)
 WIRE_TYPES: list[type] = [PackedTensor]
 # the message parameter every fedselect message carries its round index in
 KEY_ROUND = "fedselect_round"
+# how a peer that answered says no
+REFUSALS = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+# a refused TLS handshake looks like a closed socket to the side that was refused
+TLS_HINT = (" (TLS: do both hold certificates of this federation's CA, and does the peer's name the rank it is "
+            "reached as?)")
 
 
 class PeerUnreachable(ConnectionError):
@@ -123,26 +137,155 @@ def port_open(address: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-class FedSelectChannel(GRPCCommManager):
-    """FedML's GRPC comm manager with the changes listed in the module docstring."""
+@dataclass(frozen=True)
+class Incoming:
+    """What the receiving RPC handler queued: the bytes, the sender's certificate rank (None without
+    TLS), and, for a message refused there, why (no bytes)."""
 
-    def __init__(self, ipconfig_path: str | Path, rank: int, size: int, args: Any, *, poll_s: float = 0.5) -> None:
+    data: bytes
+    peer_rank: int | None
+    refused: str | None = None
+
+
+class MessageRefused(PeerUnreachable):
+    """The peer answered but refused the message (too large, queue full, not a permitted sender)."""
+
+    def __init__(self, rank: int, address: str, reason: str) -> None:
+        ConnectionError.__init__(self, f"rank {rank} at {address} refused the message: {reason}")
+        self.rank = rank
+
+
+class Servicer(grpc_comm_manager_pb2_grpc.gRPCCommManagerServicer):
+    """The receiving end of FedML's ``sendMessage`` RPC: who sent it (certificate), how large, queued."""
+
+    def __init__(self, channel: FedSelectChannel, queue_size: int) -> None:
+        self.channel = channel
+        self.message_q: queue.Queue[Incoming] = queue.Queue(maxsize=queue_size)
+
+    def sendMessage(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (FedML's name)
+        ch = self.channel
+        rank = peer_rank(context) if ch.transport.secure else None
+        sender = (f"rank {rank} (its certificate)" if rank is not None
+                  else f"{context.peer()} (claims rank {request.client_id})")
+        if ch.transport.secure and not ch.permitted_sender(rank):
+            ch.refuse(None, f"refused a message from {sender}: not a rank that may send to rank {ch.client_rank}")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"rank {rank} may not send to rank {ch.client_rank}")
+        size = len(request.message)
+        if size > ch.message_cap:
+            why = (f"refused a message of {size:,} bytes from {sender}: over the cap of {ch.message_cap:,} bytes "
+                   f"({ch.cap_source})")
+            ch.refuse(rank, why)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+        # a full queue makes senders wait (the pool has one thread per peer), then refuses before their deadline
+        wait = min(60.0, max(0.0, (context.time_remaining() or 60.0) - 0.5))
+        try:
+            self.message_q.put(Incoming(request.message, rank), timeout=wait)
+        except queue.Full:
+            why = f"refused a message from {sender}: the receive queue ({self.message_q.maxsize}) stayed full"
+            ch.refuse(rank, why)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+        return grpc_comm_manager_pb2.CommResponse()
+
+
+class FedSelectChannel(GRPCCommManager):
+    """FedML's GRPC comm manager with the changes listed in the module docstring.
+
+    FedML's ``__init__`` (insecure port, unbounded queue, 1000 MB limit) is replaced, not called.
+    """
+
+    def __init__(self, ipconfig_path: str | Path, rank: int, size: int, args: Any, *,
+                 transport: Transport | None = None, message_cap: int | None = None, poll_s: float = 0.5) -> None:
         self.poll_s = poll_s
         self.connect_timeout_s = 30.0
         # an accepted send only enqueues at the peer, so a whole message, not training, is waited for
         self.rpc_timeout_s: float | None = 600.0
         self.traffic: list[Traffic] = []
         self.on_idle: Callable[[], None] | None = None
+        # on_refused(rank, reason): a message of a certified rank was refused by the receiving handler
+        self.on_refused: Callable[[int, str], None] | None = None
         self.dropped_messages = 0
+        self.refused: list[str] = []
+        self.transport = transport or Transport(rank=rank)
+        self.message_cap = self.transport.initial_cap(message_cap)
+        self.cap_source = "deploy.max_message_mb" if self.transport.max_message_bytes else (
+            "from the model; deploy.max_message_mb overrides" if message_cap else
+            "the join phase's cap, before the model is known")
+        # FedML's attributes, as its __init__ sets them
+        self._topic, self._observers, self.args = "fedml", [], args
+        self.grpc_ipconfig_path, self.grpc_mappings = str(ipconfig_path), {}
+        self.client_rank = self.client_id = rank
+        self.client_num = size
+        self.node_type = "server" if rank == 0 else "client"
+        self._init_grpc_mappings()
+        if rank not in self.grpc_mappings:
+            raise RuntimeError(f"rank {rank} is not in the ipconfig {ipconfig_path}")
+        self.grpc_servicer = Servicer(self, self.transport.queue_size)
+        self.grpc_server: grpc.Server | None = None
+        self._listen()
+        self.is_running = True
+
+    def _limit_options(self) -> list[tuple[str, Any]]:
+        # gRPC itself refuses what is beyond twice the cap, unread; up to there the handler names the sender
+        limit = 2 * self.message_cap + 4096
+        return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+                ("grpc.enable_http_proxy", 0)]
+
+    def _listen(self) -> None:
+        """Start (or restart, with the current cap) this rank's gRPC server on its own address."""
+        self.opts = self._limit_options()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(1, self.client_num)), options=self.opts)
+        grpc_comm_manager_pb2_grpc.add_gRPCCommManagerServicer_to_server(self.grpc_servicer, server)
+        m = self.grpc_mappings[self.client_rank]
+        address = f"{m.grpc_server_ip}:{m.grpc_server_port}"
         try:
-            super().__init__(str(ipconfig_path), client_rank=rank, client_num=size, args=args)
+            bound = (server.add_secure_port(address, self.transport.server_credentials()) if self.transport.secure
+                     else server.add_insecure_port(address))
+            why = "bind failed"
         except RuntimeError as exc:  # grpc cannot bind the port
-            raise RuntimeError(f"rank {rank} cannot listen on its port ({exc}); is another process using it?") from exc
+            bound, why = 0, str(exc)
+        if not bound:
+            raise RuntimeError(f"rank {self.client_rank} cannot listen on {address} ({why}); is another process "
+                               "using it?")
+        server.start()
+        self.grpc_server = server
+        log.info("rank %d listening on %s with %s, messages up to %d bytes", self.client_rank, address,
+                 self.transport.describe(), self.message_cap)
+
+    def set_message_cap(self, nbytes: int, source: str) -> None:
+        """Change the message cap (the server, once the model is known); relistens if gRPC's own limit
+        must grow. Call it when no peer is sending (between joining and the first model message)."""
+        if self.transport.max_message_bytes:
+            return  # configured: fixed
+        grow = nbytes > self.message_cap
+        self.message_cap, self.cap_source = int(nbytes), source
+        if grow and self.grpc_server is not None:
+            self.grpc_server.stop(0).wait(5)
+            self._listen()
+
+    def permitted_sender(self, rank: int | None) -> bool:
+        """The server hears from the clients in its ipconfig, a client from the server only."""
+        if rank is None or rank == self.client_rank:
+            return False
+        return rank in self.grpc_mappings if self.client_rank == 0 else rank == 0
+
+    def refuse(self, rank: int | None, reason: str) -> None:
+        """Log a message refused in the RPC handler; a certified sender's refusal reaches the loop."""
+        log.warning("%s", reason)
+        self.refused.append(reason)
+        if rank is not None:
+            with contextlib.suppress(queue.Full):
+                self.grpc_servicer.message_q.put_nowait(Incoming(b"", rank, reason))
 
     def endpoint(self, rank: int) -> tuple[str, int]:
         """(address, port) at which ``rank`` is reached."""
         m = self.grpc_mappings[int(rank)]
         return (m.ingress_ip or m.grpc_server_ip), int(m.grpc_server_port)
+
+    def _open(self, receiver: int, url: str) -> grpc.Channel:
+        if not self.transport.secure:
+            return grpc.insecure_channel(url, options=self.opts)
+        options = [*self.opts, ("grpc.ssl_target_name_override", self.transport.target_name(receiver))]
+        return grpc.secure_channel(url, self.transport.channel_credentials(), options=options)
 
     def send_message(self, msg: Message) -> None:
         receiver = int(msg.get_receiver_id())
@@ -151,49 +294,73 @@ class FedSelectChannel(GRPCCommManager):
         address, port = self.endpoint(receiver)
         url = f"{address}:{port}"
         data = encode_message(msg)
-        channel = grpc.insecure_channel(url, options=self.opts)
+        if len(data) > self.message_cap:
+            raise MessageRefused(receiver, url, f"this message of {len(data):,} bytes is over the cap of "
+                                                f"{self.message_cap:,} bytes ({self.cap_source})")
+        channel = self._open(receiver, url)
         try:
             try:
                 grpc.channel_ready_future(channel).result(timeout=self.connect_timeout_s)
-            except grpc.FutureTimeoutError:
-                raise PeerUnreachable(receiver, url, f"no answer within {self.connect_timeout_s:g} s") from None
+                not_ready = ""
+            except grpc.FutureTimeoutError:  # one try still: it fails at once, saying why
+                not_ready = f"no connection within {self.connect_timeout_s:g} s; "
             request = grpc_comm_manager_pb2.CommRequest(client_id=self.client_id, message=data)
             try:
                 grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel).sendMessage(request,
                                                                                     timeout=self.rpc_timeout_s)
             except grpc.RpcError as exc:
-                raise PeerUnreachable(receiver, url, f"{exc.code().name}: {exc.details()}") from None
+                if exc.code() in REFUSALS:
+                    raise MessageRefused(receiver, url, f"{exc.code().name}: {exc.details()}") from None
+                hint = TLS_HINT if not_ready and self.transport.secure else ""
+                raise PeerUnreachable(receiver, url, f"{not_ready}{exc.code().name}: {exc.details()}{hint}") from None
         finally:
             channel.close()
         self.traffic.append(Traffic("sent", str(msg.get_type()), receiver, msg.get(KEY_ROUND), len(data)))
 
+    def accept(self, item: Incoming) -> Message | None:
+        """The message in ``item`` if it may be acted on, else None (dropped and logged)."""
+        if item.refused is not None:
+            if self.on_refused is not None and item.peer_rank is not None:
+                self.on_refused(item.peer_rank, item.refused)
+            return None
+        try:
+            msg = decode_message(item.data)
+        except Exception as exc:  # a stranger's bytes must not stop the federation
+            self.dropped_messages += 1
+            log.warning("dropped an unreadable message of %d bytes: %s", len(item.data), str(exc)[:200])
+            return None
+        sender = int(msg.get_sender_id())
+        if sender not in self.grpc_mappings or sender == self.client_rank:
+            self.dropped_messages += 1
+            log.warning("dropped a message claiming to come from rank %s, not a peer in the ipconfig", sender)
+            return None
+        if self.transport.secure and sender != item.peer_rank:
+            self.dropped_messages += 1
+            log.warning("dropped a message of type %s claiming to come from rank %d, sent with the certificate of "
+                        "rank %s", msg.get_type(), sender, item.peer_rank)
+            return None
+        self.traffic.append(Traffic("received", str(msg.get_type()), sender, msg.get(KEY_ROUND), len(item.data)))
+        return msg
+
     def message_handling_subroutine(self) -> None:
         while self.is_running:
             try:
-                data = self.grpc_servicer.message_q.get(timeout=self.poll_s)
+                item = self.grpc_servicer.message_q.get(timeout=self.poll_s)
             except queue.Empty:
                 if self.on_idle is not None:
                     self.on_idle()
                 continue
-            try:
-                msg = decode_message(data)
-            except Exception as exc:  # a stranger's bytes must not stop the federation
-                self.dropped_messages += 1
-                log.warning("dropped an unreadable message of %d bytes: %s", len(data), str(exc)[:200])
+            msg = self.accept(item)
+            if msg is None:
                 continue
-            sender = int(msg.get_sender_id())
-            if sender not in self.grpc_mappings or sender == self.client_rank:
-                self.dropped_messages += 1
-                log.warning("dropped a message claiming to come from rank %s, not a peer in the ipconfig", sender)
-                continue
-            self.traffic.append(Traffic("received", str(msg.get_type()), sender, msg.get(KEY_ROUND), len(data)))
             for observer in self._observers:
                 observer.receive_message(msg.get_type(), msg)
 
     def stop_receive_message(self) -> None:
         self.is_running = False
         # grace 0: pending handlers are cancelled; the peers have what they need by now
-        self.grpc_server.stop(0).wait(5)
+        if self.grpc_server is not None:
+            self.grpc_server.stop(0).wait(5)
 
 
 class Prober:

@@ -30,6 +30,7 @@ from fedselect.fedml_runtime.cross_silo import FedSelectServerManager
 from fedselect.fedml_runtime.cross_silo_client import FedSelectClientManager
 from fedselect.fedml_runtime.grpc_channel import Endpoint, write_ipconfig
 from fedselect.fedml_runtime.runtime import build_fedml_args, fedml_home, fedml_sections
+from fedselect.fedml_runtime.transport import transport_for
 from fedselect.options import ConfigError
 from fedselect.tracking import prepare_store, run_tracking_uri
 
@@ -82,6 +83,7 @@ def join(config: ExperimentConfig, rank: int) -> None:
     if not 1 <= rank <= n:
         raise ConfigError(f"--rank {rank}: client ranks are 1..{n} (data.partition.num_clients)")
     cid = rank - 1
+    transport = transport_for(config.deploy, rank, n)  # TLS files checked before anything else
     spec, options = resolve_algorithm(config)
     device = resolve_device(config.device)
     data, descriptor = load_silo_data(config, cid, device)
@@ -92,10 +94,10 @@ def join(config: ExperimentConfig, rank: int) -> None:
     sizes = {cid: data.num_train}
     adapter = TrainerDistAdapter(args, device, rank, model, data.num_train, sizes, {cid: None}, {cid: None}, trainer)
     manager = FedSelectClientManager(args, adapter, client_id=cid, num_clients=n, deploy=config.deploy,
-                                     descriptor=descriptor)
+                                     descriptor=descriptor, transport=transport)
     dataset = [data.num_train, data.num_test, None, None, sizes, {cid: None}, {cid: None}, len(descriptor["classes"])]
     print(f"client rank {rank}: {data.num_train} train / {data.num_test} test samples; joining the server at "
-          f"{config.deploy.server_host}:{config.deploy.server_port}", flush=True)
+          f"{config.deploy.server_host}:{config.deploy.server_port} ({transport.describe()})", flush=True)
     try:
         FedMLRunner(args, device, dataset, model, algorithm_flow=SimpleNamespace(run=manager.run_federation)).run()
     finally:
@@ -173,16 +175,18 @@ def serve(config: ExperimentConfig, *, record_path: str | os.PathLike | None = N
           progress: bool = True) -> dict[str, Any]:
     """Run the server until the federation ends; log to MLflow and return (and write) the run record."""
     started = time.time()
+    # TLS files checked before anything listens or a client can join
+    transport = transport_for(config.deploy, 0, config.data.partition.num_clients)
     Path(config.tracking.results_dir).mkdir(parents=True, exist_ok=True)
     args = cross_silo_args(config, 0)
     prepare_store(run_tracking_uri(config.tracking))
     with ServerSession(config, args, progress=progress) as session:
         # listening from here on: clients that start sooner wait for this port (deploy.join_timeout_s)
         manager = FedSelectServerManager(args, config=config, on_joined=session.on_joined,
-                                         on_round_end=session.on_round_end)
+                                         on_round_end=session.on_round_end, transport=transport)
         if progress:
-            print(f"serving {config.algorithm} on {config.deploy.server_host}:{config.deploy.server_port}, "
-                  f"waiting for {config.data.partition.num_clients} clients", flush=True)
+            print(f"serving {config.algorithm} on {config.deploy.server_host}:{config.deploy.server_port} "
+                  f"({transport.describe()}), waiting for {config.data.partition.num_clients} clients", flush=True)
         try:
             FedMLRunner(args, session.device, None, None,
                         algorithm_flow=SimpleNamespace(run=manager.run_federation)).run()

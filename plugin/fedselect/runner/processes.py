@@ -137,6 +137,19 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def throwaway_certs(out: Path, clients: int) -> list[str]:
+    """A fresh CA (its key not kept) and certificates for 127.0.0.1 under ``out``; the overrides using them."""
+    import json
+
+    from fedselect.certs import CA_CERT, write_federation
+
+    write_federation(out, clients=clients, server_host="127.0.0.1", days=2, force=True, keep_ca_key=False)
+    paths = {"ca_cert": out / CA_CERT, "cert": out / "rank-{rank}.pem", "key": out / "rank-{rank}.key"}
+    # JSON strings are YAML scalars: any path survives --set
+    return [*(f"deploy.{key}={json.dumps(str(path.resolve()))}" for key, path in paths.items()),
+            "deploy.server_name=null"]
+
+
 def launch_local(config_path: Path, overrides: list[str], *, clients: int | None = None, timeout_s: float = 3600.0,
                  log_dir: Path | None = None, plugins: list[str] | None = None, out: Path | None = None,
                  stream: TextIO = sys.stdout) -> int:
@@ -154,9 +167,14 @@ def launch_local(config_path: Path, overrides: list[str], *, clients: int | None
     overrides = [*overrides, *extra]
     config = load_config(config_path, overrides)  # the members' config, validated before any start
     log_dir = log_dir or Path(config.tracking.results_dir) / "deploy" / time.strftime("local-%Y%m%d-%H%M%S")
+    if not config.deploy.insecure:
+        overrides += throwaway_certs(log_dir / "certs", n)
+        config = load_config(config_path, overrides)
     grace = config.deploy.peer_timeout_s + 4 * config.deploy.heartbeat_s + 30
-    print(f"launching server + {n} clients on 127.0.0.1:{port}..{port + n}; logs in {log_dir}", file=stream,
-          flush=True)
+    security = ("INSECURE (deploy.insecure: true)" if config.deploy.insecure
+                else f"mutual TLS, throwaway certificates in {log_dir / 'certs'}")
+    print(f"launching server + {n} clients on 127.0.0.1:{port}..{port + n} ({security}); logs in {log_dir}",
+          file=stream, flush=True)
     with Fleet(log_dir) as fleet:
         try:
             fleet.start("server", member_argv("serve", config_path, overrides, plugins,
@@ -169,6 +187,9 @@ def launch_local(config_path: Path, overrides: list[str], *, clients: int | None
             fleet.kill_survivors()
             print("interrupted: every process of the federation was ended", file=stream, flush=True)
             return 130
+        finally:
+            for key in (log_dir / "certs").glob("*.key"):  # throwaway: no key outlives the federation
+                key.unlink(missing_ok=True)
     failed = [m for m in fleet.members if m.returncode != 0]
     for m in fleet.members:
         state = "killed" if m.killed else f"exit {m.returncode}"
