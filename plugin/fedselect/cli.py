@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "that later runs read the cached tensors.")
     _add_config_args(cache)
 
-    algorithms = sub.add_parser("algorithms", help="list the registered algorithm names, one per line")
-    _add_plugin_arg(algorithms)
-    check = sub.add_parser("check-config", help="validate a config and print it with defaults filled in")
+    _add_algorithms_parser(sub)
+    check = sub.add_parser("check-config", help="validate a config and print it with defaults filled in",
+                           description=CHECK_CONFIG_DESCRIPTION, epilog=CHECK_CONFIG_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(check)
     _add_plugin_arg(check)
     _add_compare_parser(sub)
@@ -131,11 +132,57 @@ def cmd_cache_data(ns: argparse.Namespace) -> int:
     return 0
 
 
+ALGORITHMS_DESCRIPTION = """\
+List the algorithms (built-in and registered by --plugin modules) with a one-line summary, or,
+given NAME, NAME's summary and every option it takes under `algo:` in a run config, with its
+type, default and meaning (read from the algorithm's options dataclass; docs/ALGORITHMS.md has
+the same tables). Imports no torch for the built-in algorithms."""
+
+ALGORITHMS_EPILOG = """\
+examples:
+  fedselect algorithms
+  fedselect algorithms layersel
+  fedselect algorithms fedselect --json
+  fedselect algorithms --plugin my_package.my_algorithm
+"""
+
+CHECK_CONFIG_DESCRIPTION = """\
+Validate a run config (every key, the algorithm's `algo:` options included) and print it as YAML
+with every default filled in; a bad key or value is one error line naming it, exit status 2.
+Loads no data and imports no torch for the built-in algorithms. configs/reference.yaml lists
+every key with its default and meaning; `fedselect algorithms NAME` lists an algorithm's options."""
+
+CHECK_CONFIG_EPILOG = """\
+examples:
+  fedselect check-config --config configs/smoke.yaml
+  fedselect check-config --config configs/smoke.yaml --set algorithm=fedrep --set algo.head_epochs=4
+"""
+
+
+def _add_algorithms_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``algorithms`` on the ``fedselect`` subcommand parsers."""
+    parser = sub.add_parser("algorithms", help="list the algorithms, or show one algorithm's options",
+                            description=ALGORITHMS_DESCRIPTION, epilog=ALGORITHMS_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="?", metavar="NAME", help="show this algorithm's options")
+    _add_plugin_arg(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON (a list, or NAME's record)")
+
+
 def cmd_algorithms(ns: argparse.Namespace) -> int:
-    from fedselect.registry import available_algorithms, load_plugins
+    from fedselect.algorithms.catalog import algorithm_record, format_algorithm, format_table
+    from fedselect.registry import algorithm_info, available_algorithms, load_plugins
 
     load_plugins(ns.plugin)
-    print("\n".join(available_algorithms()))
+    if ns.name is not None:
+        info = algorithm_info(ns.name)
+        sys.stdout.write(json.dumps(algorithm_record(info), indent=2) + "\n" if ns.json else format_algorithm(info))
+        return 0
+    infos = [algorithm_info(name) for name in available_algorithms()]
+    if ns.json:
+        sys.stdout.write(json.dumps([algorithm_record(info) for info in infos], indent=2) + "\n")
+    else:
+        sys.stdout.write(format_table(infos))
     return 0
 
 

@@ -17,7 +17,6 @@ FedAvg's, byte for byte); v_k is extra client state kept as one flat tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,38 +28,10 @@ from fedselect.options import ConfigError
 from fedselect.registry import register
 
 from .base import FedAvgClient, FedAvgServer, RunContext
+from .ditto_options import DittoOptions
 
 # generator stream of the personal update, independent of the global update's draws
 PERSONAL_STREAM = 1
-
-
-@dataclass(frozen=True)
-class DittoOptions:
-    """Ditto's personalization strength and personal schedule.
-
-    ``lam``: 1.0. Ditto tunes lambda per dataset on a small grid (Li et al. 2021, Sec. 5 and
-    App. C); 1 is its value for the image benchmark Fashion-MNIST in the released experiment
-    scripts (``run_fashion_clean_ditto_lam1.sh``, ``--lam=1``). lambda = 0 is local training
-    of v_k; lambda -> inf gives the global model.
-    Equal local work (:mod:`fedselect.core.work`): Ditto trains two models, and the two updates
-    share the round's ``train.local_epochs`` (E). With neither key set, ``global_epochs`` =
-    ceil(E/2) and ``personal_epochs`` = the rest (3 + 2 for E = 5), as close as whole epochs get
-    to Ditto's Alg. 1, which runs the same number of local steps on v_k as on w. Setting one key
-    gives the other the rest of E; setting both runs them as given (``global_epochs: 5,
-    personal_epochs: 5`` is Alg. 1 at E = 5 on each model, 2E epochs of work).
-    """
-
-    lam: float = 1.0
-    personal_epochs: int | None = None
-    global_epochs: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.lam >= 0 or self.lam == float("inf"):
-            raise ConfigError(f"config key 'algo.lam' must be a finite number >= 0, got {self.lam}")
-        for key in ("personal_epochs", "global_epochs"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise ConfigError(f"config key 'algo.{key}' must be >= 0 or null, got {value}")
 
 
 def flatten_state(state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -155,6 +126,4 @@ class DittoClient(FedAvgClient):
             self.load_personal_model()
 
 
-register("ditto", client=DittoClient, server=FedAvgServer,
-         summary="FedAvg's global model plus a whole personal model per client trained with the proximal "
-                 "term lambda/2 ||v - w||^2; evaluation uses the personal model (Li et al. 2021)")
+register("ditto", client=DittoClient, server=FedAvgServer)

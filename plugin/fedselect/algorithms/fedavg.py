@@ -4,5 +4,4 @@ from fedselect.registry import register
 
 from .base import FedAvgClient, FedAvgServer
 
-register("fedavg", client=FedAvgClient, server=FedAvgServer,
-         summary="one global model; clients run E epochs of SGD, the server averages by sample count")
+register("fedavg", client=FedAvgClient, server=FedAvgServer)

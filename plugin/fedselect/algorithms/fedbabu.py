@@ -15,41 +15,15 @@ restores the federated state afterwards, so evaluation never leaks into training
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 from fedselect.engine import TrainStats
-from fedselect.options import ConfigError
 from fedselect.registry import register
 
 from .base import FedAvgClient, FedAvgServer, Mask
+from .fedbabu_options import FedBABUOptions
 from .parts import head_entries, train_part
 
 # generator stream of evaluation-time fine-tuning, independent of the training draws
 FINETUNE_STREAM = 7
-
-
-@dataclass(frozen=True)
-class FedBABUOptions:
-    """FedBABU's personalization step.
-
-    ``finetune_epochs``: 5, the fine-tuning epochs of FedBABU's reported personalized accuracy
-    (Oh et al. 2022, Sec. 4.2; the released code's ``--ft_ep`` default is 5).
-    ``finetune_part``: "full", as the paper fine-tunes the whole model, body and head (Sec. 4.2;
-    its ablation finds full fine-tuning better than head-only); "head" fine-tunes only the head.
-    The fine-tuning optimizer is the training one (``train.lr``, momentum, batch size), as in
-    the released code.
-    """
-
-    finetune_epochs: int = 5
-    finetune_part: Literal["full", "head"] = "full"
-
-    def __post_init__(self) -> None:
-        if self.finetune_epochs < 0:
-            raise ConfigError(f"config key 'algo.finetune_epochs' must be >= 0, got {self.finetune_epochs}")
-        if self.finetune_part not in ("full", "head"):
-            raise ConfigError(f"config key 'algo.finetune_part' must be one of ['full', 'head'], "
-                              f"got {self.finetune_part!r}")
 
 
 class FedBABUClient(FedAvgClient):
@@ -75,6 +49,4 @@ class FedBABUClient(FedAvgClient):
         train_part(self, options.finetune_epochs, part, stream=FINETUNE_STREAM)
 
 
-register("fedbabu", client=FedBABUClient, server=FedAvgServer,
-         summary="head frozen at its common initialization, body trained and averaged; per-client "
-                 "fine-tuning before evaluation (Oh et al. 2022)")
+register("fedbabu", client=FedBABUClient, server=FedAvgServer)

@@ -29,5 +29,4 @@ class FedPerClient(FedAvgClient):
         return self.full_mask(head_entries(self.model))
 
 
-register("fedper", client=FedPerClient, server=FedAvgServer,
-         summary="personal classifier head, shared body; E epochs of joint SGD (Arivazhagan et al. 2019)")
+register("fedper", client=FedPerClient, server=FedAvgServer)

@@ -10,7 +10,6 @@ default) the two phases share the round's ``train.local_epochs``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from fedselect.core.work import split_local_epochs
@@ -20,35 +19,12 @@ from fedselect.registry import register
 
 from .base import FedAvgServer
 from .fedper import FedPerClient
+from .fedrep_options import FedRepOptions
 from .parts import head_entries, train_part
 
 # generator streams of the two phases, so their sample orders are independent draws
 HEAD_STREAM = 0
 BODY_STREAM = 1
-
-
-@dataclass(frozen=True)
-class FedRepOptions:
-    """FedRep's local schedule.
-
-    Equal local work (:mod:`fedselect.core.work`): the two phases spend ``train.local_epochs``
-    (E) between them. With neither key set, ``body_epochs`` = 1 and ``head_epochs`` = E - 1:
-    FedRep's own schedule is many head epochs per representation epoch (Collins et al. 2021,
-    Sec. 5; the released code's ``--local_ep 11 --local_rep_ep 1`` is 10 head epochs, then 1
-    representation epoch), and 1 body epoch is the closest split of E = 5 to that ratio that
-    still trains the representation. Setting one key gives the other the rest of E; setting
-    both runs them as given (e.g. ``head_epochs: 10, body_epochs: 5``, 3E epochs of work,
-    this project's setting before equal work was the rule), and the logged sample passes show it.
-    """
-
-    head_epochs: int | None = None
-    body_epochs: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.head_epochs is not None and self.head_epochs < 0:
-            raise ConfigError(f"config key 'algo.head_epochs' must be >= 0 or null, got {self.head_epochs}")
-        if self.body_epochs is not None and self.body_epochs < 0:
-            raise ConfigError(f"config key 'algo.body_epochs' must be >= 0 or null, got {self.body_epochs}")
 
 
 class FedRepClient(FedPerClient):
@@ -76,6 +52,4 @@ class FedRepClient(FedPerClient):
         return stats
 
 
-register("fedrep", client=FedRepClient, server=FedAvgServer,
-         summary="personal head; local update = head epochs (body fixed), then body epochs (head fixed) "
-                 "(Collins et al. 2021)")
+register("fedrep", client=FedRepClient, server=FedAvgServer)

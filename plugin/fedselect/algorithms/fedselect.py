@@ -13,15 +13,14 @@ Its difference from FedAvg, on the mask mechanism of :mod:`fedselect.algorithms.
 
 Defaults follow the paper's Table 1 setting: L = 5 GradLTN iterations of E = 5 epochs,
 LocalAlt for ``train.local_epochs`` (5) epochs, u and v taken from theta_0. Where the paper
-leaves a choice open, the option and its default are documented below and in docs/ALGORITHMS.md.
+leaves a choice open, the option and its default are documented in
+:mod:`fedselect.algorithms.fedselect_options` and in docs/ALGORITHMS.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -31,66 +30,15 @@ from fedselect.core.masks import counted_fraction, iou_matrix, personal_fraction
 from fedselect.core.topk import grow_mask
 from fedselect.engine import TrainStats, restore_state, snapshot_state
 from fedselect.models import head_param_names, layer_groups
-from fedselect.options import ConfigError
 from fedselect.plots import plot_iou_heatmap
 from fedselect.registry import register
 
 from .base import FedAvgClient, FedAvgServer, Mask, RunArtifacts, State
+from .fedselect_options import FedSelectOptions
 from .parts import train_localalt
 
 # random-number streams of the calls within one round (LocalAlt uses FedAvg's stream 0)
 _GRADLTN_STREAM = 1000
-
-
-@dataclass(frozen=True)
-class FedSelectOptions:
-    """Options under ``algo:`` for ``algorithm: fedselect``.
-
-    ``p`` means one of two things, after ``mask_search`` (the key keeps its name because configs
-    and studies use it):
-
-    * ``mask_search: gradltn`` (paper Alg. 1): the personalization rate, the *final* fraction of
-      each maskable tensor (``topk_scope: model``: of all maskable entries together) that is
-      personal after a search, exactly up to whole entries (``fraction_rule: compounding``: p^L);
-    * ``mask_search: grow`` (the released code): a *growth rate*, the fraction of each maskable
-      tensor's still-shared entries that turn personal at each growth step; a tensor grows until
-      its personal fraction exceeds ``grow_target``, which bounds the personal fraction, not ``p``.
-    """
-
-    # gradltn: the final personal fraction of each maskable tensor; grow: the share of the
-    # still-shared entries that turn personal per growth step (see the class docstring)
-    p: float = 0.5
-    # gradltn: paper Alg. 1; grow: the released code's online growth (FedSelect v2)
-    mask_search: Literal["gradltn", "grow"] = "gradltn"
-    # GradLTN: L pruning iterations of E local epochs (paper, Table 1 setting: L = 5, E = 5)
-    gradltn_iterations: int = 5
-    gradltn_epochs: int = 5
-    # how p maps onto the L selections (core.gradltn.selection_fractions); geometric ends at p
-    fraction_rule: Literal["geometric", "per_iteration_of_original", "compounding"] = "geometric"
-    # Alg. 1 returns u, v from theta_0; the paper suggests theta_L (trained with the final mask)
-    return_weights: Literal["theta0", "thetaL"] = "theta0"
-    # GradLTN's top-k per tensor (layer-wise, as the released code) or over the whole model (global)
-    topk_scope: Literal["tensor", "model"] = "tensor"
-    # search the mask on every `search_every`-th participation of a client (1: every round)
-    search_every: int = 1
-    # which parameter tensors may hold personal entries: all, or only `*weight` tensors (released code)
-    maskable: Literal["all", "weights"] = "all"
-    # grow variant (released code): every `grow_every` participations, `p` of the still-shared
-    # entries of each tensor become personal, until its personal fraction exceeds `grow_target`
-    grow_every: int = 1
-    grow_target: float = 0.8
-    # one LocalAlt epoch: "split" (v on half the epoch's samples, then u on the other half: one
-    # pass, equal local work) or "two_passes" (a full pass over v, then over u: the released code)
-    localalt_epoch: Literal["split", "two_passes"] = "split"
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.p < 1.0:
-            raise ConfigError(f"config key 'algo.p' must be in (0, 1) (exclusive), got {self.p!r}")
-        for key in ("gradltn_iterations", "gradltn_epochs", "search_every", "grow_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key 'algo.{key}' must be >= 1, got {getattr(self, key)!r}")
-        if not 0.0 < self.grow_target <= 1.0:
-            raise ConfigError(f"config key 'algo.grow_target' must be in (0, 1], got {self.grow_target!r}")
 
 
 class FedSelectClient(FedAvgClient):
@@ -205,6 +153,4 @@ class FedSelectClient(FedAvgClient):
         return metrics
 
 
-register("fedselect", client=FedSelectClient, server=FedAvgServer,
-         summary="GradLTN picks each client's personal entries; LocalAlt trains personal then shared entries; "
-                 "the server averages each entry over the clients sharing it")
+register("fedselect", client=FedSelectClient, server=FedAvgServer)

@@ -5,72 +5,25 @@ the client and a shared part u that is averaged; they differ in two settings
 (:class:`PartitionSetting`): whether the configured groups are the personal or the shared part,
 and whether the local schedule is LocalAlt (FedAlt, Pillutla et al. 2022, Alg. 1) or FedAvg's
 joint SGD (LG-FedAvg, Liang et al. 2020, Alg. 1). :class:`GroupPartitionClient` implements both;
-:mod:`fedselect.algorithms.fedalt` and :mod:`fedselect.algorithms.lg_fedavg` declare their
-options (a :class:`GroupOptions` dataclass carrying its setting) and register the client.
+:mod:`fedselect.algorithms.fedalt` and :mod:`fedselect.algorithms.lg_fedavg` register the client;
+their options (a :class:`GroupOptions` dataclass carrying its setting) are in
+:mod:`fedselect.algorithms.group_options`, which imports no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from fedselect.engine import ClientDataset, TrainStats
-from fedselect.options import ConfigError
 
 from .base import FedAvgClient, Mask, RunContext
+from .group_options import GroupOptions, PartitionSetting
 from .parts import entries_of_params, group_param_names, train_localalt
 
 __all__ = ["GroupOptions", "GroupPartitionClient", "PartitionSetting"]
-
-
-@dataclass(frozen=True)
-class PartitionSetting:
-    """How an algorithm reads its layer-group option and trains.
-
-    ``groups_key``: the option (under ``algo:``) naming the layer groups.
-    ``groups_personal``: True, the named groups are personal and the rest shared (FedAlt);
-    False, the named groups are shared and the rest, BatchNorm statistics included, personal
-    (LG-FedAvg).
-    ``localalt``: True, LocalAlt with the option ``localalt_epoch``; False, joint SGD.
-    """
-
-    groups_key: str
-    groups_personal: bool
-    localalt: bool
-
-    @property
-    def key(self) -> str:
-        return f"algo.{self.groups_key}"
-
-    def check_names(self, groups: Sequence[str]) -> None:
-        """At least one layer group, none twice (a ConfigError naming the key)."""
-        if not groups:
-            # FedAlt with nothing personal is FedAvg; LG-FedAvg with nothing shared is 'local'
-            empty = "personal the run is 'fedavg'" if self.groups_personal else "shared the run is 'local'"
-            raise ConfigError(f"config key '{self.key}' must name at least one layer group (with nothing {empty})")
-        if len(set(groups)) != len(groups):
-            raise ConfigError(f"config key '{self.key}' names a group twice: {list(groups)}")
-
-    def check_coverage(self, named: set[str], state: set[str]) -> None:
-        """The named groups' entries must leave the other part non-empty."""
-        if not state - named:
-            # FedAlt with nothing shared is 'local'; LG-FedAvg with nothing personal is FedAvg
-            rest = "shared (that is 'local')" if self.groups_personal else "personal (that is FedAvg)"
-            raise ConfigError(f"config key '{self.key}' covers the whole model: nothing is {rest}")
-
-
-class GroupOptions:
-    """Base of a group-partition algorithm's options dataclass: its ``partition`` setting, and
-    the check of the layer groups it names (when the config is validated)."""
-
-    partition: ClassVar[PartitionSetting]
-
-    def __post_init__(self) -> None:
-        self.partition.check_names(getattr(self, self.partition.groups_key))
 
 
 class GroupPartitionClient(FedAvgClient):

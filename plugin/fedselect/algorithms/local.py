@@ -15,5 +15,4 @@ class LocalClient(FedAvgClient):
         return self.full_mask()
 
 
-register("local", client=LocalClient, server=FedAvgServer,
-         summary="each client trains alone from the common initialization; no communication")
+register("local", client=LocalClient, server=FedAvgServer)
