@@ -263,6 +263,23 @@ def test_oversized_message_is_refused_naming_the_sender(channels, pki):
         client.send_message(message(3, 1, 0, blob=torch.zeros(300_000)))
 
 
+def test_server_cap_grows_once_the_model_is_known(channels, pki):
+    """The server listens before it knows the model (join cap 16 MiB); a larger model's cap relistens."""
+    from fedselect.fedml_runtime.grpc_channel import MessageRefused
+    from fedselect.fedml_runtime.transport import JOIN_CAP_BYTES
+
+    server = channels.make(0, transport(pki["a"], 0))
+    client = channels.make(1, transport(pki["a"], 1), cap=64 * MB)
+    assert server.message_cap == JOIN_CAP_BYTES
+    big = message(3, 1, 0, blob=torch.zeros(5 * MB))  # 20 MiB
+    with pytest.raises(MessageRefused, match="the join phase's cap"):
+        client.send_message(big)
+    server.set_message_cap(40 * MB, "from the model")
+    client.send_message(big)
+    got = [m for m in drain(server) if m is not None]
+    assert len(got) == 1 and got[0].get("blob").numel() == 5 * MB
+
+
 def test_insecure_channel_names_the_claimed_sender(channels):
     from fedselect.fedml_runtime.grpc_channel import MessageRefused
 
