@@ -108,7 +108,7 @@ def mean_curves(groups: Mapping[str, Sequence[RunStats]], key: str = names.MEAN_
 
 
 def plot_learning_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path,
-                         styles: Styles | None = None) -> None:
+                         styles: Styles | None = None, labels: Mapping[str, str] | None = None) -> None:
     """Mean over seeds per round (rounds 1..R); a ± std band only where the seeds differ (none with one seed)."""
     plt = _pyplot()
     styles = styles or method_styles(list(curves))
@@ -116,8 +116,8 @@ def plot_learning_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.n
     banded = False
     for name, (rounds, mean, std) in curves.items():
         color, marker = styles[name]
-        ax.plot(rounds, 100 * mean, color=color, label=name, marker=marker, markevery=max(1, len(rounds) // 10),
-                markersize=4)
+        ax.plot(rounds, 100 * mean, color=color, label=(labels or {}).get(name, name), marker=marker,
+                markevery=max(1, len(rounds) // 10), markersize=4)
         if np.any(std > 0):
             banded = True
             ax.fill_between(rounds, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
@@ -190,31 +190,34 @@ def plot_accuracy_vs_p(selection: Selection, path: Path) -> str | None:
 # ------------------------------------------------------------------------ accuracy vs cost
 
 
-def _scatter(ax: Any, xs: Sequence[float], rows: Sequence[Mapping[str, Any]], styles: Styles | None = None) -> None:
+def _scatter(ax: Any, xs: Sequence[float], rows: Sequence[Mapping[str, Any]], styles: Styles | None = None,
+             labels: Mapping[str, str] | None = None) -> None:
     styles = styles or method_styles([r["run"] for r in rows])
     for x, row in zip(xs, rows, strict=True):
         color, marker = styles[row["run"]]
+        label = (labels or {}).get(row["run"], row["run"])
         ax.errorbar([x], [100 * row["final_acc_mean"]], yerr=[100 * row["final_acc_std"]], color=color,
-                    marker=marker, capsize=3, linestyle="none", label=row["run"])
-        ax.annotate(row["run"], (x, 100 * row["final_acc_mean"]), textcoords="offset points", xytext=(4, 4),
+                    marker=marker, capsize=3, linestyle="none", label=label)
+        ax.annotate(label, (x, 100 * row["final_acc_mean"]), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
     ax.grid(alpha=0.3)
 
 
-def plot_accuracy_vs_bytes(rows: Sequence[Mapping[str, Any]], path: Path, styles: Styles | None = None) -> None:
+def plot_accuracy_vs_bytes(rows: Sequence[Mapping[str, Any]], path: Path, styles: Styles | None = None,
+                           labels: Mapping[str, str] | None = None) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, label in ((axes[0], "bytes_up_per_client_round", "MB up per client per round"),
                            (axes[1], "bytes_down_per_client_round", "MB down per client per round")):
-        _scatter(ax, [r[key] / 1e6 for r in rows], rows, styles)
+        _scatter(ax, [r[key] / 1e6 for r in rows], rows, styles, labels)
         ax.set_xlabel(label)
     axes[0].set_ylabel("final mean client test accuracy (%)")
     fig.suptitle("accuracy vs communication (± std over seeds)")
     _save(fig, path)
 
 
-def plot_accuracy_vs_compute(rows: Sequence[Mapping[str, Any]], path: Path, styles: Styles | None = None
-                             ) -> str | None:
+def plot_accuracy_vs_compute(rows: Sequence[Mapping[str, Any]], path: Path, styles: Styles | None = None,
+                             labels: Mapping[str, str] | None = None) -> str | None:
     """Only variants whose runs log ``compute_backward_mean``; returns the reason when none do."""
     with_compute = [r for r in rows if r.get("compute_backward_per_client_round") is not None]
     if not with_compute:
@@ -224,7 +227,7 @@ def plot_accuracy_vs_compute(rows: Sequence[Mapping[str, Any]], path: Path, styl
         log.info("accuracy vs compute: left out variants that log no compute: %s", ", ".join(missing))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    _scatter(ax, [r["compute_backward_per_client_round"] for r in with_compute], with_compute, styles)
+    _scatter(ax, [r["compute_backward_per_client_round"] for r in with_compute], with_compute, styles, labels)
     ax.set_xlabel("estimated backward GFLOPs per client per round (compute_backward_mean)")
     ax.set_ylabel("final mean client test accuracy (%)")
     ax.set_title("accuracy vs compute (± std over seeds)")
@@ -267,6 +270,16 @@ def collect_artifacts(stats: Sequence[RunStats], out_dir: Path) -> list[dict[str
 # ------------------------------------------------------------------------------------ main
 
 
+def display_names(selection: Selection) -> dict[str, str]:
+    """Each run variant's legend name: the study's display name (``FedSelect (p = 0.5)``), else the
+    ``display`` tag its runs were logged with, else the variant name."""
+    names_ = {name: next((s.tags["display"] for s in members if "display" in s.tags), name)
+              for name, members in selection.groups.items()}
+    if selection.study is not None:
+        names_.update({name: selection.study.display(name) for name in names_ if name in selection.study.runs})
+    return names_
+
+
 def make_figures(selection: Selection, out_dir: Path) -> dict[str, Any]:
     """Write every figure there is data for into ``out_dir``; returns (and writes) the index."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +294,8 @@ def make_figures(selection: Selection, out_dir: Path) -> dict[str, Any]:
 
     # one look per method across the study's figures
     styles = method_styles([*selection.groups, *(r["run"] for r in selection.rows)])
-    plot_learning_curves(mean_curves(selection.groups), out_dir / "learning_curves.png", styles)
+    labels = display_names(selection)
+    plot_learning_curves(mean_curves(selection.groups), out_dir / "learning_curves.png", styles, labels)
     done("learning_curves", "Mean client test accuracy per round (rounds 1..R; MLflow step = round - 1); line: "
                             "mean over seeds, band: ± std over seeds (none with one seed).")
     reason = plot_accuracy_vs_p(selection, out_dir / "accuracy_vs_p.png")
@@ -290,10 +304,10 @@ def make_figures(selection: Selection, out_dir: Path) -> dict[str, Any]:
     else:
         done("accuracy_vs_p", "Final mean client accuracy of FedSelect against its personalization rate p "
                               "(FedSelect paper, Figure 2); error bars: ± std over seeds.")
-    plot_accuracy_vs_bytes(selection.rows, out_dir / "accuracy_vs_bytes.png", styles)
+    plot_accuracy_vs_bytes(selection.rows, out_dir / "accuracy_vs_bytes.png", styles, labels)
     done("accuracy_vs_bytes", "Final mean client accuracy against bytes uploaded (left) and downloaded (right) "
                               "per client per round.")
-    reason = plot_accuracy_vs_compute(selection.rows, out_dir / "accuracy_vs_compute.png", styles)
+    reason = plot_accuracy_vs_compute(selection.rows, out_dir / "accuracy_vs_compute.png", styles, labels)
     if reason:
         skipped("accuracy_vs_compute", reason)
     else:

@@ -91,10 +91,16 @@ def test_every_shipped_config_validates(study_file):
             load_config_dict(run_config(study, run, seed))
 
 
-def test_study_schema_rejects_runs_that_change_the_data(tmp_path):
-    from fedselect.study import StudyError, load_study
+def test_study_runs_that_change_the_data_get_their_own_partitions(tmp_path):
+    """Runs may vary the data; runs with one data section share its partition, others get their own."""
+    from fedselect.study import StudyError, data_key, load_study
 
+    path = tmp_path / "s.yaml"
+    path.write_text("study: s\nseeds: [0]\nruns:\n  a: {algorithm: fedavg, data: {dataset: mnist}}\n"
+                    "  b: {algorithm: local, data: {dataset: mnist}}\n  c: {algorithm: fedavg}\n")
+    study = load_study(path)
+    assert data_key(study, "a") == data_key(study, "b") != data_key(study, "c")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("study: bad\nseeds: [0]\nruns:\n  a: {algorithm: fedavg, data: {dataset: mnist}}\n")
+    bad.write_text("study: bad\nseeds: [0]\nruns:\n  a: {algorithm: fedavg, dat: {dataset: mnist}}\n")
     with pytest.raises(StudyError, match="runs.a"):
         load_study(bad)

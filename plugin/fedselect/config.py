@@ -162,6 +162,8 @@ class TrackingConfig:
     tracking_uri: str | None = None
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # the MLflow experiment's description (a study sets its own)
+    description: str | None = None
 
 
 @dataclass(frozen=True)
