@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -155,23 +156,25 @@ def masks_section(records: Sequence[Path]) -> list[str]:
     return lines + [""]
 
 
-def reproduce_command(study_file: Path, name: str, results_dir: Path) -> str:
+def reproduce_command(study_file: Path, name: str, results_dir: Path, overrides: Sequence[str] = ()) -> str:
     """The command that runs this study again: by name for ``configs/<name>.yaml`` into ``results/``,
-    else by study file and results folder (the Snakefile's ``study_file=`` / ``results_dir=``)."""
+    else by study file and results folder (the Snakefile's ``study_file=`` / ``results_dir=``), with
+    the whole-study overrides it ran with (``set=``)."""
     repo = Path(__file__).resolve().parents[1]
     in_configs = Path(study_file).resolve() == (repo / "configs" / f"{name}.yaml").resolve()
     default_results = Path(results_dir).resolve() == (repo / "results").resolve()
+    tail = f" set={shlex.quote(','.join(overrides))}" if overrides else ""
     if in_configs and default_results:
-        return f"snakemake all --cores 2 --config study={name}"
-    return f"snakemake all --cores 2 --config study_file={study_file} results_dir={results_dir}"
+        return f"snakemake all --cores 2 --config study={name}{tail}"
+    return f"snakemake all --cores 2 --config study_file={study_file} results_dir={results_dir}{tail}"
 
 
 def build_report(study_file: Path, summary: Path, figures_dir: Path, out: Path,
-                 records: Sequence[Path] = ()) -> str:
-    study = load_study(study_file)
+                 records: Sequence[Path] = (), overrides: Sequence[str] = ()) -> str:
+    study = load_study(study_file, overrides=overrides)
     paper = read_study_paper(study)
     lines = [f"# Study `{study.name}`", "",
-             f"Reproduce: `{reproduce_command(study_file, study.name, out.parent.parent)}` "
+             f"Reproduce: `{reproduce_command(study_file, study.name, out.parent.parent, overrides)}` "
              f"(study file `{study_file}`).", ""]
     lines += setting_section(study, paper)
     lines += ["## Results", ""] + _table_body(summary.read_text(encoding="utf-8")) + [""]
@@ -188,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", type=Path, required=True, help="summary.md written by analysis.summarize")
     parser.add_argument("--figures", type=Path, required=True, help="folder written by analysis.figures")
     parser.add_argument("--out", type=Path, required=True, help="the Markdown report to write")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a whole-study override the study ran with (the workflow's set=); repeatable")
     ns = parser.parse_args(argv)
     try:
-        text = build_report(ns.study, ns.summary, ns.figures, ns.out, ns.records)
+        text = build_report(ns.study, ns.summary, ns.figures, ns.out, ns.records, ns.set)
     except (ValueError, FileNotFoundError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 2

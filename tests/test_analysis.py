@@ -354,6 +354,9 @@ def test_reproduce_command_names_a_study_outside_configs_by_its_file(tmp_path):
         f"snakemake all --cores 2 --config study_file={mine} results_dir={tmp_path / 'out'}"
     # a study of configs/ written into another results folder needs that folder too
     assert "results_dir=" in reproduce_command(repo / "configs" / "default.yaml", "default", tmp_path)
+    assert reproduce_command(repo / "configs" / "default.yaml", "default", repo / "results",
+                             ["train.rounds=2", "algo.x=[1, 2]"]) == \
+        "snakemake all --cores 2 --config study=default set='train.rounds=2,algo.x=[1, 2]'"
 
 
 def test_one_seed_prints_n_1_not_a_zero_spread():

@@ -121,8 +121,11 @@ rule report:
         records=expand(f"{OUT}/runs/{{run}}-seed{{seed}}.json", run=RUNS, seed=SEEDS),
     output:
         f"{OUT}/report.md",
+    params:
+        # the whole-study overrides (set=), so the report's Reproduce line and setting show them
+        overrides="".join(f"--set {shlex.quote(o)} " for o in STUDY.overrides),
     log:
         f"{OUT}/logs/report.log",
     shell:
         "python -m analysis.report --study {input.study} --summary {input.summary} --figures {input.figures} "
-        "--out {output} {input.records} > {log} 2>&1"
+        "--out {output} {params.overrides}{input.records} > {log} 2>&1"

@@ -142,13 +142,17 @@ def per_client_csv(result: RoundResult, clients: Mapping[int, Any] | Sequence[An
 def run_params(config: ExperimentConfig, options: Any, *, deployed: bool = False) -> dict[str, Any]:
     """What a run logs as MLflow params: its config, with ``algo`` holding every resolved option.
 
-    Unset keys (None) outside ``algo`` and, for a simulated run, the ``deploy`` section (unused by
-    ``run``) are left out, so the run page and the compare view show what shaped the run; the whole config, unset keys
-    included, is the run's ``config.yaml`` artifact.
+    Unset keys (None) outside ``algo``, an empty ``algo`` and, for a simulated run, the ``deploy``
+    section (unused by ``run``) are left out, so the run page and the compare view show what shaped
+    the run; the whole config, unset keys included, is the run's ``config.yaml`` artifact.
     """
     params = _without_none(config.to_dict())
-    # every resolved option, unset ones too: the record of what the algorithm ran with
-    params["algo"] = resolved_dict(options)
+    # every resolved option, unset ones too: the record of what the algorithm ran with; an algorithm
+    # without options logs none (an `algo={}` param would be the compare view's first axis)
+    params.pop("algo", None)
+    if resolved_dict(options):
+        params["algo"] = resolved_dict(options)
+    params.get("tracking", {}).pop("description", None)  # the experiment's description, not the run's
     if not deployed:
         params.pop("deploy", None)
     return params
