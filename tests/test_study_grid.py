@@ -184,3 +184,13 @@ def test_dry_run_fails_on_a_typo_naming_run_and_key(tmp_path):
     assert out.returncode != 0
     assert "run 'fedselect': unknown config key 'algo.pp'" in log, log[-3000:]
     assert "Traceback" not in log
+
+
+@pytest.mark.integration
+def test_dry_run_applies_whole_study_overrides(tmp_path):
+    study_file = write_study(tmp_path, {"runs": {"fedavg": {"algorithm": "fedavg"}}})
+    results = f"results_dir={tmp_path / 'results'}"
+    ok = _snakemake(f"study_file={study_file}", results, "set=train.rounds=3,train.lr=0.05")
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
+    bad = _snakemake(f"study_file={study_file}", results, "set=train.roundz=3")
+    assert bad.returncode != 0 and "run 'fedavg': unknown config key 'train.roundz'" in bad.stdout + bad.stderr
