@@ -33,6 +33,7 @@ from fedselect.data import (
     resolve_data_root,
     sources,
 )
+from fedselect.data import torchvision_source as tvs
 
 # deliberately not in alphabetical order: labels must follow the sorted folder names
 CLASSES = ["zebra", "ant", "cat"]
@@ -214,7 +215,7 @@ def test_missing_data_offline_download_does_not_hang(tmp_path: Path, cache_dir: 
         checked.append(list(hosts))
         return False
 
-    monkeypatch.setattr(sources, "network_available", offline)
+    monkeypatch.setattr(tvs, "network_available", offline)
     with pytest.raises(DataNotFoundError, match="no network"):
         load_image_dataset("cifar10", tmp_path, download=True, cache_dir=cache_dir)
     assert checked and checked[0][0][1] in (80, 443)
@@ -250,8 +251,8 @@ class _FakeTorchvision:
 def test_torchvision_source_download(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                      layout: str) -> None:
     fake = type("Fake", (_FakeTorchvision,), {"layout": layout})
-    monkeypatch.setattr(sources, "_torchvision_class", lambda name: fake)
-    monkeypatch.setattr(sources, "network_available", lambda hosts, timeout=3.0: True)
+    monkeypatch.setattr(tvs, "torchvision_class", lambda name: fake)
+    monkeypatch.setattr(tvs, "network_available", lambda hosts, timeout=3.0: True)
     data = load_image_dataset("cifar10", tmp_path, download=True, cache_dir=cache_dir)
     assert fake.downloaded and data.source == "torchvision:CIFAR10"
     channels = 3 if layout == "cifar" else 1
@@ -264,8 +265,8 @@ def test_torchvision_source_download(tmp_path: Path, cache_dir: Path, monkeypatc
 def test_torchvision_download_failure(tmp_path: Path, cache_dir: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     fake = type("Fake", (_FakeTorchvision,), {"fail_download": True})
-    monkeypatch.setattr(sources, "_torchvision_class", lambda name: fake)
-    monkeypatch.setattr(sources, "network_available", lambda hosts, timeout=3.0: True)
+    monkeypatch.setattr(tvs, "torchvision_class", lambda name: fake)
+    monkeypatch.setattr(tvs, "network_available", lambda hosts, timeout=3.0: True)
     before = socket.getdefaulttimeout()
     with pytest.raises(DataNotFoundError, match="download failed: HTTP Error 503"):
         load_image_dataset("cifar10", tmp_path, download=True, cache_dir=cache_dir)
@@ -277,6 +278,42 @@ def test_missing_imagefolder_and_unknown_name(tmp_path: Path, cache_dir: Path) -
         load_image_dataset(f"imagefolder:{tmp_path / 'nowhere'}", cache_dir=cache_dir)
     with pytest.raises(ValueError, match="imagenet"):
         load_image_dataset("imagenet", tmp_path, cache_dir=cache_dir)
+
+
+def _idx_gz(path: Path, array: np.ndarray) -> None:
+    """An MNIST idx file (big-endian header: magic, dims), gzip'd as torchvision's download leaves it."""
+    import gzip
+    import struct
+
+    magic = 0x08 << 8 | array.ndim  # type 0x08: unsigned bytes
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_from_its_raw_gz_files_offline(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only torchvision's downloaded .gz files under <root>/MNIST/raw: read offline by name, extracted once
+    into the cache (the data folder is left as it was), with download=True never probing the network."""
+    raw = tmp_path / "MNIST" / "raw"
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.integers(0, 256, (6, 28, 28)), rng.integers(0, 256, (4, 28, 28))
+    _idx_gz(raw / "train-images-idx3-ubyte.gz", train_x)
+    _idx_gz(raw / "train-labels-idx1-ubyte.gz", np.arange(6) % 10)
+    _idx_gz(raw / "t10k-images-idx3-ubyte.gz", test_x)
+    _idx_gz(raw / "t10k-labels-idx1-ubyte.gz", np.array([3, 1, 4, 1]))
+    before = sorted(p.name for p in raw.iterdir())
+
+    def no_network(*_args: object, **_kwargs: object) -> bool:
+        raise AssertionError("the network was probed although the archives are here")
+
+    monkeypatch.setattr(tvs, "network_available", no_network)
+    for download in (False, True):
+        data = load_image_dataset("mnist", tmp_path, download=download, cache_dir=cache_dir)
+        assert data.train_x.shape == (6, 1, 28, 28) and data.test_y.tolist() == [3, 1, 4, 1]
+        assert torch.equal(data.train_x[:, 0], torch.as_tensor(train_x, dtype=torch.uint8))
+    assert sorted(p.name for p in raw.iterdir()) == before
+    assert list((cache_dir / "torchvision").glob("MNIST-*/MNIST/raw/train-images-idx3-ubyte"))
 
 
 # ---------------------------------------------------------------- partitions

@@ -18,10 +18,7 @@ import hashlib
 import math
 import multiprocessing
 import os
-import socket
 import sys
-import threading
-import urllib.parse
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,12 +40,12 @@ __all__ = [
     "DataCacheError",
     "DataNotFoundError",
     "ImageData",
+    "accepted_datasets",
     "canonical_name",
     "channel_stats",
     "decode_images",
     "default_cache_dir",
     "load_image_dataset",
-    "network_available",
     "resolve_data_root",
 ]
 
@@ -70,9 +67,6 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 # bump when the cache file layout changes, so old files are never misread
 _CACHE_FORMAT = 1
-_CONNECT_TIMEOUT_S = 3.0
-# seconds without a byte before a download counts as stalled
-_DOWNLOAD_STALL_S = 60.0
 # below this many files a worker pool costs more than it saves
 _POOL_MIN_FILES = 2000
 _CHUNK_FILES = 1000
@@ -142,6 +136,13 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "fedselect"
 
 
+def accepted_datasets() -> str:
+    """What a ``data.dataset`` may name, for error messages."""
+    return ("expected one of " + ", ".join(sorted(KNOWN_DATASETS)) + ", amazon_reviews, 'imagefolder:<path>', "
+            "or a text file or folder read with Hugging Face datasets: 'csv:<path>', 'jsonl:<path>', "
+            "'parquet:<path>', 'disk:<folder saved with save_to_disk>', 'hf:<hub name>'")
+
+
 def canonical_name(name: str) -> str:
     """Lower-case canonical dataset name; ``imagefolder:<path>`` keeps its path's spelling."""
     if name.lower().startswith("imagefolder:"):
@@ -177,18 +178,20 @@ def load_image_dataset(
     if cname.startswith("imagefolder:"):
         folder = Path(cname.split(":", 1)[1]).expanduser()
         if not _is_imagefolder_pair(folder):
-            raise DataNotFoundError(_missing_message(name, folder, imagefolder_only=True))
+            raise DataNotFoundError(f"dataset {name!r}: no ImageFolder tree at {folder} (expected "
+                                    f"{folder}/train/<class>/<image> and {folder}/test/<class>/<image>)")
         # the folder's own name is the most useful short name ("cifar10" for .../cifar10)
         short = folder.resolve().name.lower() or "imagefolder"
         return _load_imagefolder(short, folder, cache)
     if cname not in KNOWN_DATASETS:
-        known = ", ".join(sorted(KNOWN_DATASETS))
-        raise ValueError(f"unknown dataset {name!r}: expected one of {known} or 'imagefolder:<path>'")
+        raise ValueError(f"unknown dataset {name!r}: {accepted_datasets()}")
     data_root = resolve_data_root(root)
     folder = data_root / cname
     if _is_imagefolder_pair(folder):
         return _load_imagefolder(cname, folder, cache)
-    return _load_torchvision(cname, data_root, download=download)
+    from .torchvision_source import load_torchvision  # torchvision imports slowly
+
+    return load_torchvision(cname, data_root, download=download, cache_dir=cache)
 
 
 # ---------------------------------------------------------------- ImageFolder sources
@@ -426,112 +429,3 @@ def channel_stats(x: torch.Tensor, batch: int = 4096) -> tuple[tuple[float, ...]
     mean = total / n
     var = (total_sq / n - mean * mean).clamp_min(0.0)
     return tuple(float(v) / 255.0 for v in mean), tuple(math.sqrt(float(v)) / 255.0 for v in var)
-
-
-# ---------------------------------------------------------------- torchvision sources
-
-
-def _torchvision_class(name: str) -> Any:
-    """The torchvision dataset class of canonical ``name`` (imported lazily: it is slow)."""
-    import torchvision.datasets as tvd
-
-    return getattr(tvd, KNOWN_DATASETS[name])
-
-
-def _download_hosts(cls: Any) -> list[tuple[str, int]]:
-    """(host, port) of every download URL a torchvision dataset class declares."""
-    urls: list[str] = []
-    if isinstance(getattr(cls, "url", None), str):
-        urls.append(cls.url)
-    urls.extend(m for m in getattr(cls, "mirrors", []) if isinstance(m, str))
-    hosts = []
-    for url in urls:
-        parts = urllib.parse.urlsplit(url)
-        if parts.hostname:
-            hosts.append((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
-    return hosts
-
-
-def network_available(hosts: Sequence[tuple[str, int]], timeout: float = _CONNECT_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to any of ``hosts`` opens within ``timeout`` seconds (per host)."""
-    return any(_connects(host, port, timeout) for host, port in hosts)
-
-
-def _connects(host: str, port: int, timeout: float) -> bool:
-    """Whether one TCP connection, DNS lookup included, opens within ``timeout`` seconds."""
-    # socket timeouts do not cover the DNS lookup, which can stall for many seconds on a
-    # machine without network; a daemon thread bounds the whole attempt
-    result: list[bool] = []
-
-    def attempt() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    worker = threading.Thread(target=attempt, name=f"fedselect-netcheck-{host}", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return bool(result and result[0])
-
-
-def _load_torchvision(name: str, root: Path, *, download: bool) -> ImageData:
-    """Load a named dataset from torchvision's files under ``root``, downloading them if allowed."""
-    cls = _torchvision_class(name)
-    try:
-        train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
-    except RuntimeError as missing:
-        if not download:
-            raise DataNotFoundError(_missing_message(name, root, reason="download=False")) from missing
-        hosts = _download_hosts(cls)
-        if not network_available(hosts):
-            where = ", ".join(f"{h}:{p}" for h, p in hosts) or "its download host"
-            raise DataNotFoundError(_missing_message(
-                name, root, reason=f"no network: could not connect to {where} within {_CONNECT_TIMEOUT_S:g} s"
-            )) from missing
-        # torchvision's urlopen has no timeout: a connection that opens but then stalls (a proxy,
-        # a dead mirror) would hang forever; the default socket timeout turns that into an error
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(_DOWNLOAD_STALL_S)
-        try:
-            train = cls(str(root), train=True, download=True)
-            test = cls(str(root), train=False, download=True)
-        except Exception as exc:  # urllib, HTTP and checksum errors all mean "not downloaded"
-            raise DataNotFoundError(_missing_message(name, root, reason=f"download failed: {exc}")) from exc
-        finally:
-            socket.setdefaulttimeout(previous)
-    train_x, train_y = _torchvision_tensors(train)
-    test_x, test_y = _torchvision_tensors(test)
-    mean, std = channel_stats(train_x)
-    return ImageData(name, train_x, train_y, test_x, test_y, [str(c) for c in train.classes], mean, std,
-                     f"torchvision:{KNOWN_DATASETS[name]}")
-
-
-def _torchvision_tensors(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 NCHW images, int64 labels) of a torchvision dataset object."""
-    x = torch.as_tensor(np.asarray(ds.data), dtype=torch.uint8)
-    # CIFAR keeps N x H x W x C numpy arrays, MNIST-style sets N x H x W tensors
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
-    return x.contiguous(), y
-
-
-def _missing_message(name: str, root: Path, *, reason: str = "", imagefolder_only: bool = False) -> str:
-    """What :class:`DataNotFoundError` says: where it looked, what it expected, how to fix it."""
-    if imagefolder_only:
-        return (
-            f"dataset {name!r}: no ImageFolder tree at {root} (expected {root}/train/<class>/<image> "
-            f"and {root}/test/<class>/<image>)"
-        )
-    tv_folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python",
-                 "fashionmnist": "FashionMNIST/raw", "mnist": "MNIST/raw"}[name]
-    return (
-        f"dataset {name!r} not found under the data root {root} (resolved: {root.resolve()}). Expected "
-        f"either an ImageFolder tree {root}/{name}/train/<class>/<image> and "
-        f"{root}/{name}/test/<class>/<image>, "
-        f"or torchvision's files {root}/{tv_folder}. Set the root with the data root option or the "
-        f"environment variable {DATA_ROOT_ENV}. Downloading needs network access"
-        + (f" ({reason})." if reason else ".")
-    )
-
