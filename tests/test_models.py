@@ -55,7 +55,7 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_available_models() -> None:
-    assert available_models() == ["cnn", "efficientnet_lite0", "minilm", "resnet18"]
+    assert available_models() == ["cnn", "efficientnet_lite0", "minilm", "resnet18", "resnet50"]
 
 
 @pytest.mark.parametrize(("channels", "size", "flat"), [(3, 32, 64 * 5 * 5), (1, 28, 64 * 4 * 4)])

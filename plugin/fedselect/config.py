@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,12 +94,63 @@ class DataConfig:
                "must be >= 8 pixels, or null to keep the stored size")
 
 
+BUILTIN_MODELS = ("cnn", "efficientnet_lite0", "minilm", "resnet18", "resnet50")
+"""Model names known without importing torch (``fedselect.models`` registers these, plugins may add more)."""
+NAMED_WEIGHTS = ("none", "imagenet", "pretrained")
+
+
+def _registered(attribute: str) -> set[str]:
+    """Names a loaded ``fedselect.models`` registry knows beyond the built-ins (plugins); never imports it."""
+    models = sys.modules.get("fedselect.models")
+    registry = getattr(models, "_MODELS", None) if models is not None else None
+    if not isinstance(registry, dict):
+        return set()
+    if attribute == "names":
+        return set(registry)
+    return {w for registration in registry.values() for w in getattr(registration, "pretrained", {})}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which network, and which initial weights (none, a local file, or `imagenet`)."""
+    """Which network, and which initial weights (none, a local file, or `imagenet`).
 
+    Checked without importing torch: the name's form, ``model.path`` (an existing folder with a
+    config.json) and that ``model.weights`` is a known name or an existing file. A ``timm:`` name
+    is checked against timm's list only when the model is built.
+    """
+
+    # cnn, resnet18, resnet50, efficientnet_lite0, minilm (or a plugin's); hf: any Hugging Face
+    # encoder from model.path; timm:<name>: any timm model, e.g. timm:resnet10t
     name: str = "cnn"
+    # null: random init (hf: the folder's own weights); none: random init; a state-dict file
+    # (torch.save'd or .safetensors); or a named checkpoint: imagenet, pretrained (minilm, hf)
     weights: str | None = None
+    # hf only: the local Hugging Face folder (config.json, weights, tokenizer files)
+    path: str | None = None
+    # hf only: mean (over non-pad tokens) or cls (first token) of the last hidden states; null: mean
+    pooling: Literal["mean", "cls"] | None = None
+
+    def __post_init__(self) -> None:
+        name = self.name.strip().lower()
+        timm_name = name.startswith("timm:")
+        known = sorted(set(BUILTIN_MODELS) | _registered("names"))
+        check(name == "hf" or (timm_name and bool(name[5:].strip())) or name in known, "model.name",
+              f"unknown model {self.name!r}; accepted: {', '.join(known)}, hf (with model.path) or "
+              "timm:<name> (any timm model)")
+        for key in ("path", "pooling"):
+            check(name == "hf" or getattr(self, key) is None, f"model.{key}", f"is only used by model.name hf, "
+                  f"not {self.name!r}")
+        if name == "hf":
+            check(self.path is not None, "model.path", "is required for model.name hf (a local Hugging Face folder)")
+            folder = Path(str(self.path)).expanduser()
+            check(folder.is_dir(), "model.path", f"folder not found: {folder}")
+            check((folder / "config.json").is_file(), "model.path", f"{folder} has no config.json "
+                  "(expected a save_pretrained folder)")
+        if self.weights is not None:
+            label = self.weights.strip().lower()
+            named = set(NAMED_WEIGHTS) | _registered("weights")
+            check(label in named or Path(self.weights).expanduser().is_file(), "model.weights",
+                  f"file not found: {self.weights} (expected null, {', '.join(sorted(named))} or a state-dict file)")
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,19 @@
 
 ``build_model(name, num_classes, ...)`` builds a registered architecture and optionally loads
 weights: ``None``/``"none"`` (random init, the caller seeds torch), a local ``torch.save``'d
-state_dict, or a named pretrained checkpoint such as ``"imagenet"`` for ``resnet18``. Later work
-adds architectures with :func:`register_model` and declares their layer groups with
-:func:`register_layer_groups` without touching this package.
+(or ``.safetensors``) state_dict, or a named pretrained checkpoint such as ``"imagenet"`` for
+``resnet18``. Later work adds architectures with :func:`register_model` and declares their layer
+groups with :func:`register_layer_groups` without touching this package.
+
+Besides the registered names, two open forms take a user's own model, with layer groups found
+from its structure: ``hf`` (any Hugging Face encoder from the local folder ``path``, see
+:mod:`fedselect.models.hf`) and ``timm:<name>`` (any timm model, see
+:mod:`fedselect.models.timm_models`). :func:`build_model_from_config` builds from a config's
+``model`` section; :func:`tokenizer_for` gives a text model's own tokenizer.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -33,12 +38,24 @@ from fedselect.models.groups import (
     register_layer_groups,
     resolve_groups,
 )
-from fedselect.models.resnet import IMAGENET_URL, build_resnet18
-from fedselect.models.text import MiniLMClassifier, build_minilm, minilm_pretrained_state_dict
+from fedselect.models.hf import HFEncoderClassifier, build_hf
+from fedselect.models.resnet import IMAGENET50_URL, IMAGENET_URL, build_resnet18, build_resnet50
+from fedselect.models.text import (
+    MiniLMClassifier,
+    build_minilm,
+    minilm_pretrained_state_dict,
+    tokenizer_for,
+    tokenizer_path,
+)
+from fedselect.models.timm_models import PREFIX as TIMM_PREFIX
+from fedselect.models.timm_models import build_timm, timm_input_stats
+from fedselect.models.weights import _load_state, load_weights
+from fedselect.options import ConfigError
 
 __all__ = [
     "CNN",
     "GroupSpec",
+    "HFEncoderClassifier",
     "IMAGENET_STATS",
     "INCEPTION_STATS",
     "InputStats",
@@ -50,6 +67,7 @@ __all__ = [
     "available_models",
     "body_param_names",
     "build_model",
+    "build_model_from_config",
     "head_param_names",
     "layer_groups",
     "load_weights",
@@ -59,15 +77,13 @@ __all__ = [
     "register_layer_groups",
     "register_model",
     "resolve_groups",
+    "tokenizer_for",
+    "tokenizer_path",
 ]
-
-logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0
 """How long the connectivity probe waits before declaring the machine offline."""
 
-_WRAPPER_KEYS = ("state_dict", "model")
-_BN_COUNTER_SUFFIX = ".num_batches_tracked"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -153,12 +169,28 @@ def pretrained_input_stats(name: str, weights: str | os.PathLike[str] | None) ->
 
     ``None`` for random init, a weights file, or named weights registered without stats: the
     data's own statistics are used then. Pretrained features are sensitive to this: a checkpoint
-    trained on (x - 0.5) / 0.5 fed (x - 0.48) / 0.25 sees inputs at twice its scale.
+    trained on (x - 0.5) / 0.5 fed (x - 0.48) / 0.25 sees inputs at twice its scale. A
+    ``timm:<name>`` model with a weights file takes timm's statistics for that architecture (what
+    timm-trained checkpoints expect).
     """
+    if _timm_name(name) is not None:
+        random = weights is None or str(weights).strip().lower() == "none"
+        return None if random else timm_input_stats(_timm_name(name) or "")
     registration = _MODELS.get(name.strip().lower())
     if weights is None or registration is None:
         return None
     return registration.input_stats.get(str(weights).strip().lower())
+
+
+def _timm_name(name: str) -> str | None:
+    """``NAME`` of ``timm:NAME`` (prefix case-insensitive), else None."""
+    stripped = name.strip()
+    return stripped[len(TIMM_PREFIX):].strip() if stripped.lower().startswith(TIMM_PREFIX) else None
+
+
+def accepted_models() -> str:
+    """What ``model.name`` accepts, for error messages."""
+    return f"{', '.join(available_models())}, hf (with model.path) or {TIMM_PREFIX}<name> (any timm model)"
 
 
 def available_models() -> list[str]:
@@ -182,28 +214,32 @@ def build_model(
     in_channels: int = 3,
     image_size: int = 32,
     weights: str | os.PathLike[str] | None = None,
+    path: str | os.PathLike[str] | None = None,
+    pooling: str | None = None,
 ) -> nn.Module:
-    """Build a registered model and optionally load weights into it.
+    """Build a registered model, ``hf`` or ``timm:<name>``, and optionally load weights into it.
 
     Args:
-        name: One of :func:`available_models` (case-insensitive).
+        name: One of :func:`available_models` (case-insensitive), ``hf`` or ``timm:<name>``.
         num_classes: Output width of the head.
         in_channels: Input image channels.
         image_size: Input side length (square images).
         weights: ``None`` or ``"none"`` for random init; a named checkpoint the model registered
             (``"imagenet"`` for ``resnet18``); otherwise a path to a local state_dict file (see
             :func:`load_weights`). Head tensors whose shape does not fit ``num_classes`` are
-            dropped, and the head keeps its random init.
+            dropped, and the head keeps its random init. For ``hf``, ``None`` and ``"pretrained"``
+            load the folder's own weights.
+        path: ``hf`` only: the Hugging Face folder.
+        pooling: ``hf`` only: ``"mean"`` (default) or ``"cls"``.
 
     Raises:
-        ValueError: Unknown model name, invalid sizes, a named checkpoint the model does not
-            offer, or a weights file that does not match the model.
+        ConfigError: Unknown model name (a ValueError naming ``model.name``), a bad ``hf`` folder,
+            or ``path``/``pooling`` given for a model other than ``hf``.
+        ValueError: Invalid sizes, a named checkpoint the model does not offer, or a weights file
+            that does not match the model.
         FileNotFoundError: ``weights`` is a path that does not exist.
         WeightsUnavailableError: Named weights could not be obtained (e.g. offline).
     """
-    key = name.strip().lower()
-    if key not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(available_models())}")
     for label, value in (
         ("num_classes", num_classes),
         ("in_channels", in_channels),
@@ -211,13 +247,24 @@ def build_model(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
-    builder, named = _MODELS[key].builder, _MODELS[key].pretrained
-    model = builder(num_classes, in_channels=in_channels, image_size=image_size)
-
-    if weights is None:
-        return model
-    label = str(weights).strip().lower()
-    if label == "none":
+    key = name.strip().lower()
+    for option, given in (("path", path), ("pooling", pooling)):
+        if given is not None and key != "hf":
+            raise ConfigError(f"config key 'model.{option}' is only used by model.name hf, not {name!r}")
+    label = None if weights is None else str(weights).strip().lower()
+    named: Mapping[str, PretrainedSource] = {}
+    keep = {"none"}  # weights labels that leave the model as built
+    if key == "hf":
+        model = build_hf(num_classes, path=path, pooling=pooling, weights=weights)
+        keep.add("pretrained")
+    elif _timm_name(name) is not None:
+        model = build_timm(_timm_name(name) or "", num_classes, in_channels=in_channels, image_size=image_size)
+    elif key in _MODELS:
+        model = _MODELS[key].builder(num_classes, in_channels=in_channels, image_size=image_size)
+        named = _MODELS[key].pretrained
+    else:
+        raise ConfigError(f"config key 'model.name' unknown model {name!r}; available models: {accepted_models()}")
+    if label is None or label in keep:
         return model
     if label in named:
         source = named[label]
@@ -225,100 +272,22 @@ def build_model(
         state = _fetch_url(source, description) if isinstance(source, str) else source()
         _load_state(model, state, description)
         return model
-    offered = {n for registration in _MODELS.values() for n in registration.pretrained}
-    if label in offered and not Path(weights).exists():
+    offered = {n for registration in _MODELS.values() for n in registration.pretrained} | {"pretrained"}
+    if label in offered and not Path(str(weights)).expanduser().exists():
         raise ValueError(
             f"model {key!r} has no {label!r} weights; it accepts: "
-            f"{', '.join(['none', *sorted(named)])} or a local state_dict path"
+            f"{', '.join(sorted({*keep, *named}))} or a local state_dict path"
         )
-    load_weights(model, weights)
+    load_weights(model, str(weights))
     return model
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load a ``torch.save``'d state_dict from ``path`` into ``model``, in place.
-
-    The file is read with ``weights_only=True``; a dict wrapping the state_dict under
-    ``"state_dict"`` or ``"model"`` is unwrapped. Head tensors whose shape differs from the
-    model's are dropped (logged) so a checkpoint trained for another class count still provides
-    the body. Every other key must match exactly.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: The file is unreadable, or a key is missing, unexpected or of the wrong shape
-            (the message names the key and the file).
-        TypeError: A value in the state_dict is not a tensor.
-    """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"weights file not found: {file}")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many unrelated types for a non-checkpoint file
-        raise ValueError(f"cannot read weights file {file}: {exc}") from exc
-    _load_state(model, state, f"weights file {file}")
-
-
-def _unwrap(state: Any, source: str) -> Mapping[str, Any]:
-    if isinstance(state, Mapping):
-        for wrapper in _WRAPPER_KEYS:
-            if isinstance(state.get(wrapper), Mapping):
-                return state[wrapper]
-        return state
-    raise ValueError(f"{source} does not hold a state_dict (got {type(state).__name__})")
-
-
-def _load_state(model: nn.Module, state: Any, source: str) -> None:
-    state = _unwrap(state, source)
-    expected = model.state_dict()
-    head = set(head_param_names(model))
-
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"key {key!r} in {source} is a {type(value).__name__}, not a tensor")
-    mismatched = [
-        key for key, value in state.items() if key in expected and value.shape != expected[key].shape
-    ]
-    body_mismatch = [key for key in mismatched if key not in head]
-    if body_mismatch:
-        key = body_mismatch[0]
-        raise ValueError(
-            f"shape mismatch for key {key!r} in {source}: file has {tuple(state[key].shape)}, "
-            f"model expects {tuple(expected[key].shape)}"
-        )
-
-    dropped: set[str] = set()
-    if mismatched:
-        # A head trained for a different class count cannot be reused; keep its random init
-        # rather than refusing the (useful) body.
-        dropped = {key for key in state if key in head}
-        shapes = ", ".join(
-            f"{k} {tuple(state[k].shape)}->{tuple(expected[k].shape)}" for k in sorted(dropped)
-        )
-        logger.warning("dropping head tensors from %s (shape mismatch: %s)", source, shapes)
-
-    # Checked before loading so a rejected checkpoint leaves the model untouched. Old checkpoints
-    # predate BatchNorm's num_batches_tracked buffer; torch itself tolerates its absence.
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise ValueError(
-            f"unexpected key {unexpected[0]!r} in {source} ({len(unexpected)} unexpected in all)"
-        )
-    missing = [
-        k for k in expected if k not in state and k not in dropped and not k.endswith(_BN_COUNTER_SUFFIX)
-    ]
-    if missing:
-        raise ValueError(f"key {missing[0]!r} missing from {source} ({len(missing)} missing in all)")
-    model.load_state_dict({k: v for k, v in state.items() if k not in dropped}, strict=False)
-    scale = getattr(model, "new_head_scale", None)
-    if dropped and scale is not None:
-        # a new head on a pretrained body starts with small logits (loss about ln C) rather than
-        # random logits on large pretrained features; not zero, so the body's gradients (layer
-        # selection's scores) are informative from round 0
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name in head:
-                params[name].mul_(scale)
+def build_model_from_config(model_config: Any, num_classes: int, *, in_channels: int = 3,
+                            image_size: int = 32) -> nn.Module:
+    """:func:`build_model` for a config's ``model`` section (a :class:`fedselect.config.ModelConfig`)."""
+    return build_model(model_config.name, num_classes, in_channels=in_channels, image_size=image_size,
+                       weights=model_config.weights, path=getattr(model_config, "path", None),
+                       pooling=getattr(model_config, "pooling", None))
 
 
 def _fetch_url(url: str, description: str) -> Mapping[str, Any]:
@@ -341,6 +310,8 @@ def _fetch_url(url: str, description: str) -> Mapping[str, Any]:
 
 register_model("cnn", build_cnn)
 register_model("resnet18", build_resnet18, pretrained={"imagenet": IMAGENET_URL},
+               input_stats={"imagenet": IMAGENET_STATS})
+register_model("resnet50", build_resnet50, pretrained={"imagenet": IMAGENET50_URL},
                input_stats={"imagenet": IMAGENET_STATS})
 # both load from files inside installed PyPI packages: no network, ever
 register_model("efficientnet_lite0", build_efficientnet_lite0, pretrained={"imagenet": imagenet_state_dict},

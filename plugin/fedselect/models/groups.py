@@ -28,6 +28,7 @@ __all__ = [
     "prefix_spec",
     "register_layer_groups",
     "resolve_groups",
+    "spec_from_assignment",
 ]
 
 ROLES: tuple[str, ...] = ("stem", "block", "head")
@@ -103,6 +104,50 @@ def prefix_spec(
         default = "stem" if index == 0 else "head" if index == len(names) - 1 else "block"
         spec.append(GroupSpec(name=name, role=roles.get(name, default), prefixes=prefixes))
     return tuple(spec)
+
+
+def spec_from_assignment(
+    model: nn.Module, assignment: Mapping[str, str], order: Sequence[str], roles: Mapping[str, str]
+) -> tuple[GroupSpec, ...]:
+    """A group spec from a ``parameter name -> group name`` mapping computed from a model's structure.
+
+    Each group's prefixes are the outermost modules whose parameters all belong to it (a single
+    parameter name where no such module exists, e.g. a ViT's ``cls_token``), so the spec stays
+    short and :func:`fedselect.models.flops.forward_flops_by_group` finds the group's modules.
+
+    Args:
+        model: The model whose ``named_parameters()`` the mapping covers.
+        assignment: Group of every parameter.
+        order: Group names, input -> output (head last).
+        roles: Role of every group in ``order``.
+
+    Raises:
+        ValueError: A parameter without a group, or a group outside ``order``.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    unassigned = [n for n in names if n not in assignment]
+    if unassigned:
+        raise ValueError(f"parameter {unassigned[0]!r} was assigned no layer group")
+    unknown = sorted({assignment[n] for n in names} - set(order))
+    if unknown:
+        raise ValueError(f"parameters assigned to groups outside the order {list(order)}: {unknown}")
+    under: dict[str, set[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            under.setdefault(".".join(parts[:depth]), set()).add(assignment[name])
+    prefixes: dict[str, list[str]] = {group: [] for group in order}
+    for name in names:
+        parts = name.split(".")
+        group = assignment[name]
+        outermost = next(
+            ".".join(parts[:depth]) for depth in range(1, len(parts) + 1) if under[".".join(parts[:depth])] == {group}
+        )
+        if outermost not in prefixes[group]:
+            prefixes[group].append(outermost)
+    return tuple(
+        GroupSpec(name=group, role=roles[group], prefixes=tuple(prefixes[group])) for group in order if prefixes[group]
+    )
 
 
 def register_layer_groups(key: type | str, spec: GroupSpecSource) -> None:

