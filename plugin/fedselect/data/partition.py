@@ -88,6 +88,9 @@ class Partition:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"partition file {path} does not exist") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"partition file {path} is not a partition file: not UTF-8 text ({exc.reason} at "
+                             f"byte {exc.start})") from None
         try:
             raw = json.loads(text)
             if not isinstance(raw, dict) or raw.get("format") != _FILE_FORMAT:
@@ -115,6 +118,23 @@ class Partition:
             "train": [np.bincount(train[idx], minlength=n).tolist() for idx in self.train_indices],
             "test": [np.bincount(test[idx], minlength=n).tolist() for idx in self.test_indices],
         }
+
+    def validate(self, num_train: int, num_test: int, *, num_clients: int | None = None,
+                 source: str | os.PathLike[str] | None = None) -> None:
+        """Raise ValueError naming ``source`` unless the partition fits a dataset of these split sizes
+        and ``num_clients`` clients: every index in range, no sample held twice (within or across
+        clients) in a split."""
+        where = "the partition" if source is None else f"partition file {source}"
+        if num_clients is not None and self.num_clients != num_clients:
+            raise ValueError(f"{where} has {self.num_clients} clients, the config {num_clients} "
+                             "(data.partition.num_clients)")
+        for split, lists, size in (("train", self.train_indices, num_train), ("test", self.test_indices, num_test)):
+            for cid, idx in enumerate(lists):
+                if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= size):
+                    bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+                    raise ValueError(f"{where}: client {cid}'s {split} index {bad} is outside the {split} split "
+                                     f"of {self.dataset!r} (0..{size - 1}); was it made for another dataset?")
+            _check_disjoint(lists, split, where)
 
     def check_compatible(self, num_train: int, num_test: int) -> None:
         """Raise ValueError if an index points past a split of the given sizes (wrong dataset)."""
@@ -172,11 +192,26 @@ def _num_classes(train: np.ndarray, test: np.ndarray) -> int:
 
 
 def _index_array(value: Any) -> np.ndarray:
-    """One client's index list from JSON as a 1-D int64 array."""
-    arr = np.asarray(value, dtype=np.int64)
-    if arr.ndim != 1:
+    """One client's index list from JSON as a 1-D int64 array (integers only: 1e9 or 2.5 is refused)."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ValueError("an index list is not a flat list of integers")
-    return arr
+    try:
+        return np.asarray(value, dtype=np.int64).reshape(-1)
+    except OverflowError:
+        raise ValueError("an index list holds an integer beyond int64") from None
+
+
+def _check_disjoint(lists: list[np.ndarray], split: str, where: str) -> None:
+    """ValueError if a sample index appears twice in ``lists`` (one client's, or two clients')."""
+    owners = np.concatenate([np.full(idx.size, cid) for cid, idx in enumerate(lists)] or [np.empty(0, np.int64)])
+    flat = np.concatenate(list(lists) or [np.empty(0, np.int64)])
+    order = np.argsort(flat, kind="stable")
+    repeated = np.flatnonzero(flat[order][1:] == flat[order][:-1])
+    if repeated.size:
+        i = repeated[0]
+        index, first, second = int(flat[order][i]), int(owners[order][i]), int(owners[order][i + 1])
+        whose = f"client {first} twice" if first == second else f"clients {first} and {second}"
+        raise ValueError(f"{where}: {split} sample {index} is held by {whose}; clients must not share samples")
 
 
 def _jsonable(value: Any) -> Any:

@@ -111,15 +111,26 @@ def compute_partition(config: ExperimentConfig, data: ImageData | TextData) -> P
 def get_partition(config: ExperimentConfig, data: ImageData | TextData) -> Partition:
     """The configured partition file, else the cached one for this spec, else a new one (saved)."""
     if config.data.partition_file:
-        partition = Partition.load(config.data.partition_file)
-        spec = partition_spec(config)
-        if partition.dataset != data.name or any(partition.spec.get(k) != v for k, v in spec.items()):
-            raise ValueError(f"partition file {config.data.partition_file} was made for {partition.dataset} "
-                             f"{partition.spec}, the config asks for {data.name} {spec}")
+        try:
+            partition = Partition.load(config.data.partition_file)
+            spec = partition_spec(config)
+            if partition.dataset != data.name or any(partition.spec.get(k) != v for k, v in spec.items()):
+                raise ValueError(f"partition file {config.data.partition_file} was made for {partition.dataset} "
+                                 f"{partition.spec}, the config asks for {data.name} {spec}")
+            partition.validate(len(data.train_y), len(data.test_y), num_clients=config.data.partition.num_clients,
+                               source=config.data.partition_file)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'data.partition_file': {exc}") from None
         return partition
     path = default_partition_path(config)
     if path.exists():
-        return Partition.load(path)
+        try:
+            partition = Partition.load(path)
+            partition.validate(len(data.train_y), len(data.test_y), num_clients=config.data.partition.num_clients,
+                               source=path)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (a cached partition: delete it and it is computed again)") from None
+        return partition
     partition = compute_partition(config, data)
     path.parent.mkdir(parents=True, exist_ok=True)
     partition.save(path)
