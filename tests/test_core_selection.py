@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import fedselect.core.selection_cbc as selection_cbc
 import fedselect.core.selection_milp as selection_milp
 from fedselect.core.compute import backward_flops, backward_fraction
 from fedselect.core.scores import group_score, group_scores
@@ -245,7 +246,7 @@ def test_final_milp_forms_are_exact(instance, pairwise_max, monkeypatch):
     scores, costs, budgets, lam, required = instance
     best, optima = exhaustive(scores, costs, budgets, lam, required)
     n, L = scores.shape
-    monkeypatch.setattr(selection_milp, "_PAIRWISE_MAX", pairwise_max)
+    monkeypatch.setattr(selection_cbc, "_PAIRWISE_MAX", pairwise_max)
     fix = np.full((n, L), -1, dtype=np.int8)
     fix[:, list(required)] = 1
     counts = np.ones((n + 1, L), dtype=bool)
@@ -259,7 +260,7 @@ def test_final_milp_forms_are_exact(instance, pairwise_max, monkeypatch):
     rows = np.flatnonzero((fix == -1).any(axis=1))
     mask = fix == 1
     if rows.size:
-        part, status = selection_milp._solve_part(scores, costs, budgets, lam, fix, counts, rows, start, 60.0, None)
+        part, status = selection_cbc._solve_part(scores, costs, budgets, lam, fix, counts, rows, start, 60.0, None)
         assert status == "optimal"
         mask[rows] = part
     assert objective_value(mask, scores, lam) == pytest.approx(best, abs=1e-7)

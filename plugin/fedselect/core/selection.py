@@ -15,8 +15,15 @@ trains *outside* its budget (the authors' release treats the head so; ``layersel
 ``head_in_budget: false``) is no part of the problem: the caller leaves it out of the costs and
 scores and adds it to every selection afterwards (:mod:`fedselect.algorithms.layersel_budget`).
 
+A min-trainers constraint (``min_trainers`` t: every layer but the required ones is trained by no
+client or by at least t) keeps a layer from being one client's copy after the per-layer average
+(Eq. 7 of the paper averages a layer over its trainers); with a binary z_l it is the linear
+t z_l <= k_l <= N z_l, so the solve stays exact.
+
 This module is the public interface: the strategies, input checks and results. The exact solver's
-internals (reductions, splitting, the MILPs) are in :mod:`fedselect.core.selection_milp`.
+internals are in :mod:`fedselect.core.selection_milp` (reductions), :mod:`fedselect.core.selection_cbc`
+(the MILPs) and :mod:`fedselect.core.knapsack` (one client's knapsack); the steps around a round's
+solve (budget draws, score scaling, top-up, logged figures) in :mod:`fedselect.core.selection_round`.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# SelectionError, disagreement and objective_value live with the solver (it needs them and must not import
+from fedselect.core.selection_milp import solve_exact
+
+# SelectionError, disagreement and objective_value live below the solver (it needs them and must not import
 # this module); they are re-exported here, where callers have always imported them
-from fedselect.core.selection_milp import _EPS, SelectionError, disagreement, objective_value, solve_exact
+from fedselect.core.selection_problem import _EPS, SelectionError, disagreement, objective_value
 
 __all__ = ["SCORE_KIND", "STRATEGIES", "InfeasibleBudgetError", "SelectionError", "SelectionResult", "disagreement",
            "heterogeneous_budgets", "objective_value", "select_layers", "solve_ilp"]
@@ -96,9 +105,15 @@ def _check_problem(costs: Sequence[float], budgets: Sequence[float], lam: float,
     return c, b, req
 
 
+def _check_min_trainers(min_trainers: int) -> int:
+    if isinstance(min_trainers, bool) or not isinstance(min_trainers, (int, np.integer)) or min_trainers < 1:
+        raise SelectionError(f"min_trainers must be an integer >= 1, got {min_trainers!r}")
+    return int(min_trainers)
+
+
 def solve_ilp(scores: np.ndarray, costs: Sequence[float], budgets: Sequence[float], lam: float, *,
               required: Sequence[int] = (), time_limit_s: float | None = 60.0,
-              threads: int | None = None) -> SelectionResult:
+              threads: int | None = None, min_trainers: int = 1) -> SelectionResult:
     """Problem (P) (arXiv 2408.15600, Sec. 4.2) solved exactly: exact reductions, then MILPs in PuLP/CBC.
 
     Why not one plain MILP: every linear-size model of the concave term k_l (N - k_l) has a weak LP
@@ -120,8 +135,10 @@ def solve_ilp(scores: np.ndarray, costs: Sequence[float], budgets: Sequence[floa
        or a count k_l = k, drops the bound below the incumbent, m_il is fixed to v, or k is ruled out.
        Steps 1-2 repeat until nothing changes.
     3. What is left splits into independent parts (clients coupled only through layers with two or
-       more free entries); each is a MILP over its free entries in PuLP's bundled CBC
-       (:func:`_solve_part`), without pairwise client variables except within small layers:
+       more free entries); a part of one client is a knapsack, solved exactly by branch and bound
+       (:mod:`fedselect.core.knapsack`); a larger one is a MILP over its free entries in PuLP's
+       bundled CBC (:func:`fedselect.core.selection_cbc._solve_part`), without pairwise client
+       variables except within small layers:
        a layer with at most ``_PAIRWISE_MAX`` free entries has k (N - k) = const + (N - 2 n_1 - 1) X
        - 2 sum_{a<b} x_a x_b (X = sum of its free x, n_1 its fixed-in count), whose products get
        y_ab <= x_a, x_b (their concave envelope); a larger one uses, with k_l = sum_i m_il,
@@ -129,6 +146,10 @@ def solve_ilp(scores: np.ndarray, costs: Sequence[float], budgets: Sequence[floa
        per entry (pushed down by the objective), the secant of k (N - k) over k_l's remaining range,
        and one-hot binaries over its counts when step 2 left a few with gaps (e.g. "none or all").
        Size: O(N L).
+
+    ``min_trainers`` > 1 adds the min-trainers constraint (module docstring): its ruled-out counts are
+    excluded from the start, best responses keep it, step 2 fixes by the Lagrangian bound only, and
+    the MILP enforces each layer's allowed counts (one binary per run of them).
 
     If the bound meets the incumbent, or nothing is left free, CBC is not called. Status "optimal"
     means proven optimal (to 1e-9 of the objective's scale); "time_limit" means the limit hit first and
@@ -139,7 +160,7 @@ def solve_ilp(scores: np.ndarray, costs: Sequence[float], budgets: Sequence[floa
     c, b, req = _check_problem(costs, budgets, lam, s, required)
     started = time.perf_counter()
     best, status, upper = solve_exact(s, c, b, lam, req, started=started, time_limit_s=time_limit_s,
-                                      threads=threads)
+                                      threads=threads, min_trainers=_check_min_trainers(min_trainers))
     if status == "time_limit":
         log.warning("layer selection hit the %s s time limit: using the best selection found (objective %.6g, "
                     "upper bound %.6g)", time_limit_s, objective_value(best, s, lam), upper)
@@ -194,7 +215,7 @@ def _both_row(costs: np.ndarray, budget: float, required: tuple[int, ...]) -> np
 
 def select_layers(strategy: str, *, costs: Sequence[float], budgets: Sequence[float], lam: float = 0.0,
                   scores: np.ndarray | None = None, required: Sequence[int] = (), seed: int = 0,
-                  round_idx: int = 0, time_limit_s: float | None = 60.0) -> SelectionResult:
+                  round_idx: int = 0, time_limit_s: float | None = 60.0, min_trainers: int = 1) -> SelectionResult:
     """Every client's layers under one of :data:`STRATEGIES` (paper Sec. 5 baselines).
 
     ilp: problem (P) on squared gradient norms. top / bottom: the contiguous block of layers
@@ -203,6 +224,8 @@ def select_layers(strategy: str, *, costs: Sequence[float], budgets: Sequence[fl
     snr / rgn: the best-scoring layers within the budget (an exact knapsack: problem (P) with
     lambda = 0 on those scores). full: every layer for every client, budgets ignored (the upper
     bound). random: a random order per client and round (seeded), filled greedily.
+    ``min_trainers`` > 1 (ilp, snr, rgn only: a constraint of their exact solve) keeps every
+    non-required layer trained by no client or by at least that many.
     """
     if strategy not in STRATEGIES:
         raise SelectionError(f"unknown layer selection strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
@@ -211,10 +234,13 @@ def select_layers(strategy: str, *, costs: Sequence[float], budgets: Sequence[fl
         raise SelectionError(f"strategy {strategy!r} needs {SCORE_KIND[strategy]} scores from the clients")
     c, b, req = _check_problem(costs, budgets, lam, s if strategy in SCORE_KIND else None, required)
     n, L = b.size, c.size
+    if _check_min_trainers(min_trainers) > 1 and strategy not in SCORE_KIND:
+        raise SelectionError(f"a min-trainers constraint is part of the exact solve of {', '.join(SCORE_KIND)}; "
+                             f"strategy {strategy!r} has none")
     if strategy == "ilp":
-        return solve_ilp(s, c, b, lam, required=req, time_limit_s=time_limit_s)
+        return solve_ilp(s, c, b, lam, required=req, time_limit_s=time_limit_s, min_trainers=min_trainers)
     if strategy in ("snr", "rgn"):
-        result = solve_ilp(s, c, b, 0.0, required=req, time_limit_s=time_limit_s)
+        result = solve_ilp(s, c, b, 0.0, required=req, time_limit_s=time_limit_s, min_trainers=min_trainers)
         return _result(result.mask, s, lam, result.status, result.solve_seconds, strategy)
     started = time.perf_counter()
     if strategy == "full":

@@ -1,0 +1,90 @@
+"""Issue 18's additions to the selection core: the exact knapsack, the min-trainers constraint, and the
+steps around a round's solve (authors' budget draw, score scaling, top-up, logged figures)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from fedselect.core.knapsack import knapsack
+from fedselect.core.selection import SelectionError, objective_value, select_layers, solve_ilp
+
+
+def brute_knapsack(values, costs, capacity):
+    m = len(values)
+    return max(values[list(s)].sum() if s else 0.0 for r in range(m + 1) for s in itertools.combinations(range(m), r)
+               if costs[list(s)].sum() <= capacity + 1e-9)
+
+
+def test_knapsack_is_exact():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        m = int(rng.integers(1, 10))
+        values, costs = rng.normal(1.0, 1.0, m), rng.integers(0, 6, m).astype(float)
+        capacity = float(rng.integers(0, 15))
+        taken = knapsack(values, costs, capacity)
+        assert costs[taken].sum() <= capacity + 1e-9
+        assert values[taken].sum() == pytest.approx(brute_knapsack(values, costs, capacity), abs=1e-9)
+
+
+def brute_min_trainers(scores, costs, budgets, lam, required, t):
+    n, L = scores.shape
+    rows = [[np.array(bits, dtype=bool) for bits in itertools.product([0, 1], repeat=L)
+             if all(bits[r] for r in required) and np.array(bits) @ costs <= budgets[i] + 1e-9] for i in range(n)]
+    best = -np.inf
+    for combo in itertools.product(*rows):
+        mask = np.stack(combo)
+        k = mask.sum(axis=0)
+        if all(k[j] == 0 or k[j] >= t for j in range(L) if j not in required):
+            best = max(best, objective_value(mask, scores, lam))
+    return best
+
+
+def min_trainer_instances(count, seed):
+    rng = np.random.default_rng(seed)
+    for case in range(count):
+        n, L = int(rng.integers(2, 5)), int(rng.integers(2, 5))
+        costs = np.ones(L) if case % 2 else rng.integers(1, 4, L).astype(float)
+        required = (L - 1,) if case % 3 else ()
+        floor = costs[list(required)].sum()
+        budgets = floor + rng.integers(0, int(costs.sum() - floor) + 1, n).astype(float)
+        lam = [0.0, 0.05, 0.3, 2.0][case % 4]
+        yield rng.gamma(1.0, 1.0, (n, L)), costs, budgets, lam, required, int(rng.integers(2, n + 2))
+
+
+@pytest.mark.parametrize("instance", list(min_trainer_instances(30, 21)))
+def test_min_trainers_solve_matches_exhaustive_search(instance):
+    scores, costs, budgets, lam, required, t = instance
+    result = solve_ilp(scores, costs, budgets, lam, required=required, min_trainers=t)
+    assert result.status == "optimal"
+    assert result.objective == pytest.approx(brute_min_trainers(scores, costs, budgets, lam, required, t), abs=1e-7)
+    k = result.mask.sum(axis=0)
+    assert all(k[j] == 0 or k[j] >= t for j in range(len(costs)) if j not in required)
+    assert (result.cost_per_client(costs) <= budgets + 1e-9).all() and result.mask[:, list(required)].all()
+
+
+def test_min_trainers_on_a_larger_instance_holds_and_never_beats_the_unconstrained_optimum():
+    rng = np.random.default_rng(2)
+    scores = rng.gamma(1.0, 1.0, (12, 10))
+    costs, budgets = np.ones(10), np.full(12, 4.0)
+    free = solve_ilp(scores, costs, budgets, 0.0, required=(9,))
+    assert (free.mask.sum(axis=0) == 1).any()  # without it some layer has a single trainer
+    for strategy in ("ilp", "snr", "rgn"):
+        result = select_layers(strategy, costs=costs, budgets=budgets, lam=0.0, scores=scores, required=(9,),
+                               min_trainers=3)
+        k = result.mask.sum(axis=0)[:9]
+        assert result.status == "optimal" and ((k == 0) | (k >= 3)).all(), strategy
+        assert result.score_term <= free.score_term + 1e-9
+
+
+def test_min_trainers_is_only_for_the_solved_strategies_and_must_be_positive():
+    costs, budgets = np.ones(4), np.full(3, 2.0)
+    with pytest.raises(SelectionError, match="min-trainers"):
+        select_layers("top", costs=costs, budgets=budgets, required=(3,), min_trainers=2)
+    with pytest.raises(SelectionError, match="min_trainers must be an integer >= 1"):
+        solve_ilp(np.ones((3, 4)), costs, budgets, 0.1, min_trainers=0)
+    # more than the clients: no layer but the required one can be trained
+    result = solve_ilp(np.ones((3, 4)), costs, budgets, 0.1, required=(3,), min_trainers=4)
+    assert result.mask[:, :3].sum() == 0 and result.mask[:, 3].all()
