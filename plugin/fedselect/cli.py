@@ -89,7 +89,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     config = load_config(ns.config, ns.overrides)
     record = run_experiment(config, record_path=ns.out, progress=not ns.no_progress)
     print(f"{record['algorithm']} seed {record['seed']}: final mean acc {record['final_mean_acc']:.4f}, "
-          f"best {record['best_mean_acc']:.4f} (round {record['best_round']}), "
+          f"best {record['best_mean_acc']:.4f} (round {record['best_round'] + 1} of {record['rounds']}), "
           f"bytes up {record['bytes_up']:,} down {record['bytes_down']:,}, {record['wall_seconds']:.1f} s")
     print(logged_line(record))
     return 0

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fedselect.dataset_names import accepted_datasets, classify
 from fedselect.options import ConfigError, build_dataclass, check
 from fedselect.registry import validate_algorithm_options
 
@@ -31,8 +32,11 @@ __all__ = ["ConfigError", "build_dataclass"]  # re-exported: configs and callers
 class PartitionConfig:
     """How the dataset is split over clients (see :mod:`fedselect.data.partition`)."""
 
-    kind: Literal["pathological", "dirichlet", "domain"] = "pathological"
+    kind: Literal["pathological", "dirichlet", "domain", "column"] = "pathological"
     num_clients: int = 10
+    # kind=column: the data column whose values are the clients' domains (a text corpus's column;
+    # amazon_reviews has "domain"); clients are spread over its values as kind=domain does
+    column: str | None = None
     # pathological (FedRep/FedSelect): s classes per client, samples per class per client
     classes_per_client: int | None = 2
     train_per_class: int | None = 20
@@ -56,6 +60,8 @@ class PartitionConfig:
         if self.kind == "dirichlet":
             check(self.alpha is not None and self.alpha > 0, "data.partition.alpha",
                    "must be > 0 for kind=dirichlet")
+        check((self.kind == "column") == (self.column is not None), "data.partition.column",
+              "names the domain column of kind=column, and only of it")
 
     def partition_params(self) -> dict[str, Any]:
         """The parameters the partitioner of ``kind`` takes (unused keys left out)."""
@@ -82,14 +88,35 @@ class DataConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     # a partition JSON written by `fedselect partition`; None: computed (and cached) by the run
     partition_file: str | None = None
-    # text datasets (amazon_reviews): tokens per sample, truncated or padded
+    # text datasets (amazon_reviews, csv:/jsonl:/parquet:/disk:/hf: corpora): tokens per sample,
+    # truncated or padded
     max_length: int = 128
+    # text corpora (csv:/jsonl:/parquet:/disk:/hf:): the text and label columns
+    text_column: str = "text"
+    label_column: str = "label"
+    # the label names in order (label id = position); None: the column's ClassLabel names, else
+    # its sorted distinct values
+    labels: list[str] | None = None
+    # a fixed test split: a file of the same format (csv:/jsonl:/parquet:); disk:/hf: use their
+    # "test" split when they have one. Without one, test_fraction of each label's rows go to test,
+    # drawn with split_seed (fixed across runs, so every method and seed tests on the same rows)
+    test_file: str | None = None
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    # text files' character encoding (csv:/jsonl:)
+    encoding: str = "utf-8"
     # image datasets: resize every batch to this side length (bilinear) before the model; None
     # keeps the stored size. Pretrained ImageNet features need more than CIFAR's 32 pixels.
     image_size: int | None = None
 
     def __post_init__(self) -> None:
+        check(classify(self.dataset) is not None, "data.dataset", f"{self.dataset!r} is unknown: {accepted_datasets()}")
         check(self.max_length >= 8, "data.max_length", "must be >= 8 tokens")
+        check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+        check(self.labels is None or len(set(self.labels)) == len(self.labels) >= 2, "data.labels",
+              "must list at least two distinct label names")
+        check(self.test_file is None or self.dataset.partition(":")[0].lower() in ("csv", "jsonl", "json", "parquet"),
+              "data.test_file", "is for csv:/jsonl:/parquet: datasets")
         check(self.image_size is None or self.image_size >= 8, "data.image_size",
                "must be >= 8 pixels, or null to keep the stored size")
 

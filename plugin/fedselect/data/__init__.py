@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from fedselect.dataset_names import classify
+
 from .partition import Partition, partition_key
 from .partitioners import (
     PARTITION_KINDS,
@@ -38,6 +40,7 @@ from .sources import (
 )
 from .summary import partition_summary, plot_partition
 from .text import TEXT_DATASETS, TextData, TokenTransform, canonical_text_name, load_text_dataset
+from .text_files import TextFileOptions, load_text_files
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -58,6 +61,8 @@ __all__ = [
     "load_dataset",
     "load_image_dataset",
     "load_text_dataset",
+    "load_text_files",
+    "TextFileOptions",
     "make_partition",
     "partition_key",
     "partition_summary",
@@ -80,12 +85,16 @@ def load_dataset(
 
     Args:
         text_options: keyword options of :func:`load_text_dataset` (``max_length``, ``domains``,
-            ``tokenizer_path``); an image dataset takes none.
+            ``tokenizer_path``) or, for a corpus (``csv:``, ``jsonl:``, ...), of :func:`load_text_files`
+            (``options``, ``tokenizer_folder``, ``max_length``); an image dataset takes none.
 
     Raises:
         DataNotFoundError: the dataset's files are missing (and, for images, not downloadable).
         ValueError: an unknown name, or text options given for an image dataset.
     """
+    if classify(name) is not None and classify(name)[0] == "text_file":
+        return load_text_files(name, text_options.pop("options", TextFileOptions()), cache_dir=cache_dir,
+                               **text_options)
     if canonical_text_name(name) is not None:
         return load_text_dataset(name, root, download=download, cache_dir=cache_dir, **text_options)
     if text_options:

@@ -216,6 +216,8 @@ _PARTITIONERS: dict[str, Callable[..., Partition]] = {
     "pathological": pathological_partition,
     "dirichlet": dirichlet_partition,
     "domain": domain_partition,
+    # the same split over the values of a named data column (the loader turns them into domain ids)
+    "column": domain_partition,
 }
 PARTITION_KINDS = tuple(_PARTITIONERS)
 

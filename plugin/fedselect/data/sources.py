@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fedselect.dataset_names import IMAGE_ALIASES, IMAGE_DATASETS, accepted_datasets
 from fedselect.files import atomic_writer
 
 __all__ = [
@@ -52,15 +53,9 @@ __all__ = [
 DATA_ROOT_ENV = "FEDSELECT_DATA_ROOT"
 CACHE_DIR_ENV = "FEDSELECT_CACHE_DIR"
 
-# canonical name -> torchvision class name
-KNOWN_DATASETS: dict[str, str] = {
-    "cifar10": "CIFAR10",
-    "cifar100": "CIFAR100",
-    "fashionmnist": "FashionMNIST",
-    "mnist": "MNIST",
-}
-_ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "fashion-mnist": "fashionmnist",
-            "fashion_mnist": "fashionmnist", "fmnist": "fashionmnist"}
+# canonical name -> torchvision class name (one table for the config's check and the loaders)
+KNOWN_DATASETS = IMAGE_DATASETS
+_ALIASES = IMAGE_ALIASES
 
 # torchvision's IMG_EXTENSIONS, so a tree that ImageFolder reads is read here the same way
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -134,13 +129,6 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "fedselect"
-
-
-def accepted_datasets() -> str:
-    """What a ``data.dataset`` may name, for error messages."""
-    return ("expected one of " + ", ".join(sorted(KNOWN_DATASETS)) + ", amazon_reviews, 'imagefolder:<path>', "
-            "or a text file or folder read with Hugging Face datasets: 'csv:<path>', 'jsonl:<path>', "
-            "'parquet:<path>', 'disk:<folder saved with save_to_disk>', 'hf:<hub name>'")
 
 
 def canonical_name(name: str) -> str:

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from fedselect.dataset_names import TEXT_ALIASES, TEXT_DATASETS
+
 from .sources import DataCacheError, DataNotFoundError, default_cache_dir, resolve_data_root, save_cache_blob
 
 __all__ = [
@@ -46,10 +48,8 @@ __all__ = [
     "read_reviews",
 ]
 
-AMAZON_FOLDER = "amazon-reviews"
-TEXT_DATASETS: dict[str, str] = {"amazon_reviews": AMAZON_FOLDER}
-"""canonical text dataset name -> folder under the data root"""
-_TEXT_ALIASES = {"amazon-reviews": "amazon_reviews", "reviews": "amazon_reviews"}
+AMAZON_FOLDER = TEXT_DATASETS["amazon_reviews"]
+_TEXT_ALIASES = TEXT_ALIASES
 
 CLASSES = ["negative", "positive"]
 """Label order: 0 = negative, 1 = positive (the file names)."""
@@ -187,7 +187,7 @@ def load_text_dataset(
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_file = cache / f"{cname}-T{max_length}-{key}.pt"
     if cache_file.exists():
-        return _read_cache(cache_file, cname)
+        return read_text_cache(cache_file, cname)
 
     texts: list[str] = []
     labels: list[int] = []
@@ -216,7 +216,7 @@ def load_text_dataset(
         test_y=y[test], classes=list(CLASSES), source=f"text:{folder.resolve()}", train_domains=d[~test],
         test_domains=d[test], domains=list(chosen), pad_id=int(tokenizer.pad_token_id), max_length=max_length,
     )
-    _write_cache(cache_file, data)
+    write_text_cache(cache_file, data)
     return data
 
 
@@ -262,14 +262,19 @@ def _cache_key(folder: Path, listing: Sequence[tuple[str, int, int]], tok_folder
     h = hashlib.sha1()
     h.update(f"fedselect-text-v{_CACHE_FORMAT}\0{folder.resolve()}\0{max_length}\0{TEST_EVERY}\0".encode())
     h.update("\n".join(f"{p}\0{size}\0{mtime}" for p, size, mtime in listing).encode())
-    # the tokenizer's content, not its path: a reinstalled identical package keeps the cache
+    hash_tokenizer(h, tok_folder)
+    return h.hexdigest()[:16]
+
+
+def hash_tokenizer(h: Any, tok_folder: Path) -> None:
+    """Add the tokenizer's files to hash ``h``: its content, not its path, so a reinstalled identical
+    package keeps the cache."""
     present = [f for f in _TOKENIZER_FILES if (tok_folder / f).is_file()]
     if not present:
         raise DataNotFoundError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tok_folder}")
     for f in present:
         h.update(f"\0{f}\0".encode())
         h.update((tok_folder / f).read_bytes())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- cache
@@ -277,7 +282,7 @@ def _cache_key(folder: Path, listing: Sequence[tuple[str, int, int]], tok_folder
 _TENSORS = ("train_x", "train_y", "test_x", "test_y", "train_domains", "test_domains")
 
 
-def _read_cache(path: Path, name: str) -> TextData:
+def read_text_cache(path: Path, name: str) -> TextData:
     """Read and check a cache file; anything wrong with it raises :class:`DataCacheError`."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -301,7 +306,7 @@ def _read_cache(path: Path, name: str) -> TextData:
         raise DataCacheError(f"the dataset cache file {path} is malformed ({exc}). Delete it to rebuild it.") from exc
 
 
-def _write_cache(path: Path, data: TextData) -> None:
+def write_text_cache(path: Path, data: TextData) -> None:
     """Write atomically (same scheme as the image cache): readers see no file or the whole file."""
     blob: dict[str, Any] = {"format": _CACHE_FORMAT, "kind": "text", "name": data.name,
                             "classes": list(data.classes), "source": data.source, "domains": list(data.domains),

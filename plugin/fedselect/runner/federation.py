@@ -8,6 +8,7 @@ initialization and the resolved algorithm options are the same wherever a run ha
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +24,16 @@ from fedselect.data import (
     ImageData,
     Partition,
     TextData,
+    TextFileOptions,
     TokenTransform,
-    canonical_text_name,
     load_dataset,
     make_partition,
     partition_key,
 )
+from fedselect.dataset_names import classify
 from fedselect.engine import ClientDataset, ImageTransform, configure_device
-from fedselect.models import build_model, pretrained_input_stats
+from fedselect.models import build_model_from_config, pretrained_input_stats
+from fedselect.models.text import tokenizer_path
 from fedselect.options import ConfigError
 from fedselect.registry import AlgorithmSpec, get_algorithm, validate_algorithm_options
 
@@ -43,19 +46,36 @@ def resolve_algorithm(config: ExperimentConfig) -> tuple[AlgorithmSpec, Any]:
 def partition_spec(config: ExperimentConfig) -> dict[str, Any]:
     """What identifies a partition: every method of a study with the same spec shares it."""
     p = config.data.partition
-    return {"kind": p.kind, "seed": config.seed, **p.partition_params()}
+    column = {"column": p.column} if p.column is not None else {}
+    return {"kind": p.kind, "seed": config.seed, **p.partition_params(), **column}
 
 
 def default_partition_path(config: ExperimentConfig) -> Path:
     key = partition_key(config.data.dataset, partition_spec(config))
-    return Path(config.tracking.results_dir) / "partitions" / f"{config.data.dataset}-{key}.json"
+    # a corpus named by its path (csv:/data/x.csv) gives a file name without its slashes
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset).strip("_")[-60:]
+    return Path(config.tracking.results_dir) / "partitions" / f"{stem}-{key}.json"
 
 
 def load_data(config: ExperimentConfig) -> ImageData | TextData:
-    """The configured dataset: images (decoded tensors) or text (token ids)."""
-    text = {"max_length": config.data.max_length} if canonical_text_name(config.data.dataset) else {}
-    return load_dataset(config.data.dataset, config.data.root, download=config.data.download,
-                        cache_dir=config.data.cache_dir, **text)
+    """The configured dataset: images (decoded tensors) or text (token ids, by the model's tokenizer)."""
+    data = config.data
+    kind = classify(data.dataset)
+    if kind is not None and kind[0] == "text_file":
+        column = data.partition.column if data.partition.kind == "column" else None
+        options = TextFileOptions(text_column=data.text_column, label_column=data.label_column,
+                                  labels=tuple(data.labels) if data.labels else None, test_file=data.test_file,
+                                  test_fraction=data.test_fraction, split_seed=data.split_seed,
+                                  encoding=data.encoding, domain_column=column)
+        return load_dataset(data.dataset, data.root, cache_dir=data.cache_dir, options=options,
+                            tokenizer_folder=tokenizer_path(config.model), max_length=data.max_length)
+    if kind is not None and kind[0] == "text":
+        if data.partition.kind == "column" and data.partition.column != "domain":
+            raise ConfigError(f"config key 'data.partition.column': {data.dataset} has one column to split "
+                              f"by, 'domain' (got {data.partition.column!r})")
+        return load_dataset(data.dataset, data.root, download=data.download, cache_dir=data.cache_dir,
+                            max_length=data.max_length, tokenizer_path=tokenizer_path(config.model))
+    return load_dataset(data.dataset, data.root, download=data.download, cache_dir=data.cache_dir)
 
 
 def data_transform(config: ExperimentConfig, data: ImageData | TextData) -> Callable[..., torch.Tensor]:
@@ -87,25 +107,30 @@ def build_run_model(config: ExperimentConfig, data: ImageData | TextData) -> tor
     """The configured model for ``data`` (random init seeded by the caller, or loaded weights)."""
     shape = {} if isinstance(data, TextData) else {"in_channels": data.in_channels,
                                                    "image_size": config.data.image_size or data.image_size}
-    return build_model(config.model.name, data.num_classes, weights=config.model.weights, **shape)
+    return build_model_from_config(config.model, data.num_classes, **shape)
 
 
 def compute_partition(config: ExperimentConfig, data: ImageData | TextData) -> Partition:
     """A new partition of ``data`` for the config's spec and seed (deterministic).
 
     A ``domain`` partition splits by the samples' domains (one product category per client for
-    the Amazon reviews), every other kind by their labels.
+    the Amazon reviews), a ``column`` partition the same way by a corpus column's values (the
+    loader made them the domains), every other kind by their labels.
     """
     kind = config.data.partition.kind
-    if kind == "domain":
+    if kind in ("domain", "column"):
         if not isinstance(data, TextData):
-            raise ConfigError(f"config key 'data.partition.kind': 'domain' needs a dataset with domains "
-                              f"(amazon_reviews); {config.data.dataset!r} has none")
+            raise ConfigError(f"config key 'data.partition.kind': {kind!r} needs a text dataset with domains "
+                              f"(amazon_reviews, or a corpus's column); {config.data.dataset!r} has none")
         train, test = data.train_domains.numpy(), data.test_domains.numpy()
     else:
         train, test = data.train_y.numpy(), data.test_y.numpy()
-    return make_partition(data.name, kind, train, test, seed=config.seed,
-                          **config.data.partition.partition_params())
+    partition = make_partition(data.name, kind, train, test, seed=config.seed,
+                               **config.data.partition.partition_params())
+    if kind == "column":  # the domain partitioner's result, recorded as what it is
+        partition.kind = "column"
+        partition.spec = {**partition.spec, "kind": "column", "column": config.data.partition.column}
+    return partition
 
 
 def get_partition(config: ExperimentConfig, data: ImageData | TextData) -> Partition:
@@ -154,8 +179,8 @@ def initial_model_and_context(config: ExperimentConfig, options: Any, device: to
     """The seeded initial model and the run context for image data of this shape and statistics:
     what a cross-silo process builds from the clients' descriptors, as the simulation does from the data."""
     torch.manual_seed(config.seed)
-    model = build_model(config.model.name, num_classes, in_channels=in_channels,
-                        image_size=config.data.image_size or image_size, weights=config.model.weights)
+    model = build_model_from_config(config.model, num_classes, in_channels=in_channels,
+                                    image_size=config.data.image_size or image_size)
     model = on_device(config, model, device)
     ctx = RunContext(config=config, options=options, device=device, transform=image_transform(config, mean, std))
     return model, ctx
