@@ -394,8 +394,8 @@ def test_descriptors_must_agree():
     from fedselect.fedml_runtime.cross_silo import FederationError
     from fedselect.runner.silo import check_descriptors
 
-    d = {"dataset": "x", "partition_key": "k", "classes": ["a", "b"], "in_channels": 3, "image_shape": [8, 8],
-         "mean": [0.5] * 3, "std": [0.2] * 3}
+    d = {"dataset": "x", "modality": "image", "partition_key": "k", "classes": ["a", "b"], "in_channels": 3,
+         "image_shape": [8, 8], "max_length": None, "mean": [0.5] * 3, "std": [0.2] * 3}
     assert check_descriptors({0: d, 1: dict(d)})["classes"] == ["a", "b"]
     with pytest.raises(FederationError, match="client 1's data differ from client 0's in 'classes'"):
         check_descriptors({0: d, 1: {**d, "classes": ["b", "a"]}})

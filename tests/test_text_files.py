@@ -183,3 +183,20 @@ def test_run_and_study_on_a_users_csv(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = (tmp_path / "study" / "corpus" / "summary.md").read_text()
     assert "top" in summary and "local" in summary
+
+
+@pytest.mark.integration
+def test_cross_silo_on_a_users_csv_matches_simulation(tmp_path):
+    """serve/join carry a text corpus: the descriptor says text (no image shape or statistics), the
+    server builds the tiny BERT from the config, and the federation equals the simulation bit for bit."""
+    from .test_cross_silo import assert_same_run, federate, simulate
+
+    raw = _corpus_config(tmp_path)
+    raw["algo"] = {"strategy": "top", "budget": 0.5}
+    raw["seed"] = 0
+    raw["deploy"] = {"peer_timeout_s": 5, "join_timeout_s": 120, "heartbeat_s": 0.5}
+    federated, fleet = federate(tmp_path, raw, plugins=[])
+    assert federated is not None, fleet
+    simulated = simulate({**raw, "tracking": {**raw["tracking"], "experiment": "corpus-sim"}})
+    assert_same_run(federated, simulated)
+    assert federated["dataset"].startswith("csv:") and len(federated["per_client_acc"]) == 3

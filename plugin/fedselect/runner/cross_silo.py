@@ -34,7 +34,7 @@ from fedselect.fedml_runtime.transport import transport_for
 from fedselect.options import ConfigError
 from fedselect.tracking import prepare_store, run_tracking_uri
 
-from .federation import initial_model_and_context, partition_spec, resolve_algorithm
+from .federation import initial_model_and_context, partition_spec, resolve_algorithm, text_model_and_context
 from .record import RunRecorder
 from .silo import check_descriptors, load_silo_data, training_fingerprint
 from .simulate import run_tags
@@ -72,6 +72,8 @@ def cross_silo_args(config: ExperimentConfig, rank: int) -> Any:
 def model_for(config: ExperimentConfig, options: Any, device: torch.device,
               descriptor: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     """The seeded initial model and run context for data described by ``descriptor``."""
+    if descriptor.get("modality") == "text":
+        return text_model_and_context(config, options, device, num_classes=len(descriptor["classes"]))
     return initial_model_and_context(config, options, device, num_classes=len(descriptor["classes"]),
                                      in_channels=descriptor["in_channels"], image_size=descriptor["image_shape"][0],
                                      mean=descriptor["mean"], std=descriptor["std"])

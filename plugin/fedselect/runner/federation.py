@@ -173,6 +173,15 @@ def client_datasets(data: ImageData | TextData, partition: Partition, device: to
     return [client_split(data, partition, cid).to(device) for cid in range(partition.num_clients)]
 
 
+def text_model_and_context(config: ExperimentConfig, options: Any, device: torch.device, *,
+                           num_classes: int) -> tuple[torch.nn.Module, RunContext]:
+    """The seeded initial text model (token ids in) and its run context: what a cross-silo process builds
+    from the clients' text descriptors."""
+    torch.manual_seed(config.seed)
+    model = on_device(config, build_model_from_config(config.model, num_classes), device)
+    return model, RunContext(config=config, options=options, device=device, transform=TokenTransform())
+
+
 def initial_model_and_context(config: ExperimentConfig, options: Any, device: torch.device, *, num_classes: int,
                               in_channels: int, image_size: int, mean: Sequence[float],
                               std: Sequence[float]) -> tuple[torch.nn.Module, RunContext]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedselect.config import ExperimentConfig
-from fedselect.data import load_image_dataset, partition_key
+from fedselect.data import TextData, load_image_dataset, partition_key
 from fedselect.engine import ClientDataset
 from fedselect.fedml_runtime.messages import FederationError
 from fedselect.options import ConfigError
@@ -24,7 +24,8 @@ from fedselect.options import ConfigError
 from .federation import client_split, get_partition, load_data, partition_spec
 
 # descriptor keys every client of one federation must agree on
-SHARED_DATA_KEYS = ("dataset", "partition_key", "classes", "in_channels", "image_shape", "mean", "std")
+SHARED_DATA_KEYS = ("dataset", "modality", "partition_key", "classes", "in_channels", "image_shape", "max_length",
+                    "mean", "std")
 
 
 def training_fingerprint(config: ExperimentConfig) -> str:
@@ -52,12 +53,16 @@ def load_silo_data(config: ExperimentConfig, client_id: int, device: torch.devic
                               f"{config.data.partition.num_clients}")
         # only this client's rows are kept; the rest of a shared dataset is dropped here
         own = client_split(data, partition, client_id)
-        mean, std, classes = list(data.mean), list(data.std), list(data.classes)
-        key = partition_key(data.name, partition_spec(config))
+        text = isinstance(data, TextData)  # token ids: no channels, image size or pixel statistics
+        mean, std = ([], []) if text else (list(data.mean), list(data.std))
+        classes, key = list(data.classes), partition_key(data.name, partition_spec(config))
+    text = own.train_x.dim() == 2
     descriptor = {
-        "training": training_fingerprint(config),
+        "training": training_fingerprint(config), "modality": "text" if text else "image",
         "dataset": config.data.dataset, "partition_key": key, "classes": classes,
-        "in_channels": int(own.train_x.shape[1]), "image_shape": [int(own.train_x.shape[2]), int(own.train_x.shape[3])],
+        "in_channels": None if text else int(own.train_x.shape[1]),
+        "image_shape": None if text else [int(own.train_x.shape[2]), int(own.train_x.shape[3])],
+        "max_length": int(own.train_x.shape[1]) if text else None,
         "mean": mean, "std": std, "num_train": own.num_train, "num_test": own.num_test,
         "train_class_counts": np.bincount(own.train_y.numpy(), minlength=len(classes)).tolist(),
         "test_class_counts": np.bincount(own.test_y.numpy(), minlength=len(classes)).tolist(),
