@@ -88,3 +88,64 @@ def test_min_trainers_is_only_for_the_solved_strategies_and_must_be_positive():
     # more than the clients: no layer but the required one can be trained
     result = solve_ilp(np.ones((3, 4)), costs, budgets, 0.1, required=(3,), min_trainers=4)
     assert result.mask[:, :3].sum() == 0 and result.mask[:, 3].all()
+
+
+# ---- the steps around a round's solve (core.selection_round) ---------------------------------
+
+def test_authors_budgets_never_go_below_the_identical_budget():
+    from fedselect.core.selection_round import authors_budgets
+
+    whole = authors_budgets(200, minimum=4.0, maximum=10.0, unit=1.0, seed=3, whole=True)
+    assert whole.min() >= 4.0 and whole.max() <= 10.0 and np.all(whole == np.round(whole))
+    # the release's truncnorm(a=3, b=9, loc=1, scale=1): mostly 4, some 5 (P(x > 4.5) ~ 17 %)
+    assert 0.05 < np.mean(whole >= 5) < 0.35 and np.mean(whole == 4) > 0.6
+    assert np.array_equal(whole, authors_budgets(200, minimum=4.0, maximum=10.0, unit=1.0, seed=3, whole=True))
+    assert not np.array_equal(whole, authors_budgets(200, minimum=4.0, maximum=10.0, unit=1.0, seed=4, whole=True))
+    # one layer as the unit: the mode 1 layer below a minimum of 1 layer gives a half-normal above it
+    low = authors_budgets(2000, minimum=1.0, maximum=6.0, unit=1.0, seed=0, whole=False)
+    assert low.min() >= 1.0 and abs(low.mean() - (1.0 + np.sqrt(2 / np.pi))) < 0.06
+    # far in the tail (8 deviations above the mode) still draws, at the minimum's edge
+    far = authors_budgets(200, minimum=9e5, maximum=2e6, unit=1e5, seed=1, whole=False)
+    assert far.min() >= 9e5 and far.max() < 1e6 and 0.08e5 < far.mean() - 9e5 < 0.18e5  # excess ~ 1/8 deviation
+
+
+def test_score_scaling_over_scored_or_choosable_layers_or_none():
+    from fedselect.core.selection_round import required_score_share, scale_scores
+
+    scores = np.array([[1.0, 3.0, 96.0], [2.0, 2.0, 96.0]])  # the head (last) holds 96 % of the mass
+    assert np.allclose(scale_scores(scores, "scored", [2]), scores / scores.mean())
+    assert np.allclose(scale_scores(scores, "choosable", [2]), scores / 2.0)
+    assert np.array_equal(scale_scores(scores, "none", [2]), scores)
+    assert required_score_share(scores, [2]) == pytest.approx(0.96)
+    assert np.array_equal(scale_scores(np.zeros((2, 3)), "choosable", [2]), np.zeros((2, 3)))
+    with pytest.raises(SelectionError, match="unknown score scaling"):
+        scale_scores(scores, "max", [2])
+
+
+def test_top_up_fills_budgets_with_the_clients_best_layers_and_never_exceeds_them():
+    from fedselect.core.selection_round import top_up, unused_budget
+
+    costs = np.array([2.0, 1.0, 3.0, 1.0])
+    scores = np.array([[0.9, 0.2, 0.8, 0.1], [0.1, 0.5, 0.2, 0.7]])
+    mask = np.array([[False, False, False, True], [False, False, False, True]])
+    budgets = np.array([4.0, 3.0])
+    filled = top_up(mask, scores, costs, budgets)
+    # client 0: layer 0 (best, cost 2) fits, layer 2 (cost 3) does not, layer 1 does
+    assert filled[0].tolist() == [True, True, False, True]
+    assert filled[1].tolist() == [False, True, False, True] or filled[1].tolist() == [True, False, False, True]
+    assert (filled.astype(float) @ costs <= budgets + 1e-9).all() and (filled >= mask).all()
+    assert unused_budget(filled, costs, budgets).tolist() == [0.0, float(budgets[1] - filled[1] @ costs)]
+    # min_trainers 2: only layers two clients already train may be added
+    both = np.array([[True, False, False, True], [True, False, False, True]])
+    limited = top_up(both, scores, costs, np.array([6.0, 6.0]), min_trainers=2)
+    assert np.array_equal(limited, both)
+    assert unused_budget(np.ones((1, 4), dtype=bool), costs, [3.0]).tolist() == [0.0]  # full: over, 0 left
+
+
+def test_trainer_share_is_each_layers_share_of_the_weight():
+    from fedselect.core.selection_round import trainer_share
+
+    mask = np.array([[True, True, False], [False, True, False], [False, True, False]])
+    assert np.allclose(trainer_share(mask, [2.0, 1.0, 1.0]), [0.5, 1.0, 0.0])
+    with pytest.raises(SelectionError, match="weights"):
+        trainer_share(mask, [0.0, 0.0, 0.0])

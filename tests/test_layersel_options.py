@@ -237,3 +237,99 @@ def test_personal_norm_statistics_stay_on_each_client_over_a_run():
     kept = [t.personal_values for t in trainers if t.personal_values]
     assert kept and any(not torch.equal(v, init[n].reshape(-1)) for pv in kept for n, v in pv.items()
                         if "running_mean" in n)
+
+
+# ---- issue 18: budget draw, score scale, top-up, min-trainers, per-round logs ------------------
+
+def test_defaults_are_the_behaviour_before_issue_18():
+    o = LayerSelOptions()
+    assert (o.budget_draw, o.normalize_over, o.top_up, o.aggregation, o.min_trainers) == \
+        ("half_normal", "scored", False, "trainers", 1)
+    from fedselect.study import load_study, validate_study
+
+    for path in ("configs/layersel_cifar10.yaml", "configs/layersel_reviews.yaml"):
+        validate_study(load_study(path))  # every run config of the studies stays valid
+
+
+def test_authors_budget_draw_only_adds_layers():
+    options = LayerSelOptions(budget=4 / 18, budgets="heterogeneous", budget_draw="authors", budget_max=10 / 18)
+    costs = np.ones(18)
+    budgets = client_budgets(costs, 40, options, seed=0)
+    assert budgets.min() >= 4.0 - 1e-9 and budgets.max() <= 10.0 + 1e-9 and np.allclose(budgets, np.round(budgets))
+    half = client_budgets(costs, 40, LayerSelOptions(budget=4.5 / 18, budgets="heterogeneous", budget_min=0.15),
+                          seed=0)
+    assert half.min() < 4.0  # the half-normal draw around the level can give fewer layers than identical
+    # parameter costs: never below the identical budget, not rounded
+    params = np.array([300.0, 50.0, 120.0, 80.0])
+    drawn = client_budgets(params, 20, LayerSelOptions(budget=0.5, budgets="heterogeneous", budget_draw="authors",
+                                                       cost="params"), seed=1)
+    assert drawn.min() >= 0.5 * params.sum() - 1e-9
+    with pytest.raises(ConfigError, match="algo.budget.*algo.budget_max.*authors"):
+        LayerSelOptions(budget=0.6, budget_max=0.5, budgets="heterogeneous", budget_draw="authors")
+    # budget_min is unused by the authors' draw, so a budget below it is fine
+    LayerSelOptions(budget=0.1, budget_min=0.2, budgets="heterogeneous", budget_draw="authors")
+
+
+def test_scores_can_be_scaled_over_the_choosable_layers_and_the_head_share_is_logged():
+    _, clients, args, model, *_, server, flow = run(strategy="ilp", normalize_over="choosable")
+    reports = {0: {"kind": "grad_norm", "scores": [1.0, 2.0, 3.0, 94.0]},
+               1: {"kind": "grad_norm", "scores": [3.0, 2.0, 1.0, 94.0]}}
+    assert np.allclose(server.score_matrix([0, 1], reports), np.array([[1, 2, 3, 94], [3, 2, 1, 94]]) / 2.0)
+    *_, scored, _ = run(strategy="ilp")
+    assert np.allclose(scored.score_matrix([0, 1], reports), np.array([[1, 2, 3, 94], [3, 2, 1, 94]]) / 25.0)
+    *_, raw, _ = run(strategy="ilp", normalize_scores=False, normalize_over="choosable")
+    assert np.allclose(raw.score_matrix([0, 1], reports), [[1, 2, 3, 94], [3, 2, 1, 94]])
+    raw.plan_round(0, reports)
+    assert raw.round_metrics()["selection_required_score_share"] == pytest.approx(188 / 200)
+    results = run_flow(flow, args, model, clients)
+    assert 0 < results[0].server_metrics["selection_required_score_share"] < 1
+    # the head outside the budgets is not scored: no share to log
+    *_, outside, _ = run(strategy="ilp", head_in_budget=False)
+    outside.plan_round(0, fake_reports(outside, [0, 1, 2], width=3))
+    assert "selection_required_score_share" not in outside.round_metrics()
+
+
+def test_round_logs_trainers_per_layer_and_unused_budget():
+    _, clients, args, model, *_, server, flow = run(strategy="ilp", lam=100.0, budget=0.75)
+    results = run_flow(flow, args, model, clients)
+    metrics = results[0].server_metrics
+    (_, sampled, selection), = server.history
+    for j, group in enumerate(server.groups):
+        assert metrics[f"selection_trainers_{group.name}"] == selection.mask[:, j].sum()
+    spent = selection.mask.astype(float) @ server.costs
+    for row, cid in enumerate(sampled):
+        assert metrics[f"selection_unused_budget_client_{cid}"] == pytest.approx(server.budgets[cid] - spent[row])
+    assert metrics["selection_unused_budget_mean"] == pytest.approx(np.mean(server.budgets[sampled] - spent))
+    assert metrics["selection_single_trainer_layers"] == float((selection.mask.sum(axis=0) == 1).sum())
+
+
+def test_top_up_uses_the_budget_the_solve_leaves():
+    # a huge lambda makes the ILP agree on one common set within the smallest budget; top-up fills the rest
+    *_, plain, _ = run(strategy="ilp", lam=50.0)
+    *_, filled, _ = run(strategy="ilp", lam=50.0, top_up=True)
+    plain.budgets = filled.budgets = np.array([2.0, 3.0, 4.0])  # heterogeneous, in unit-cost layers
+    reports = fake_reports(plain, [0, 1, 2], width=4)
+    plain.plan_round(0, reports)
+    filled.plan_round(0, reports)
+    before, after = plain.round_metrics(), filled.round_metrics()
+    assert before["selection_unused_budget_mean"] == pytest.approx(1.0)  # everyone trains the same 2 layers
+    assert after["selection_unused_budget_mean"] == 0.0
+    mask = filled.history[-1][2].mask
+    assert (mask >= plain.history[-1][2].mask).all()
+    assert (mask.astype(float) @ filled.costs <= filled.budgets + 1e-9).all()
+    with pytest.raises(ConfigError, match="algo.top_up.*algo.strategy"):
+        run(strategy="top", top_up=True)
+
+
+def test_min_trainers_config_errors_name_their_keys():
+    with pytest.raises(ConfigError, match="algo.min_trainers.*algo.strategy"):
+        run(strategy="random", min_trainers=2)
+    with pytest.raises(ConfigError, match="algo.min_trainers' must be an integer >= 1"):
+        run(min_trainers=0)
+    # one client sampled per round (participation 0.34 of 3): two trainers can never be found
+    with pytest.raises(ConfigError, match="algo.min_trainers', 'train.participation' and 'data.partition.num_clients'"):
+        run(strategy="ilp", min_trainers=2, train={"participation": 0.34})
+    _, clients, args, model, *_, server, flow = run(strategy="rgn", min_trainers=2)
+    run_flow(flow, args, model, clients)
+    k = server.history[-1][2].mask.sum(axis=0)
+    assert ((k == 0) | (k >= 2)).all()

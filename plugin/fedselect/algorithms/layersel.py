@@ -15,7 +15,14 @@ layers each client trains):
    gradients elsewhere) and normalization layers of unselected blocks keep their statistics,
    so unselected layers leave local training bit-identical;
 4. the client uploads only the layers it trained; the server averages each layer over the
-   clients that trained it (weighted by data size) and leaves the others unchanged.
+   clients that trained it (weighted by data size; the paper's Eq. 7) and leaves the others
+   unchanged, or with ``aggregation: sampled`` counts every other sampled client as a zero update
+   (:func:`fedselect.core.selection_round.trainer_share`).
+
+Every round logs, beside the solve's figures, how many clients train each layer
+(``selection_trainers_<layer>``, and ``selection_single_trainer_layers``), the share of the raw
+score mass in the always-trained head when it is scored (``selection_required_score_share``) and
+each client's unused budget in cost units (``selection_unused_budget_client_<id>`` and its mean).
 
 Candidate layers are the model's ``block`` groups plus the ``head``; the ``stem`` (embeddings)
 stays frozen and the head is always trained, as in the paper. Budgets and costs cover the
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,7 @@ import torch.nn.functional as F
 from fedselect.core.compute import backward_flops, backward_fraction
 from fedselect.core.scores import group_scores
 from fedselect.core.selection import SCORE_KIND, SelectionResult
+from fedselect.core.selection_round import required_score_share, scale_scores, trainer_share, unused_budget
 from fedselect.engine import TrainStats, autocast, client_generator, client_global_rng, freeze_norms
 from fedselect.models import LayerGroup, layer_groups
 from fedselect.models.flops import forward_flops_by_group
@@ -46,7 +55,7 @@ from fedselect.plots import plot_selection_heatmap
 from fedselect.registry import register
 
 from .base import BadUpdateError, FedAvgClient, FedAvgServer, Mask, RunArtifacts, RunContext
-from .layersel_budget import client_budgets, layer_costs, select_round, selectable
+from .layersel_budget import check_min_trainers, client_budgets, layer_costs, select_round, selectable
 from .layersel_options import LayerSelOptions
 from .parts import entries_of_params
 
@@ -214,10 +223,48 @@ class LayerSelServer(FedAvgServer):
         super().__init__(model, args, ctx=ctx)
         self.groups = candidate_groups(model)
         self.costs = layer_costs(self.groups, self.options.cost)
-        self.budgets = client_budgets(self.costs, ctx.config.data.partition.num_clients, self.options,
-                                      seed=ctx.config.seed)
+        num_clients = ctx.config.data.partition.num_clients
+        check_min_trainers(self.options, num_clients, ctx.config.train.participation)
+        self.budgets = client_budgets(self.costs, num_clients, self.options, seed=ctx.config.seed)
+        # each candidate's state entries (parameters and their modules' buffers), for aggregation: sampled
+        self.group_entries = [entries_of_params(model, g.param_names) for g in self.groups]
         self.history: list[tuple[int, list[int], SelectionResult]] = []
         self._metrics: dict[str, float] = {}
+        self._required_share = float("nan")
+
+    # ---- aggregation: which clients' uploads were accepted this round, with their weights -----
+    def begin_round(self) -> None:
+        super().begin_round()
+        self.round_weights: dict[int, float] = {}
+
+    def add_upload(self, num_samples: Any, payload: Any) -> bool:
+        accepted = super().add_upload(num_samples, payload)
+        if accepted:
+            self.round_weights[int(payload["client_id"])] = self._weight(float(num_samples))
+        return accepted
+
+    def add_local_upload(self, upload: Any) -> bool:
+        accepted = super().add_local_upload(upload)
+        if accepted:
+            self.round_weights[int(upload.client_id)] = self._weight(float(upload.num_samples))
+        return accepted
+
+    def end_round(self) -> OrderedDict[str, torch.Tensor]:
+        """Each layer's mean over its trainers (Eq. 7); with ``aggregation: sampled`` the step from the
+        old global value scaled by the trainers' share of the accepted clients' weight."""
+        old = OrderedDict(self.global_state)
+        new_state = super().end_round()
+        if self.options.aggregation != "sampled" or not self.history or not self.round_weights:
+            return new_state
+        _, sampled, result = self.history[-1]
+        rows = [row for row, cid in enumerate(sampled) if cid in self.round_weights]
+        shares = trainer_share(result.mask[rows], [self.round_weights[sampled[r]] for r in rows])
+        for entries, share in zip(self.group_entries, shares, strict=True):
+            for name in entries:
+                if share < 1.0 and new_state[name].is_floating_point():
+                    step = new_state[name].double() - old[name].double()
+                    new_state[name] = (old[name].double() + float(share) * step).to(old[name].dtype)
+        return new_state
 
     def needs_plan(self, round_idx: int) -> bool:
         return True
@@ -229,19 +276,35 @@ class LayerSelServer(FedAvgServer):
         result = select_round(o, self.costs, self.budgets[sampled], scores, seed=self.ctx.config.seed,
                               round_idx=round_idx)
         self.history.append((round_idx, sampled, result))
-        mask = result.mask
-        self._metrics = {
+        self._metrics = self.selection_metrics(sampled, result)
+        return {cid: {"layers": [g.name for g, on in zip(self.groups, result.mask[row], strict=True) if on]}
+                for row, cid in enumerate(sampled)}
+
+    def selection_metrics(self, sampled: list[int], result: SelectionResult) -> dict[str, float]:
+        """The round's logged figures of its selection (module docstring)."""
+        mask, o = result.mask, self.options
+        trainers = mask.sum(axis=0)
+        covered = np.asarray(selectable(list(self.costs), o.head_in_budget), dtype=float)
+        unused = unused_budget(mask[:, :covered.size], covered, self.budgets[sampled])
+        metrics = {
             "selection_solve_seconds": result.solve_seconds,
             "selection_objective": result.objective,
             "selection_optimal": float(result.status in ("optimal", "heuristic")),
             "selection_layers_mean": float(mask.sum(axis=1).mean()),
-            "selection_disagreement": float(sum(k * (len(sampled) - k) for k in mask.sum(axis=0))),
+            "selection_disagreement": float(sum(k * (len(sampled) - k) for k in trainers)),
+            "selection_single_trainer_layers": float((trainers == 1).sum()),
+            "selection_unused_budget_mean": float(unused.mean()),
+            **{f"selection_trainers_{g.name}": float(k) for g, k in zip(self.groups, trainers, strict=True)},
+            **{f"selection_unused_budget_client_{cid}": float(u) for cid, u in zip(sampled, unused, strict=True)},
         }
-        return {cid: {"layers": [g.name for g, on in zip(self.groups, mask[row], strict=True) if on]}
-                for row, cid in enumerate(sampled)}
+        if math.isfinite(self._required_share):
+            metrics["selection_required_score_share"] = self._required_share
+        self._required_share = float("nan")
+        return metrics
 
     def score_matrix(self, sampled: list[int], reports: dict[int, dict[str, Any]]) -> np.ndarray:
-        """Clients x selectable layers (the head only with ``head_in_budget``), normalized if asked."""
+        """Clients x selectable layers (the head only with ``head_in_budget``), scaled as asked
+        (``normalize_scores``, ``normalize_over``: :func:`fedselect.core.selection_round.scale_scores`)."""
         kind = SCORE_KIND[self.options.strategy]
         expected = len(selectable(self.groups, self.options.head_in_budget))
         rows = []
@@ -254,10 +317,11 @@ class LayerSelServer(FedAvgServer):
                 raise BadUpdateError(f"client {cid} reported malformed {kind} layer scores: {report!r}")
             rows.append(scores)
         matrix = np.asarray(rows, dtype=float)
-        mean = matrix.mean()
-        if self.options.normalize_scores and mean > 0:
-            matrix = matrix / mean
-        return matrix
+        required = [expected - 1] if self.options.head_in_budget else []  # the head, scored with it inside
+        if required:
+            self._required_share = required_score_share(matrix, required)
+        over = self.options.normalize_over if self.options.normalize_scores else "none"
+        return scale_scores(matrix, over, required)
 
     def round_metrics(self) -> dict[str, float]:
         return dict(self._metrics)
