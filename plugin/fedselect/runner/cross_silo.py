@@ -153,7 +153,8 @@ class ServerSession:
         recorder = self.recorder
         final = recorder.logger.last_eval
         extra = {
-            "mode": "cross_silo", "evaluated_clients": sorted(final.evaluation or {}) if final else [],
+            "mode": "cross_silo", "classes": list(self.common["classes"]),
+            "evaluated_clients": sorted(final.evaluation or {}) if final else [],
             "wire_bytes_up_per_round": [w["wire_bytes_up_round"] for w in self.wire],
             "wire_bytes_down_per_round": [w["wire_bytes_down_round"] for w in self.wire],
             "round_seconds": [w["round_seconds"] for w in self.wire], "updates_dropped": self.dropped,
