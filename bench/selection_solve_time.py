@@ -1,8 +1,9 @@
-"""Solve time of the layer-selection problem (exact reductions + PuLP/CBC MILP) at N clients x L layers.
+"""Solve time of the layer-selection problem (exact reductions + knapsacks + PuLP/CBC MILP) at N clients x L layers.
 
     python bench/selection_solve_time.py                  # N=100, L=50, all cases below
     python bench/selection_solve_time.py --clients 10 --layers 18 --time-limit 5
     python bench/selection_solve_time.py --costs unit --budgets identical --lambdas 0.001 0.01 0.1 1
+    python bench/selection_solve_time.py --min-trainers 3      # with the min-trainers constraint (issue 18)
 
 Reads nothing; prints one row per (score model, costs, budgets, lambda): seconds, outcome (optimal,
 or time_limit = the best selection found when the limit hit, with its gap to the solver's upper
@@ -18,6 +19,9 @@ lambda (N - 2k - 1), so median / N makes it comparable to a typical score at 1x)
 * budgets: identical (``--budget`` times the total cost) and heterogeneous (seeded truncated
   half-normal with that mean level, between 0.4x and 2x of it);
 * the last layer (the head) is required.
+
+At lambda = 0 (and for SNR/RGN, which solve with lambda = 0) the problem is one knapsack per client,
+solved by :func:`fedselect.core.knapsack.knapsack` without CBC.
 """
 
 from __future__ import annotations
@@ -77,13 +81,15 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["identical", "heterogeneous"],
                         choices=["identical", "heterogeneous"])
     parser.add_argument("--time-limit", type=float, default=10.0, help="time limit per solve, seconds")
+    parser.add_argument("--min-trainers", type=int, default=1,
+                        help="every layer but the head trained by 0 or at least this many clients (1: no constraint)")
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args()
     watcher = _LastWarning()
     logging.getLogger("fedselect.core.selection").addHandler(watcher)
     logging.getLogger("fedselect.core.selection").propagate = False
     print(f"N={ns.clients} clients x L={ns.layers} layers, budget level {ns.budget:g} of the total cost, "
-          f"head required, time limit {ns.time_limit:g} s")
+          f"head required, time limit {ns.time_limit:g} s, min_trainers {ns.min_trainers}")
     print("| scores | costs | budgets | lambda | seconds | outcome | gap | objective | layers/client | D |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
     for sname, scores in score_models(ns.clients, ns.layers, ns.seed).items():
@@ -100,7 +106,7 @@ def main() -> None:
                     watcher.record = None
                     started = time.perf_counter()
                     result = solve_ilp(scores, costs, budgets, lam, required=(ns.layers - 1,),
-                                       time_limit_s=ns.time_limit)
+                                       time_limit_s=ns.time_limit, min_trainers=ns.min_trainers)
                     seconds = time.perf_counter() - started
                     gap = "0"
                     if result.status == "time_limit" and watcher.record is not None:

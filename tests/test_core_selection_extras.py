@@ -149,3 +149,51 @@ def test_trainer_share_is_each_layers_share_of_the_weight():
     assert np.allclose(trainer_share(mask, [2.0, 1.0, 1.0]), [0.5, 1.0, 0.0])
     with pytest.raises(SelectionError, match="weights"):
         trainer_share(mask, [0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_min_trainers_solve_matches_the_plain_milp_on_mid_sized_instances(case):
+    # beyond brute force: the reductions + parts + MILP against the MILP alone (nothing fixed, every
+    # count gap enforced), which is exact by itself; lambda 0 included (the solve then has no penalty)
+    import fedselect.core.selection_cbc as selection_cbc
+    from fedselect.core.selection_problem import counts_ok, hard_counts
+
+    rng = np.random.default_rng(100 + case)
+    n, L, t = 8, 7, [2, 3, 4][case % 3]
+    costs = np.ones(L) if case % 2 else rng.integers(1, 5, L).astype(float)
+    budgets = costs[-1] + rng.uniform(0.5, 0.6 * costs.sum(), n)
+    scores = rng.gamma(1.0, 1.0, (n, L))
+    lam = [0.0, 0.02, 0.2, 1.0][case % 4]
+    result = solve_ilp(scores, costs, budgets, lam, required=(L - 1,), min_trainers=t)
+    fix = np.full((n, L), -1, dtype=np.int8)
+    fix[:, L - 1] = 1
+    start = fix == 1
+    plain, status = selection_cbc._solve_part(scores, costs, np.floor(budgets) if case % 2 else budgets, lam, fix,
+                                              hard_counts(n, L, (L - 1,), t), np.arange(n), start, 60.0, None,
+                                              gaps=True)
+    assert status == "optimal" and counts_ok(plain, (L - 1,), t)
+    assert result.status == "optimal" and counts_ok(result.mask, (L - 1,), t)
+    assert result.objective == pytest.approx(objective_value(plain, scores, lam), abs=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_min_trainers_holds_when_the_reductions_rule_out_none_trainers_too(seed):
+    # bench-sized (10 clients x 18 layers, heterogeneous budgets): the Lagrangian step can rule out
+    # k = 0 for a layer whose 1..t-1 are ruled out by the constraint, leaving [t, ..] for the MILP to keep
+    import fedselect.core.selection_cbc as selection_cbc
+    from fedselect.core.selection_problem import counts_ok, hard_counts
+
+    rng = np.random.default_rng(seed)
+    n, L, t = 10, 18, 3
+    scores = rng.gamma(1.0, 1.0, (n, L))
+    budgets = np.maximum(1.0, rng.normal(4.0, 1.5, n))
+    for lam in (0.0, 0.01):
+        result = solve_ilp(scores, np.ones(L), budgets, lam, required=(L - 1,), min_trainers=t)
+        assert result.status == "optimal" and counts_ok(result.mask, (L - 1,), t)
+    fix = np.full((n, L), -1, dtype=np.int8)
+    fix[:, L - 1] = 1
+    plain, status = selection_cbc._solve_part(scores, np.ones(L), np.floor(budgets), 0.0, fix,
+                                              hard_counts(n, L, (L - 1,), t), np.arange(n), fix == 1, 60.0, None,
+                                              gaps=True)
+    exact = solve_ilp(scores, np.ones(L), budgets, 0.0, required=(L - 1,), min_trainers=t)
+    assert status == "optimal" and exact.objective == pytest.approx(objective_value(plain, scores, 0.0), abs=1e-7)

@@ -49,15 +49,20 @@ def _parts(fix: np.ndarray, coupled: bool) -> list[np.ndarray]:
 
 
 def _count_runs(prob: pulp.LpProblem, j: int, col: list, ones: int, allowed: np.ndarray) -> None:
-    """k_l in the allowed counts when they are several runs of consecutive values (a min-trainers gap:
-    {0} and [t, N]): one binary per run, sum_r lo_r y_r <= k_l <= sum_r hi_r y_r, sum_r y_r = 1."""
+    """k_l in the allowed counts: their range, and when they are several runs of consecutive values (a
+    min-trainers gap: {0} and [t, N]) one binary per run, sum_r lo_r y_r <= k_l <= sum_r hi_r y_r,
+    sum_r y_r = 1."""
+    free = [(v, 1.0) for v in col]
     cuts = np.flatnonzero(np.diff(allowed) > 1)
     if cuts.size == 0:
+        if allowed[0] > ones:
+            prob += pulp.LpAffineExpression(free) >= float(allowed[0] - ones), f"count_lo_{j}"
+        if allowed[-1] < ones + len(col):
+            prob += pulp.LpAffineExpression(free) <= float(allowed[-1] - ones), f"count_hi_{j}"
         return
     runs = np.split(allowed, cuts + 1)
     y = [pulp.LpVariable(f"run_{j}_{r}", cat="Binary") for r in range(len(runs))]
     prob += pulp.lpSum(y) == 1, f"runs_{j}"
-    free = [(v, 1.0) for v in col]
     prob += pulp.LpAffineExpression(free + [(v, -float(r[0])) for v, r in zip(y, runs, strict=True)]) >= -ones
     prob += pulp.LpAffineExpression(free + [(v, -float(r[-1])) for v, r in zip(y, runs, strict=True)]) <= -ones
 
