@@ -18,6 +18,7 @@ from typing import Any
 
 from fedselect.dataset_names import classify
 
+from .images import load_image_dataset
 from .partition import Partition, partition_key
 from .partitioners import (
     PARTITION_KINDS,
@@ -35,7 +36,6 @@ from .sources import (
     ImageData,
     decode_images,
     default_cache_dir,
-    load_image_dataset,
     resolve_data_root,
 )
 from .summary import partition_summary, plot_partition

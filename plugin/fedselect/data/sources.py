@@ -46,7 +46,6 @@ __all__ = [
     "channel_stats",
     "decode_images",
     "default_cache_dir",
-    "load_image_dataset",
     "resolve_data_root",
 ]
 
@@ -139,53 +138,10 @@ def canonical_name(name: str) -> str:
     return _ALIASES.get(key, key)
 
 
-def load_image_dataset(
-    name: str,
-    root: str | os.PathLike[str] | None = None,
-    *,
-    download: bool = True,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> ImageData:
-    """Load a whole image dataset as uint8 NCHW tensors with int64 labels.
-
-    Args:
-        name: ``cifar10``, ``cifar100``, ``fashionmnist``, ``mnist`` (case-insensitive) or
-            ``imagefolder:<path>`` for any folder with ``train/`` and ``test/`` ImageFolder trees.
-        root: data root (see :func:`resolve_data_root`); unused for ``imagefolder:``.
-        download: let torchvision download a named dataset whose files are missing, if the
-            download host answers within a few seconds.
-        cache_dir: where decoded ImageFolder tensors are cached (see :func:`default_cache_dir`).
-
-    Raises:
-        DataNotFoundError: the files are missing and cannot (or may not) be downloaded.
-        DataCacheError: a cache file for this exact source exists but is unreadable.
-        ValueError: unknown dataset name, or an inconsistent ImageFolder tree.
-    """
-    cname = canonical_name(name)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if cname.startswith("imagefolder:"):
-        folder = Path(cname.split(":", 1)[1]).expanduser()
-        if not _is_imagefolder_pair(folder):
-            raise DataNotFoundError(f"dataset {name!r}: no ImageFolder tree at {folder} (expected "
-                                    f"{folder}/train/<class>/<image> and {folder}/test/<class>/<image>)")
-        # the folder's own name is the most useful short name ("cifar10" for .../cifar10)
-        short = folder.resolve().name.lower() or "imagefolder"
-        return _load_imagefolder(short, folder, cache)
-    if cname not in KNOWN_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: {accepted_datasets()}")
-    data_root = resolve_data_root(root)
-    folder = data_root / cname
-    if _is_imagefolder_pair(folder):
-        return _load_imagefolder(cname, folder, cache)
-    from .torchvision_source import load_torchvision  # torchvision imports slowly
-
-    return load_torchvision(cname, data_root, download=download, cache_dir=cache)
-
-
 # ---------------------------------------------------------------- ImageFolder sources
 
 
-def _is_imagefolder_pair(folder: Path) -> bool:
+def is_imagefolder_pair(folder: Path) -> bool:
     """Whether ``folder`` has both a ``train`` and a ``test`` subfolder."""
     return (folder / "train").is_dir() and (folder / "test").is_dir()
 
@@ -251,7 +207,7 @@ def _source_key(folder: Path, listing: Sequence[FileEntry]) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_imagefolder(name: str, folder: Path, cache_dir: Path) -> ImageData:
+def load_imagefolder(name: str, folder: Path, cache_dir: Path) -> ImageData:
     """Load ``folder/{train,test}`` from the cache if it matches the files, else decode and cache."""
     classes, train_files = _scan_split(folder / "train", None)
     _, test_files = _scan_split(folder / "test", classes)
