@@ -73,7 +73,8 @@ def tiny_data() -> ImageData:
 def tiny_config(results: Path, algorithm: str, algo: dict | None = None, **train):
     return load_config_dict({
         "algorithm": algorithm, "seed": 3, "device": "cpu", "algo": algo or {},
-        "data": {"dataset": "tiny", "partition": {"kind": "pathological", "num_clients": 3, "classes_per_client": 2,
+        "data": {"dataset": "imagefolder:tiny", "partition": {"kind": "pathological", "num_clients": 3,
+                                                              "classes_per_client": 2,
                                                   "train_per_class": 6, "test_per_class": 5}},
         "model": {"name": "cnn"},
         "train": {"rounds": ROUNDS, "local_epochs": 1, "batch_size": 8, "lr": 0.05, "momentum": 0.5,
@@ -216,7 +217,7 @@ def test_interrupted_run_resumes_to_the_same_end(tmp_path, tiny, monkeypatch, ca
     interrupt_at(monkeypatch, 3)  # checkpoints after rounds 1 and 3: round 2 is done but lost
     with pytest.raises(Interrupted):
         run_experiment(config, record_path=record_path, progress=False)
-    path = checkpoint_path(config, f"{algorithm}-tiny-seed3")
+    path = checkpoint_path(config, f"{algorithm}-imagefolder:tiny-seed3")
     assert read_checkpoint(path)["round"] == 1 and not record_path.exists()
 
     resumed = run_experiment(config, record_path=record_path, progress=False)
@@ -248,7 +249,7 @@ def test_kill_while_logging_after_a_checkpoint_loses_and_doubles_nothing(tmp_pat
     monkeypatch.setattr(record_module.RunTracker, "log_metrics", log_metrics)
     with pytest.raises(Interrupted):
         run_experiment(config, progress=False)
-    assert read_checkpoint(checkpoint_path(config, "fedavg-tiny-seed3"))["round"] == 3
+    assert read_checkpoint(checkpoint_path(config, "fedavg-imagefolder:tiny-seed3"))["round"] == 3
     resumed = run_experiment(config, progress=False)
     assert resumed["resumed_at_rounds"] == [4]
     assert_same_run(whole, resumed)
@@ -269,7 +270,7 @@ def test_kill_after_the_last_round_finishes_without_training_again(tmp_path, tin
     monkeypatch.setattr(record_module, "per_client_csv", per_client_csv)
     with pytest.raises(Interrupted):
         run_experiment(config, progress=False)
-    assert read_checkpoint(checkpoint_path(config, "fedselect-tiny-seed3"))["round"] == ROUNDS - 1
+    assert read_checkpoint(checkpoint_path(config, "fedselect-imagefolder:tiny-seed3"))["round"] == ROUNDS - 1
     resumed = run_experiment(config, progress=False)
     assert resumed["resumed_at_rounds"] == [ROUNDS]
     assert_same_run(whole, resumed)
@@ -281,7 +282,7 @@ def test_without_checkpoints_metrics_are_logged_as_rounds_end(tmp_path, tiny, mo
     interrupt_at(monkeypatch, 3)
     with pytest.raises(Interrupted):
         run_experiment(config, progress=False)
-    assert not checkpoint_path(config, "fedavg-tiny-seed3").exists()
+    assert not checkpoint_path(config, "fedavg-imagefolder:tiny-seed3").exists()
     (run,) = load_runs(default_uri(tmp_path), experiment="resume")
     assert [s for s, _ in metric_history(default_uri(tmp_path), run["run_id"], "train_loss")] == [0, 1, 2]
     assert run["status"] == "FAILED"
@@ -296,7 +297,7 @@ def interrupted_checkpoint(tmp_path, monkeypatch, **train) -> tuple:
     interrupt_at(monkeypatch, 2)
     with pytest.raises(Interrupted):
         run_experiment(config, progress=False)
-    path = checkpoint_path(config, "fedavg-tiny-seed3")
+    path = checkpoint_path(config, "fedavg-imagefolder:tiny-seed3")
     assert path.exists()
     return config, path
 
@@ -320,7 +321,7 @@ def test_corrupt_checkpoint_is_an_error_naming_the_file(tmp_path, tiny, monkeypa
 
 def test_checkpoint_of_another_config_or_store_is_refused(tmp_path, tiny, monkeypatch):
     config, path = interrupted_checkpoint(tmp_path, monkeypatch)
-    name = "fedavg-tiny-seed3"
+    name = "fedavg-imagefolder:tiny-seed3"
     # options that do not change what is computed keep the checkpoint
     assert checkpoint_path(tiny_config(tmp_path, "fedavg", rounds=3, checkpoint_every=1, resume=False), name) == path
     other = tiny_config(tmp_path, "fedavg", rounds=3, lr=0.07)
