@@ -72,7 +72,9 @@ class LayerSelOptions:
     # identical: every client gets `budget`; heterogeneous: seeded truncated half-normal draws
     # with mean level `budget` in [budget_min, budget_max]
     budgets: Literal["identical", "heterogeneous"] = "identical"
+    # heterogeneous budgets, half_normal draw: the smallest budget (a fraction, like `budget`)
     budget_min: float = 0.2
+    # heterogeneous budgets: the largest budget (a fraction, like `budget`)
     budget_max: float = 1.0
     # a layer's cost: 1 per layer, or its parameter count
     cost: Literal["unit", "params"] = "unit"
