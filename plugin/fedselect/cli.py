@@ -83,16 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(ns: argparse.Namespace) -> int:
     from fedselect.config import load_config
     from fedselect.registry import load_plugins
-    from fedselect.runner.simulate import run_experiment
 
     load_plugins(ns.plugin)
     config = load_config(ns.config, ns.overrides)
-    record = run_experiment(config, record_path=ns.out, progress=not ns.no_progress)
+    record = _run_checked(config, ns.out, progress=not ns.no_progress)
     print(f"{record['algorithm']} seed {record['seed']}: final mean acc {record['final_mean_acc']:.4f}, "
           f"best {record['best_mean_acc']:.4f} (round {record['best_round'] + 1} of {record['rounds']}), "
           f"bytes up {record['bytes_up']:,} down {record['bytes_down']:,}, {record['wall_seconds']:.1f} s")
     print(logged_line(record))
     return 0
+
+
+def _run_checked(config: Any, out: Path | None, *, progress: bool) -> dict:
+    """``run_experiment`` after the config- and model-time checks (before any data is loaded); a
+    budget the model cannot meet found only once the data shaped the model is a config error too."""
+    from fedselect.core.selection import InfeasibleBudgetError
+    from fedselect.runner.preflight import as_config_error, preflight
+    from fedselect.runner.simulate import run_experiment
+
+    preflight(config)
+    try:
+        return run_experiment(config, record_path=out, progress=progress)
+    except InfeasibleBudgetError as exc:
+        raise as_config_error(exc, config.model.name) from None
 
 
 def logged_line(record: dict) -> str:
@@ -149,7 +162,9 @@ examples:
 CHECK_CONFIG_DESCRIPTION = """\
 Validate a run config (every key, the algorithm's `algo:` options included) and print it as YAML
 with every default filled in; a bad key or value is one error line naming it, exit status 2.
-Loads no data and imports no torch for the built-in algorithms. configs/reference.yaml lists
+Loads no data and imports no torch for the built-in algorithms, except those whose settings
+depend on the model (layersel: its budgets against the model's layers, built without data where
+the dataset fixes the model's shape; about 10 s for the imports). configs/reference.yaml lists
 every key with its default and meaning; `fedselect algorithms NAME` lists an algorithm's options."""
 
 CHECK_CONFIG_EPILOG = """\
@@ -189,9 +204,12 @@ def cmd_algorithms(ns: argparse.Namespace) -> int:
 def cmd_check_config(ns: argparse.Namespace) -> int:
     from fedselect.config import dump_config, load_config
     from fedselect.registry import load_plugins
+    from fedselect.runner.preflight import preflight
 
     load_plugins(ns.plugin)
-    print(dump_config(load_config(ns.config, ns.overrides)), end="")
+    config = load_config(ns.config, ns.overrides)
+    preflight(config)  # what a run would refuse before loading data (model-time only where it applies)
+    print(dump_config(config), end="")
     return 0
 
 

@@ -321,7 +321,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if raw is None:
-        raw = {}
+        # an empty file (or one of comments only) is a mistake, not a request for every default:
+        # a run would train on cifar10 with defaults. `{}` says "all defaults" on purpose
+        raise ConfigError(f"config file {path} is empty (or only comments): it sets nothing, and a run "
+                          "would train on every default. Write the settings, or `{}` for all defaults")
     try:
         return load_config_dict(raw, overrides)
     except ConfigError as exc:

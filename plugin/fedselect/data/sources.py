@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 
 from fedselect.dataset_names import IMAGE_ALIASES, IMAGE_DATASETS, accepted_datasets
 from fedselect.files import atomic_writer
+from fedselect.load_errors import load_failure
+from fedselect.options import ConfigError
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -70,8 +72,12 @@ class DataNotFoundError(FileNotFoundError):
     """The dataset's files are not where they were looked for and could not be downloaded."""
 
 
-class DataCacheError(RuntimeError):
-    """A decoded-tensor cache file exists but cannot be read; the message names the file."""
+class DataCacheError(ConfigError):
+    """A decoded-tensor cache file exists but cannot be read; the message names the file.
+
+    A :class:`ConfigError` because the way on is the user's (delete the file): the command line
+    reports it in one line, exit status 2, like a bad config key.
+    """
 
 
 @dataclass
@@ -238,8 +244,8 @@ def _read_cache(path: Path, name: str) -> ImageData:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unpickling failure means the same thing to the user
         raise DataCacheError(
-            f"cannot read the dataset cache file {path}: {exc}. Delete it to rebuild it."
-        ) from exc
+            f"cannot read the dataset cache file {path}: {load_failure(exc)}. Delete it to rebuild it."
+        ) from None
     try:
         if not isinstance(blob, dict) or blob.get("format") != _CACHE_FORMAT:
             raise ValueError("not a fedselect dataset cache (format mismatch)")
@@ -264,7 +270,7 @@ def _read_cache(path: Path, name: str) -> ImageData:
     except (KeyError, TypeError, ValueError) as exc:
         raise DataCacheError(
             f"the dataset cache file {path} is malformed ({exc}). Delete it to rebuild it."
-        ) from exc
+        ) from None
 
 
 def _write_cache(path: Path, data: ImageData) -> None:

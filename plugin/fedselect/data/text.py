@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from fedselect.dataset_names import TEXT_ALIASES, TEXT_DATASETS
+from fedselect.load_errors import load_failure
 
 from .sources import DataCacheError, DataNotFoundError, default_cache_dir, resolve_data_root, save_cache_blob
 
@@ -287,7 +288,8 @@ def read_text_cache(path: Path, name: str) -> TextData:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unpickling failure means the same thing to the user
-        raise DataCacheError(f"cannot read the dataset cache file {path}: {exc}. Delete it to rebuild it.") from exc
+        raise DataCacheError(f"cannot read the dataset cache file {path}: {load_failure(exc)}. Delete it to "
+                             "rebuild it.") from None
     try:
         if not isinstance(blob, dict) or blob.get("format") != _CACHE_FORMAT or blob.get("kind") != "text":
             raise ValueError("not a fedselect text dataset cache (format mismatch)")

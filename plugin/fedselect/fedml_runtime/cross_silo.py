@@ -56,6 +56,7 @@ from fedselect.fedml_runtime.messages import (
 )
 from fedselect.fedml_runtime.simulation import RoundResult, aggregate_round, json_nbytes, sample_clients
 from fedselect.fedml_runtime.transport import Transport, message_cap
+from fedselect.options import ConfigError
 
 import_fedml()
 from fedml.core.distributed.communication.message import Message  # noqa: E402
@@ -100,6 +101,7 @@ class FedSelectServerManager(FedMLServerManager):
         self.rejected: list[tuple[int, str]] = []
         self.stashed: tuple[RoundResult, dict[str, float]] | None = None
         self.error: str | None = None
+        self.config_error: ConfigError | None = None
         self.started = time.monotonic()
         self.round_started: dict[int, float] = {}
         self.prober = Prober(self.com_manager, self.deploy.heartbeat_s)
@@ -139,13 +141,20 @@ class FedSelectServerManager(FedMLServerManager):
                     self._advance()
             except Exception as exc:
                 log.error("federation stopped: %s", exc)
+                if isinstance(exc, ConfigError):  # e.g. a budget the clients' model cannot meet: exit 2
+                    self.config_error = exc
                 self._stop(f"{type(exc).__name__}: {exc}" if not isinstance(exc, FederationError) else str(exc))
         return run
 
     def run_federation(self) -> None:
         """Serve until the federation ends; raise :class:`FederationError` if it failed."""
         # on Ctrl-C clients leave now, not after deploy.peer_timeout_s
-        run_until_done(self, lambda: self._stop("the server was interrupted"))
+        try:
+            run_until_done(self, lambda: self._stop("the server was interrupted"))
+        except FederationError:
+            if self.config_error is not None:  # the config's fault, reported as such (exit status 2)
+                raise self.config_error from None
+            raise
 
     # ---- sending ------------------------------------------------------------------------------
     def _send(self, cid: int, msg_type: Any, params: Mapping[str, Any], *,

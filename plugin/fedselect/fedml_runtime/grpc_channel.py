@@ -43,6 +43,7 @@ from fedselect.core.masks import PackedTensor
 from fedselect.fedml_bridge import import_fedml
 from fedselect.fedml_runtime.receiver import Incoming, Servicer
 from fedselect.fedml_runtime.transport import Transport
+from fedselect.load_errors import load_failure
 
 import_fedml()
 from fedml.core.distributed.communication.grpc import (  # noqa: E402  (needs the offline patch first)
@@ -298,7 +299,7 @@ class FedSelectChannel(GRPCCommManager):
             msg = decode_message(item.data)
         except Exception as exc:  # a stranger's bytes must not stop the federation
             self.dropped_messages += 1
-            log.warning("dropped an unreadable message of %d bytes: %s", len(item.data), str(exc)[:200])
+            log.warning("dropped an unreadable message of %d bytes: %s", len(item.data), load_failure(exc))
             return None
         sender = int(msg.get_sender_id())
         if sender not in self.grpc_mappings or sender == self.client_rank:

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from fedselect.load_errors import load_failure
 from fedselect.models.cnn import CNN, build_cnn
 from fedselect.models.efficientnet import build_efficientnet_lite0, imagenet_state_dict
 from fedselect.models.groups import (
@@ -305,7 +306,7 @@ def _fetch_url(url: str, description: str) -> Mapping[str, Any]:
             url, map_location="cpu", progress=False, check_hash=True, weights_only=True
         )
     except Exception as exc:  # network, hash and unpickling failures all mean "not available"
-        raise WeightsUnavailableError(f"cannot obtain {description} from {url}: {exc}; {advice}") from exc
+        raise WeightsUnavailableError(f"cannot obtain {description} from {url}: {load_failure(exc)}; {advice}") from exc
 
 
 register_model("cnn", build_cnn)

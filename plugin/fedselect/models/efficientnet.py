@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedselect.load_errors import load_failure
 from fedselect.models.groups import GroupSpec, prefix_spec, register_layer_groups
 
 __all__ = [
@@ -138,7 +139,7 @@ def imagenet_state_dict() -> dict[str, torch.Tensor]:
     try:
         source: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many unrelated types for a corrupt file
-        raise ValueError(f"cannot read EfficientNet-Lite0 weights {path}: {exc}") from exc
+        raise ValueError(f"cannot read EfficientNet-Lite0 weights {path}: {load_failure(exc)}") from None
     if not isinstance(source, Mapping):
         raise ValueError(f"{path} does not hold a state_dict (got {type(source).__name__})")
     # Only the key names and shapes are needed: a meta-device model allocates no memory.

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedselect.load_errors import load_failure
 from fedselect.models.groups import head_param_names
 
 __all__ = ["load_weights"]
@@ -47,7 +48,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many unrelated types for a non-checkpoint file
-        raise ValueError(f"cannot read weights file {file}: {exc}") from exc
+        raise ValueError(f"cannot read weights file {file}: {load_failure(exc)}") from None
     _load_state(model, state, f"weights file {file}")
 
 

@@ -55,6 +55,7 @@ from fedselect import __version__
 from fedselect.config import ConfigError, ExperimentConfig
 from fedselect.core.masks import PackedTensor
 from fedselect.files import atomic_writer, temporary_glob
+from fedselect.load_errors import load_failure
 from fedselect.tracking import flatten, load_runs
 
 log = logging.getLogger(__name__)
@@ -243,8 +244,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, garbage bytes, a pickle weights_only refuses: all unusable
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated "
-                              f"or corrupt. {WAYS_ON}") from exc
+        raise CheckpointError(f"checkpoint {path} cannot be read: {load_failure(exc)}. {WAYS_ON}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path} is not a fedselect checkpoint of format {FORMAT_VERSION} "

@@ -35,6 +35,7 @@ from fedselect.options import ConfigError
 from fedselect.tracking import prepare_store, run_tracking_uri
 
 from .federation import initial_model_and_context, partition_spec, resolve_algorithm, text_model_and_context
+from .preflight import as_config_error, preflight
 from .record import RunRecorder
 from .silo import check_descriptors, load_silo_data, training_fingerprint
 from .simulate import run_tags
@@ -86,6 +87,7 @@ def join(config: ExperimentConfig, rank: int) -> None:
         raise ConfigError(f"--rank {rank}: client ranks are 1..{n} (data.partition.num_clients)")
     cid = rank - 1
     transport = transport_for(config.deploy, rank, n)  # TLS files checked before anything else
+    preflight(config, model=False)  # the model-time checks are the server's, before it listens
     spec, options = resolve_algorithm(config)
     device = resolve_device(config.device)
     data, descriptor = load_silo_data(config, cid, device)
@@ -121,11 +123,15 @@ class ServerSession:
         self.dropped: list[list[Any]] = []
 
     def on_joined(self, descriptors: dict[int, dict[str, Any]]) -> Any:
-        """All clients are in: check them, open the MLflow run, build the server."""
+        """All clients are in: check them, build the server, open the MLflow run."""
         config = self.config
         self.common = check_descriptors(descriptors, training_fingerprint(config))
         self.descriptors = descriptors
         model, ctx = model_for(config, self.options, self.device, self.common)  # the simulation's initial model
+        try:
+            server = self.spec.server_cls(model, self.args, ctx=ctx)
+        except ValueError as exc:  # its checks against the model (layer selection's budgets): the config's
+            raise as_config_error(exc, f"{config.model.name} for the clients' data") from None
         run_name = config.tracking.run_name or f"{config.algorithm}-{config.data.dataset}-seed{config.seed}-cross-silo"
         self.recorder = RunRecorder(config, self.options, run_name,
                                     run_tags(config, self.common["partition_key"], mode="cross_silo"),
@@ -134,7 +140,7 @@ class ServerSession:
                                     deployed=True)
         self.recorder.__enter__()
         self.recorder.log_start({"client_data.json": {str(c): d for c, d in descriptors.items()}})
-        return self.spec.server_cls(model, self.args, ctx=ctx)
+        return server
 
     def on_round_end(self, result: Any, wire: dict[str, float]) -> None:
         assert self.recorder is not None
@@ -180,6 +186,8 @@ def serve(config: ExperimentConfig, *, record_path: str | os.PathLike | None = N
     started = time.time()
     # TLS files checked before anything listens or a client can join
     transport = transport_for(config.deploy, 0, config.data.partition.num_clients)
+    # config- and model-time checks before anything listens: a config error never lets a client join
+    preflight(config, deployed=True)
     Path(config.tracking.results_dir).mkdir(parents=True, exist_ok=True)
     args = cross_silo_args(config, 0)
     prepare_store(run_tracking_uri(config.tracking))

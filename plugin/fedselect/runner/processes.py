@@ -166,6 +166,9 @@ def launch_local(config_path: Path, overrides: list[str], *, clients: int | None
         extra.append(f"data.partition.num_clients={n}")
     overrides = [*overrides, *extra]
     config = load_config(config_path, overrides)  # the members' config, validated before any start
+    from fedselect.runner.preflight import preflight
+
+    preflight(config, model=False)  # config-time checks here; the server runs the model-time ones first
     log_dir = log_dir or Path(config.tracking.results_dir) / "deploy" / time.strftime("local-%Y%m%d-%H%M%S")
     if not config.deploy.insecure:
         overrides += throwaway_certs(log_dir / "certs", n)
