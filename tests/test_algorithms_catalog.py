@@ -92,13 +92,22 @@ def test_the_implementations_declare_the_catalogs_options_and_old_imports_still_
     assert issubclass(FedAltOptions, GroupOptions) and FedAltOptions.partition.__class__ is PartitionSetting
 
 
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+    # the first field's meaning
+    first: int = 1
+    second: int = 2
+
+
 def test_option_meaning_is_the_comment_above_the_field_or_the_field_above() -> None:
     from fedselect.algorithms.layersel_options import LayerSelOptions
 
     comments = field_comments(LayerSelOptions)
     assert comments["cost"].startswith("a layer's cost")
-    # budget_min sits right below budgets, without a comment of its own
-    assert comments["budget_min"] == comments["budgets"]
+    assert comments["budget_min"].startswith("heterogeneous budgets, half_normal draw")
+    # a field right below another, without a comment of its own, shares that field's
+    shared = field_comments(_Shared)
+    assert shared == {"first": "the first field's meaning", "second": "the first field's meaning"}
     options = {o.name: o for o in describe_options(builtin_options_class("fedrep"))}
     assert options["head_epochs"].type == "int | null" and options["head_epochs"].default_text == "null"
     options = {o.name: o for o in describe_options(builtin_options_class("fedalt"))}
