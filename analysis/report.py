@@ -50,8 +50,9 @@ def _changes(base: Mapping[str, Any], merged: Mapping[str, Any], prefix: str = "
     return out
 
 
-def setting_section(study: Study, paper: PaperSpec | None) -> list[str]:
-    """What was run: the base config (defaults filled in), the variants, the seeds, the paper's setting."""
+def setting_section(study: Study, paper: PaperSpec | None, classes: Sequence[str] | None = None) -> list[str]:
+    """What was run: the base config (defaults filled in), the labels in order (from the run records),
+    the variants with their display names, the seeds, the paper's setting."""
     # the base with defaults filled in; a run's own changes are listed per run below
     config: ExperimentConfig = build_dataclass(ExperimentConfig, study.base)
     part, train = config.data.partition, config.train
@@ -63,13 +64,16 @@ def setting_section(study: Study, paper: PaperSpec | None) -> list[str]:
              f"{train.participation}, batch {train.batch_size}, lr {train.lr}, momentum {train.momentum}, "
              f"weight decay {train.weight_decay}, augmentation {'on' if train.augment else 'off'}, evaluation "
              f"every {train.eval_every} round(s)",
+             *([f"- labels, in order (id = position): {', '.join(classes)}"] if classes else []),
              f"- seeds: {', '.join(str(s) for s in study.seeds)}; device: {config.device}", "",
-             "| run | algorithm | algorithm options | other settings changed from the base |", "|---|---|---|---|"]
+             "| run | shown as | algorithm | algorithm options | other settings changed from the base |",
+             "|---|---|---|---|---|"]
     for run in study.run_names():
         merged = run_config(study, run, study.seeds[0])
         other = {k: v for k, v in _changes(study.base, merged).items()
                  if k.split(".")[0] not in ("algo", "algorithm", "seed", "tracking")}
-        lines.append(f"| {run} | {merged['algorithm']} | {_fmt(merged.get('algo', {}))} | {_fmt(other)} |")
+        lines.append(f"| {run} | {study.display(run)} | {merged['algorithm']} | {_fmt(merged.get('algo', {}))} "
+                     f"| {_fmt(other)} |")
     lines.append("")
     if paper is not None:
         column = f", column {paper.column} ({paper.table.columns[paper.column]})" if paper.column else ""
@@ -176,7 +180,8 @@ def build_report(study_file: Path, summary: Path, figures_dir: Path, out: Path,
     lines = [f"# Study `{study.name}`", "",
              f"Reproduce: `{reproduce_command(study_file, study.name, out.parent.parent, overrides)}` "
              f"(study file `{study_file}`).", ""]
-    lines += setting_section(study, paper)
+    classes = next((read_run_record(p).get("classes") for p in records), None)
+    lines += setting_section(study, paper, classes)
     lines += ["## Results", ""] + _table_body(summary.read_text(encoding="utf-8")) + [""]
     lines += figures_section(figures_dir, out)
     lines += masks_section(records)
