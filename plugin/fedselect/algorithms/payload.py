@@ -92,8 +92,8 @@ UPLOAD_KEYS = frozenset({"client_id", "num_samples", "tensors", "partial", "mask
 def validate_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Tensor]) -> None:
     """Check an upload's structure, types, shapes, mask sizes and finiteness without building full tensors.
 
-    Raises ValueError naming what is wrong: a key beyond :data:`UPLOAD_KEYS`, a client id or
-    sample count that is not a positive integer, a value that is not a tensor, unknown names,
+    Raises ValueError naming what is wrong: top-level keys other than :data:`UPLOAD_KEYS`, a client
+    id or sample count that is not a positive integer, a value that is not a dense tensor, unknown names,
     a dtype or shape other than the global model's, a mask whose shared count differs from the
     values sent, NaN/Inf among the shared values. Nothing an upload holds is averaged in unless
     it is exactly what :func:`encode_upload` would build for this model.
@@ -107,9 +107,8 @@ def validate_upload(payload: Mapping[str, Any], reference: Mapping[str, torch.Te
         ref = _reference(reference, name)
         packed = payload["masks"][name]
         # a PackedTensor (the only tuple type the wire restores), so .bits/.shape below cannot fail
-        if not (isinstance(packed, PackedTensor) and isinstance(packed.bits, torch.Tensor)
-                and packed.bits.dtype == torch.uint8):
-            raise ValueError(f"mask of '{name}' is not a bit-packed mask")
+        if not (isinstance(packed, PackedTensor) and _plain(packed.bits) and packed.bits.dtype == torch.uint8):
+            raise ValueError(f"mask of '{name}' is not a bit-packed mask (uint8 bits in a dense tensor)")
         if packed.bits.numel() != (ref.numel() + 7) // 8:
             raise ValueError(f"mask of '{name}' has {packed.bits.numel()} bytes, the tensor needs "
                              f"{(ref.numel() + 7) // 8}")
@@ -126,18 +125,19 @@ def _check_structure(payload: Any) -> None:
     """The upload's top level: exactly the keys :func:`encode_upload` writes, with their types."""
     if not isinstance(payload, Mapping) or "tensors" not in payload:
         raise ValueError("upload is not a fedselect payload (missing 'tensors')")
-    extra = sorted(map(str, set(payload) - UPLOAD_KEYS))
-    if extra:
-        raise ValueError(f"upload has unexpected keys {extra}")
+    extra, missing = sorted(map(str, set(payload) - UPLOAD_KEYS)), sorted(UPLOAD_KEYS - set(payload))
+    if extra or missing:
+        raise ValueError(f"upload has unexpected keys {extra} and lacks keys {missing}: its top-level keys must be "
+                         f"exactly {sorted(UPLOAD_KEYS)}, got {sorted(map(str, payload))}")
     for key in ("client_id", "num_samples"):
         value = payload.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "client_id" else 1):
             raise ValueError(f"upload's '{key}' must be a {'non-negative' if key == 'client_id' else 'positive'} "
                              f"integer, got {value!r}")
     for key in ("tensors", "partial", "masks"):
-        if not isinstance(payload.get(key, {}), Mapping):
-            raise ValueError(f"upload's '{key}' must be a mapping of tensor names")
-    if set(payload.get("masks", {})) != set(payload.get("partial", {})):
+        if not isinstance(payload[key], Mapping):
+            raise ValueError(f"upload's '{key}' must be a mapping of tensor names, got {type(payload[key]).__name__}")
+    if set(payload["masks"]) != set(payload["partial"]):
         raise ValueError("upload's partial tensors and masks name different tensors")
 
 
@@ -145,12 +145,21 @@ def _check_tensor(name: str, value: Any, ref: torch.Tensor, shape: tuple[int, ..
     """One sent value: a tensor of the global model's dtype, the expected shape, finite."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"'{name}' is a {type(value).__name__}, not a tensor")
+    if not _plain(value):  # sparse or meta tensors travel too, and would fail the checks below unnamed
+        raise ValueError(f"tensor '{name}' is a {value.layout} tensor on {value.device}, the global model's is a "
+                         f"{ref.layout} tensor")
     if value.dtype != ref.dtype:
         raise ValueError(f"tensor '{name}' has dtype {value.dtype}, the global model has {ref.dtype}")
     if tuple(value.shape) != shape:
         raise ValueError(f"tensor '{name}' has shape {tuple(value.shape)}, the global model has {shape}")
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"non-finite values in '{name}'")
+
+
+def _plain(value: Any) -> bool:
+    """A dense tensor with its values (not sparse, quantized or on the meta device)."""
+    return (isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_meta
+            and not value.is_quantized)
 
 
 def decode_tensor(payload: Mapping[str, Any], name: str, reference: torch.Tensor

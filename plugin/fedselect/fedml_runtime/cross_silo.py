@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedselect.algorithms.payload import payload_nbytes
+from fedselect.algorithms.server import BadUpdateError
 from fedselect.config import ExperimentConfig
 from fedselect.engine import EvalResult
 from fedselect.fedml_bridge import import_fedml
@@ -56,6 +57,7 @@ from fedselect.fedml_runtime.messages import (
 )
 from fedselect.fedml_runtime.simulation import RoundResult, aggregate_round, json_nbytes, sample_clients
 from fedselect.fedml_runtime.transport import Transport, message_cap
+from fedselect.fedml_runtime.upload_checks import check_meta, check_sender
 from fedselect.options import ConfigError
 
 import_fedml()
@@ -263,26 +265,19 @@ class FedSelectServerManager(FedMLServerManager):
         if not self._expected("upload", cid, msg):
             return
         payload = msg.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
-        num_samples = msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)
-        expected = self.descriptors[cid]["num_train"]
         try:
-            meta = json.loads(msg.get(KEY_META))
-            float(meta["train_loss"]), int(meta["download_nbytes"]), dict(meta["metrics"])
-        except (TypeError, ValueError, KeyError) as exc:
-            return self._reject(cid, f"malformed upload metadata ({exc})")
-        # an upload speaks for the client that sent it, weighted by the sample count it joined with
-        if not isinstance(payload, Mapping) or payload.get("client_id") != cid:
-            claimed = payload.get("client_id") if isinstance(payload, Mapping) else None
-            return self._reject(cid, f"upload names client {claimed!r}")
-        if num_samples != expected or payload.get("num_samples") != expected:
-            return self._reject(cid, f"upload claims {num_samples!r} samples (message) and "
-                                     f"{payload.get('num_samples')!r} (payload); the client joined with {expected}")
-        self.uploads[cid] = (float(num_samples), payload, meta)
+            meta = check_meta(msg.get(KEY_META))
+            # an upload speaks for the client that sent it, weighted by the sample count it joined with
+            weight = check_sender(payload, msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES), client_id=cid,
+                                  joined_with=self.descriptors[cid]["num_train"], certified=self.transport.secure)
+        except ValueError as exc:
+            return self._reject(cid, str(exc))
+        self.uploads[cid] = (weight, payload, meta)
 
     def _reject(self, cid: int, reason: str) -> None:
         """An upload that cannot be averaged in: stop (train.on_bad_update=error) or drop it, logged."""
         if self.config.train.on_bad_update == "error":
-            raise FederationError(f"rejected update from client {cid}: {reason}")
+            raise BadUpdateError(f"rejected update from client {cid}: {reason} (train.on_bad_update=error)")
         log.warning("dropping update from client %d: %s", cid, reason)
         self.rejected.append((cid, reason))
 
