@@ -23,6 +23,7 @@ from fedml.core.distributed.communication.message import Message
 from fedml.cross_silo.server.message_define import MyMessage
 
 from fedselect.fedml_runtime.cross_silo import FedSelectServerManager
+from fedselect.fedml_runtime.deadlines import AnswerClock
 from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, decode_message, encode_message
 from fedselect.fedml_runtime.messages import KEY_META
 
@@ -53,7 +54,7 @@ def server_manager(on_bad_update: str) -> tuple[FedSelectServerManager, list[Any
         failed={}, phase="rounds", round_idx=0, pending={("upload", 0): now, ("upload", 1): now}, sampled=[0, 1],
         sent_init=set(), uploads={}, reports={}, plans={}, plan_pending=False, evals={}, rejected=[], stashed=None,
         error=None, config_error=None, round_started={0: now}, started=now, com_manager=QuietChannel(),
-        message_handler_dict={}, backend="GRPC")
+        message_handler_dict={}, backend="GRPC", clock=AnswerClock(None))
     m.register_message_receive_handlers()
     return m, trainers, results
 

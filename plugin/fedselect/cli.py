@@ -224,8 +224,10 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
                                       "only this client's data. See docs/DEPLOYMENT.md.")
     local = sub.add_parser("launch-local", help="a whole cross-silo federation as processes on 127.0.0.1",
                            description="Start a server and N clients as separate processes on loopback "
-                                       "(free ports), wait for them, end them all on failure or timeout; "
-                                       "exit non-zero if any failed.")
+                                       "(free ports), wait for them, end them all on failure or timeout. Exit "
+                                       "status: 0 the federation finished (under deploy.on_client_failure: "
+                                       "continue, clients given up on may have died), 1 it failed, 2 a config "
+                                       "error, 124 --timeout passed (docs/DEPLOYMENT.md, Exit codes).")
     for p in (serve, join, local):
         _add_config_args(p)
         _add_plugin_arg(p)

@@ -353,10 +353,13 @@ class DeployConfig:
     bind_host: str | None = None
     # seconds the server waits for every client to join (and a client for the server to answer)
     join_timeout_s: float = 300.0
-    # a peer whose port refuses connections this many seconds has failed
+    # a peer whose port refuses connections, or whose process completes none (stopped), this many
+    # seconds has failed
     peer_timeout_s: float = 30.0
-    # seconds to wait for one expected message (an upload, an evaluation) from a reachable peer
-    response_timeout_s: float = 3600.0
+    # seconds to wait for one expected message (an upload, an evaluation) from a peer that answers
+    # probes; null: derived from the federation's pace (1800 s until the first answer of a kind,
+    # then max(120 s, 10x the slowest answer so far per sample); fedselect.fedml_runtime.deadlines)
+    response_timeout_s: float | None = None
     # seconds between liveness probes of the peers a process is waiting for
     heartbeat_s: float = 2.0
     # a client that fails or never joins: "error" stops the federation naming it, "continue"
@@ -399,7 +402,7 @@ class DeployConfig:
         check(self.insecure or all(getattr(self, k) for k in ("ca_cert", "cert", "key")), "deploy.cert",
               "and deploy.key, deploy.ca_cert must be set unless deploy.insecure is true")
         for key in ("join_timeout_s", "peer_timeout_s", "response_timeout_s", "heartbeat_s"):
-            check(getattr(self, key) > 0, f"deploy.{key}", "must be > 0")
+            check(getattr(self, key) is None or getattr(self, key) > 0, f"deploy.{key}", "must be > 0")
         check(self.min_clients >= 1, "deploy.min_clients", "must be >= 1")
         if self.client_data == "folder":
             check(bool(self.client_data_dir), "deploy.client_data_dir", "is required for client_data=folder")

@@ -34,6 +34,7 @@ from fedselect.algorithms.server import BadUpdateError
 from fedselect.config import ExperimentConfig
 from fedselect.engine import EvalResult
 from fedselect.fedml_bridge import import_fedml
+from fedselect.fedml_runtime.deadlines import AnswerClock
 from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
 from fedselect.fedml_runtime.messages import (
     KEY_DESCRIPTOR,
@@ -55,6 +56,7 @@ from fedselect.fedml_runtime.messages import (
     run_until_done,
     to_json,
 )
+from fedselect.fedml_runtime.server_watch import ServerWatch
 from fedselect.fedml_runtime.simulation import RoundResult, aggregate_round, json_nbytes, sample_clients
 from fedselect.fedml_runtime.transport import Transport, message_cap
 from fedselect.fedml_runtime.upload_checks import check_meta, check_sender
@@ -67,7 +69,7 @@ from fedml.cross_silo.server.message_define import MyMessage  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-class FedSelectServerManager(FedMLServerManager):
+class FedSelectServerManager(ServerWatch, FedMLServerManager):
     """Rank 0 of a cross-silo federation of ``num_clients`` silos (ranks 1..N, client id = rank - 1).
 
     ``on_joined(descriptors)`` is called once every client has joined (or the join timeout let the
@@ -108,7 +110,9 @@ class FedSelectServerManager(FedMLServerManager):
         self.round_started: dict[int, float] = {}
         self.prober = Prober(self.com_manager, self.deploy.heartbeat_s)
         self.com_manager.on_idle = self._guarded(self._check_deadlines)
-        self.com_manager.rpc_timeout_s = self.deploy.response_timeout_s
+        self.clock = AnswerClock(self.deploy.response_timeout_s)
+        if self.deploy.response_timeout_s is not None:
+            self.com_manager.rpc_timeout_s = self.deploy.response_timeout_s
         self.com_manager.on_refused = self._guarded(self._on_refused, advance=True)
 
     # ---- FedML plumbing ---------------------------------------------------------------------
@@ -193,57 +197,12 @@ class FedSelectServerManager(FedMLServerManager):
                                                              KEY_REASON: reason or ""}, connect_timeout=2.0)
         self.finish()
 
-    # ---- faults -------------------------------------------------------------------------------
-    def _fail(self, cid: int, reason: str) -> None:
-        if cid in self.failed:
-            return
-        self.failed[cid] = reason
-        self.live.discard(cid)
-        self.pending = {k: t for k, t in self.pending.items() if k[1] != cid}
-        what = f"client {cid} (rank {cid + 1}) failed: {reason}"
-        if self.deploy.on_client_failure == "error":
-            raise FederationError(f"{what} (deploy.on_client_failure=error)")
-        if len(self.live) < self.deploy.min_clients:
-            raise FederationError(f"{what}; {len(self.live)} clients left, fewer than deploy.min_clients="
-                                  f"{self.deploy.min_clients}")
-        log.warning("%s; continuing with clients %s (deploy.on_client_failure=continue)", what, sorted(self.live))
-
-    def _check_deadlines(self) -> None:
-        now = time.monotonic()
-        if self.phase == "join":
-            if now - self.started > self.deploy.join_timeout_s:
-                missing = [c for c in range(self.num_clients) if c not in self.descriptors]
-                why = f"did not join within deploy.join_timeout_s={self.deploy.join_timeout_s:g} s"
-                if self.deploy.on_client_failure == "error":
-                    names = ", ".join(f"client {c} (rank {c + 1})" for c in missing)
-                    raise FederationError(f"{names} {why} (deploy.on_client_failure=error)")
-                for cid in missing:
-                    self._fail(cid, why)
-                self._advance()
-            return
-        for cid in sorted({c for _, c in self.pending}):
-            down = self.prober.unreachable_for(cid + 1, now)
-            if down > self.deploy.peer_timeout_s:
-                self._fail(cid, f"its port refused connections for {down:.0f} s (deploy.peer_timeout_s)")
-                continue
-            waited = now - min(t for (_, c), t in self.pending.items() if c == cid)
-            if waited > self.deploy.response_timeout_s:
-                self._fail(cid, f"no answer for {waited:.0f} s (deploy.response_timeout_s)")
-        self._advance()
-
     # ---- handlers -----------------------------------------------------------------------------
     def _client_of(self, msg: Any) -> int:
         cid = int(msg.get_sender_id()) - 1
         if not 0 <= cid < self.num_clients:
             raise FederationError(f"message from rank {cid + 1}, not a client of this federation")
         return cid
-
-    def _expected(self, kind: str, cid: int, msg: Any) -> bool:
-        if (kind, cid) in self.pending and msg.get(KEY_ROUND) == self._round_of(kind):
-            del self.pending[(kind, cid)]
-            return True
-        log.warning("ignored an unexpected %s from client %d (round %s)", kind, cid, msg.get(KEY_ROUND))
-        return False
 
     def _round_of(self, kind: str) -> int | None:
         return self.stashed[0].round_idx if kind == "eval" and self.stashed else self.round_idx
@@ -280,11 +239,6 @@ class FedSelectServerManager(FedMLServerManager):
             raise BadUpdateError(f"rejected update from client {cid}: {reason} (train.on_bad_update=error)")
         log.warning("dropping update from client %d: %s", cid, reason)
         self.rejected.append((cid, reason))
-
-    def _on_refused(self, rank: int, reason: str) -> None:
-        """The channel refused a message of a client's certificate (too large, queue full): it is lost."""
-        if 1 <= rank <= self.num_clients and rank - 1 not in self.failed:
-            self._fail(rank - 1, reason)
 
     def _on_report(self, msg: Any) -> None:
         cid = self._client_of(msg)

@@ -23,6 +23,7 @@ from typing import Any
 
 from fedselect.config import DeployConfig
 from fedselect.fedml_bridge import import_fedml
+from fedselect.fedml_runtime.deadlines import SilenceClock
 from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
 from fedselect.fedml_runtime.messages import (
     KEY_DESCRIPTOR,
@@ -75,7 +76,9 @@ class FedSelectClientManager(ClientMasterManager):
         self.rounds_trained = 0
         self.prober = Prober(self.com_manager, deploy.heartbeat_s)
         self.com_manager.on_idle = self._guarded(self._check_server)
-        self.com_manager.rpc_timeout_s = deploy.response_timeout_s
+        self.silence = SilenceClock(deploy.join_timeout_s, deploy.response_timeout_s)
+        if deploy.response_timeout_s is not None:
+            self.com_manager.rpc_timeout_s = deploy.response_timeout_s
         self.com_manager.on_refused = self._guarded(self._on_refused)
 
     def _init_manager(self) -> None:
@@ -98,7 +101,9 @@ class FedSelectClientManager(ClientMasterManager):
             log.warning("ignored a message of unknown type %r", msg_type)
             return
         if msg_params.get_sender_id() != msg_params.get_receiver_id():  # not the local "ready" note
-            self.last_heard = time.monotonic()
+            now = time.monotonic()
+            self.silence.heard(now - self.last_heard)
+            self.last_heard = now
         handler(msg_params)
 
     def _guarded(self, fn: Any) -> Any:
@@ -210,13 +215,13 @@ class FedSelectClientManager(ClientMasterManager):
         self._leave(f"the server stopped the federation: {reason}" if reason else None)
 
     def _check_server(self) -> None:
-        """Leave when the server's port stops answering, or it stays silent past every deadline."""
+        """Leave when the server stops answering probes, or it stays silent past every deadline."""
         down = self.prober.unreachable_for(0)
         if down > self.deploy.peer_timeout_s:
             address, port = self.com_manager.endpoint(0)
             raise PeerUnreachable(0, f"{address}:{port}",
                                   f"the server's port refused connections for {down:.0f} s (deploy.peer_timeout_s)")
         silent = time.monotonic() - self.last_heard
-        if silent > self.deploy.join_timeout_s + self.deploy.response_timeout_s:
-            raise FederationError(f"no message from the server for {silent:.0f} s "
-                                  "(deploy.join_timeout_s + deploy.response_timeout_s)")
+        if silent > self.silence.limit():
+            raise FederationError(f"no message from the server for {silent:.0f} s while it answered probes "
+                                  "(deploy.join_timeout_s + deploy.response_timeout_s, or derived when unset)")

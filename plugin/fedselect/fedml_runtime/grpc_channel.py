@@ -247,6 +247,20 @@ class FedSelectChannel(GRPCCommManager):
         options = [*self.opts, ("grpc.ssl_target_name_override", self.transport.target_name(receiver))]
         return grpc.secure_channel(url, self.transport.channel_credentials(), options=options)
 
+    def answers(self, rank: int, timeout: float) -> bool:
+        """Whether ``rank`` completes a connection (TCP, then the TLS handshake and HTTP/2 setup) in time."""
+        address, port = self.endpoint(rank)
+        if not port_open(address, port, timeout=min(1.0, timeout)):
+            return False  # refused: no need to wait
+        channel = self._open(rank, f"{address}:{port}")
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            channel.close()
+
     def send_message(self, msg: Message) -> None:
         receiver = int(msg.get_receiver_id())
         if receiver not in self.grpc_mappings:
@@ -336,7 +350,13 @@ class FedSelectChannel(GRPCCommManager):
 
 
 class Prober:
-    """Rate-limited liveness probes: when did each peer's port stop answering?"""
+    """Rate-limited liveness probes: since when has each peer not answered?
+
+    A probe connects as a message would (TLS handshake included) and waits for the connection to be
+    ready: a peer whose port refuses connections fails at once, and so does, after the probe's
+    timeout, a peer whose process no longer completes a connection (stopped with SIGSTOP, frozen),
+    which the kernel's TCP handshake alone would still report as there.
+    """
 
     def __init__(self, channel: FedSelectChannel, heartbeat_s: float) -> None:
         self.channel = channel
@@ -349,8 +369,7 @@ class Prober:
         now = time.monotonic() if now is None else now
         if now - self.last_probe.get(rank, -1e18) >= self.heartbeat_s:
             self.last_probe[rank] = now
-            address, port = self.channel.endpoint(rank)
-            if port_open(address, port, timeout=min(1.0, self.heartbeat_s)):
+            if self.channel.answers(rank, timeout=max(2.0, min(self.heartbeat_s, 5.0))):
                 self.down_since.pop(rank, None)
             else:
                 self.down_since.setdefault(rank, now)

@@ -40,6 +40,8 @@ class Fleet:
 
     log_dir: Path
     members: list[Member] = field(default_factory=list)
+    # whether wait() ended the members because timeout_s passed
+    timed_out: bool = False
 
     def start(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> Member:
@@ -54,19 +56,30 @@ class Fleet:
         return member
 
     def wait(self, *, timeout_s: float, leader: str | None = None, grace_s: float = 30.0,
+             failed_grace_s: float | None = None, abort_on: tuple[int, ...] = (),
              poll_s: float = 0.2) -> dict[str, int | None]:
-        """Wait until all exit, or ``grace_s`` after ``leader`` exits, or ``timeout_s``; kill the rest.
+        """Wait until all exit, or ``grace_s`` after ``leader`` exits (``failed_grace_s`` when it failed),
+        or any member exits with a status in ``abort_on``, or ``timeout_s`` (then :attr:`timed_out`);
+        kill the rest.
 
         Returns each member's exit status (negative: ended by that signal).
         """
         deadline = time.monotonic() + timeout_s
         leader_done: float | None = None
+        grace = grace_s
         while any(m.returncode is None for m in self.members):
             now = time.monotonic()
             lead = next((m for m in self.members if m.name == leader), None)
             if lead is not None and lead.returncode is not None and leader_done is None:
                 leader_done = now
-            if now > deadline or (leader_done is not None and now - leader_done > grace_s):
+                if lead.returncode != 0 and failed_grace_s is not None:
+                    grace = failed_grace_s
+            if now > deadline:
+                self.timed_out = True
+                break
+            if leader_done is not None and now - leader_done > grace:
+                break
+            if any(m.returncode in abort_on for m in self.members if m.returncode is not None):
                 break
             time.sleep(poll_s)
         self.kill_survivors()
@@ -153,7 +166,7 @@ def throwaway_certs(out: Path, clients: int) -> list[str]:
 def launch_local(config_path: Path, overrides: list[str], *, clients: int | None = None, timeout_s: float = 3600.0,
                  log_dir: Path | None = None, plugins: list[str] | None = None, out: Path | None = None,
                  stream: TextIO = sys.stdout) -> int:
-    """Server + clients as processes on 127.0.0.1; 0 when every one of them succeeded, else 1."""
+    """Server + clients as processes on 127.0.0.1; the exit status of :func:`outcome` (0: finished)."""
     from fedselect.config import load_config
 
     plugins = list(plugins or [])
@@ -185,7 +198,9 @@ def launch_local(config_path: Path, overrides: list[str], *, clients: int | None
             for rank in range(1, n + 1):
                 fleet.start(f"client-{rank}", member_argv("join", config_path, overrides, plugins,
                                                           "--rank", str(rank)))
-            fleet.wait(timeout_s=timeout_s, leader="server", grace_s=grace)
+            # a server that failed has told its clients (or never met them): they get a short grace
+            # a config error of any process (exit 2) ends the federation at once
+            fleet.wait(timeout_s=timeout_s, leader="server", grace_s=grace, failed_grace_s=10.0, abort_on=(2,))
         except KeyboardInterrupt:
             fleet.kill_survivors()
             print("interrupted: every process of the federation was ended", file=stream, flush=True)
@@ -195,13 +210,55 @@ def launch_local(config_path: Path, overrides: list[str], *, clients: int | None
                 key.unlink(missing_ok=True)
     failed = [m for m in fleet.members if m.returncode != 0]
     for m in fleet.members:
-        state = "killed" if m.killed else f"exit {m.returncode}"
-        print(f"  {m.name}: {state} ({m.log_path})", file=stream)
+        print(f"  {m.name}: {state(m)} ({m.log_path})", file=stream)
     for m in failed:
         print(f"--- last lines of {m.name} ---\n{tail(m.log_path)}", file=stream)
-    print(tail(fleet.members[0].log_path, 3) if not failed else f"{len(failed)} process(es) failed", file=stream,
-          flush=True)
-    return 1 if failed else 0
+    code, last = outcome(fleet, timeout_s=timeout_s, policy=config.deploy.on_client_failure)
+    if code == 0:
+        print(tail(fleet.members[0].log_path, 2), file=stream)
+    print(last, file=stream, flush=True)
+    return code
+
+
+def state(member: Member) -> str:
+    """How a member ended: its exit status, the signal that ended it, or killed by the launcher."""
+    code = member.returncode
+    if member.killed:
+        return "killed by launch-local"
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"ended by {signal.Signals(-code).name}"
+    return f"exit {code}"
+
+
+def outcome(fleet: Fleet, *, timeout_s: float, policy: str) -> tuple[int, str]:
+    """launch-local's exit status and last line, from the server's outcome (docs/DEPLOYMENT.md, "Exit codes").
+
+    0: the server finished the federation as configured (under ``on_client_failure: continue`` clients
+    it gave up on may have failed); 2: a config error (the server or a client exited 2); 124: the
+    ``--timeout`` ended it; 1: the federation failed otherwise.
+    """
+    server, *clients = fleet.members
+    bad = [c for c in clients if c.returncode != 0]
+    names = ", ".join(f"{c.name} ({state(c)})" for c in bad)
+    if fleet.timed_out:
+        return 124, f"launch-local: timed out after {timeout_s:g} s (--timeout); every process was ended"
+    if server.returncode == 0 and (not bad or policy == "continue"):
+        gone = f"; clients that failed and were left out (deploy.on_client_failure=continue): {names}" if bad else ""
+        return 0, f"launch-local: the federation finished{gone}"
+    if server.returncode == 0:
+        return 1, f"launch-local: the server finished, but {names} failed (deploy.on_client_failure=error)"
+    why = last_line(server.log_path) or state(server)
+    if server.returncode == 2 or any(c.returncode == 2 for c in clients):
+        culprit = server if server.returncode == 2 else next(c for c in clients if c.returncode == 2)
+        return 2, f"launch-local: config error ({culprit.name}): {last_line(culprit.log_path) or state(culprit)}"
+    return 1, f"launch-local: the federation failed (server: {state(server)}): {why}"
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log."""
+    lines = [line for line in tail(path, 40).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 # ------------------------------------------------------------------------------------ the CLI
