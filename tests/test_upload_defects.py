@@ -54,7 +54,7 @@ def server_manager(on_bad_update: str) -> tuple[FedSelectServerManager, list[Any
         failed={}, phase="rounds", round_idx=0, pending={("upload", 0): now, ("upload", 1): now}, sampled=[0, 1],
         sent_init=set(), uploads={}, reports={}, plans={}, plan_pending=False, evals={}, rejected=[], stashed=None,
         error=None, config_error=None, round_started={0: now}, started=now, com_manager=QuietChannel(),
-        message_handler_dict={}, backend="GRPC", clock=AnswerClock(None))
+        message_handler_dict={}, backend="GRPC", clock=AnswerClock(None), trained={}, checkpoints=None)
     m.register_message_receive_handlers()
     return m, trainers, results
 

@@ -37,6 +37,7 @@ from fedselect.fedml_bridge import import_fedml
 from fedselect.fedml_runtime.deadlines import AnswerClock
 from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
 from fedselect.fedml_runtime.messages import (
+    KEY_CHECKPOINTED,
     KEY_DESCRIPTOR,
     KEY_EVAL,
     KEY_EVAL_ROUND,
@@ -44,6 +45,7 @@ from fedselect.fedml_runtime.messages import (
     KEY_PLAN,
     KEY_REASON,
     KEY_REPORT,
+    KEY_RESTORE,
     KEY_TRAIN,
     MODEL_MESSAGES,
     MSG_C2S_EVAL_RESULT,
@@ -79,8 +81,12 @@ class FedSelectServerManager(ServerWatch, FedMLServerManager):
     """
 
     def __init__(self, args: Any, *, config: ExperimentConfig, on_joined: Callable[[dict[int, dict[str, Any]]], Any],
-                 on_round_end: Callable[[RoundResult, dict[str, float]], None], transport: Transport) -> None:
+                 on_round_end: Callable[[RoundResult, dict[str, float]], None], transport: Transport,
+                 checkpoints: Any = None) -> None:
         self.config = config
+        # the federation's checkpoint (fedselect.runner.federation_checkpoint.FederationCheckpointer), if any:
+        # the round to start at, who had failed, the rounds each client trained in; notes for the clients
+        self.checkpoints = checkpoints
         self.deploy = config.deploy
         self.transport = transport
         self.num_clients = num_clients = config.data.partition.num_clients
@@ -91,7 +97,11 @@ class FedSelectServerManager(ServerWatch, FedMLServerManager):
         self.server: Any = None
         self.descriptors: dict[int, dict[str, Any]] = {}
         self.live: set[int] = set()
-        self.failed: dict[int, str] = {}
+        # clients given up on before a checkpoint stay so: the server does not wait for them to join
+        self.failed: dict[int, str] = dict(checkpoints.failed) if checkpoints is not None else {}
+        # the rounds each client trained in (its round counter), for the checkpoints
+        self.trained: dict[int, list[int]] = (
+            {c: list(r) for c, r in checkpoints.trained.items()} if checkpoints is not None else {})
         self.phase = "join"
         self.round_idx = 0
         self.pending: dict[tuple[str, int], float] = {}
@@ -180,11 +190,15 @@ class FedSelectServerManager(ServerWatch, FedMLServerManager):
     def _send_model(self, cid: int, global_params: Any, *, train: bool, eval_round: int | None, plan: bool) -> None:
         msg_type = (MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT if cid in self.sent_init
                     else MyMessage.MSG_TYPE_S2C_INIT_CONFIG)
+        params = {MyMessage.MSG_ARG_KEY_MODEL_PARAMS: global_params, MyMessage.MSG_ARG_KEY_CLIENT_INDEX: str(cid),
+                  KEY_ROUND: self.round_idx, KEY_TRAIN: train,
+                  KEY_EVAL_ROUND: -1 if eval_round is None else eval_round, KEY_PLAN: plan}
+        if self.checkpoints is not None:  # where the client starts from, and what it may forget
+            if cid not in self.sent_init:
+                params[KEY_RESTORE] = json.dumps(self.checkpoints.restore_note(cid))
+            params[KEY_CHECKPOINTED] = self.checkpoints.written
         self.sent_init.add(cid)
-        self._send(cid, msg_type, {MyMessage.MSG_ARG_KEY_MODEL_PARAMS: global_params,
-                                   MyMessage.MSG_ARG_KEY_CLIENT_INDEX: str(cid), KEY_ROUND: self.round_idx,
-                                   KEY_TRAIN: train, KEY_EVAL_ROUND: -1 if eval_round is None else eval_round,
-                                   KEY_PLAN: plan})
+        self._send(cid, msg_type, params)
 
     def _stop(self, reason: str | None) -> None:
         """End the federation: tell every live client (briefly; it may be gone), stop serving."""
@@ -223,6 +237,7 @@ class FedSelectServerManager(ServerWatch, FedMLServerManager):
         cid = self._client_of(msg)
         if not self._expected("upload", cid, msg):
             return
+        self.trained.setdefault(cid, []).append(self.round_idx)  # it trained, whatever becomes of its upload
         payload = msg.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
         try:
             meta = check_meta(msg.get(KEY_META))
@@ -262,7 +277,8 @@ class FedSelectServerManager(ServerWatch, FedMLServerManager):
                 self.com_manager.set_message_cap(message_cap(self.server.model.state_dict()),
                                                  "from the model; deploy.max_message_mb overrides")
                 self.phase = "rounds"
-                self._start_round(0)
+                # a resumed federation goes on after its checkpoint's round
+                self._start_round(self.checkpoints.start_round if self.checkpoints is not None else 0)
             else:
                 return
         while self.phase in ("rounds", "final"):
@@ -330,6 +346,8 @@ class FedSelectServerManager(ServerWatch, FedMLServerManager):
                                                                     for t in self.reports.values())
         bytes_down = sum(int(m["download_nbytes"]) for m in metas) + sum(len(t.encode()) for t in self.plans.values())
         dropped, server_metrics = aggregate_round(self.server, uploads)
+        if self.checkpoints is not None and self.checkpoints.due(self.round_idx):
+            self.checkpoints.capture(self.round_idx)  # before the next round's plans can change the server
         dropped = self.rejected + dropped
         losses = [float(m["train_loss"]) for m in metas if math.isfinite(float(m["train_loss"]))]
         result = RoundResult(round_idx=self.round_idx, sampled=list(self.sampled),

@@ -26,6 +26,7 @@ from fedselect.fedml_bridge import import_fedml
 from fedselect.fedml_runtime.deadlines import SilenceClock
 from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober
 from fedselect.fedml_runtime.messages import (
+    KEY_CHECKPOINTED,
     KEY_DESCRIPTOR,
     KEY_EVAL,
     KEY_EVAL_ROUND,
@@ -33,6 +34,7 @@ from fedselect.fedml_runtime.messages import (
     KEY_PLAN,
     KEY_REASON,
     KEY_REPORT,
+    KEY_RESTORE,
     KEY_TRAIN,
     MSG_C2S_EVAL_RESULT,
     MSG_C2S_PLAN_REPORT,
@@ -57,8 +59,10 @@ class FedSelectClientManager(ClientMasterManager):
     """Rank ``client_id + 1`` of a cross-silo federation; ``adapter`` wraps our ClientTrainer."""
 
     def __init__(self, args: Any, adapter: Any, *, client_id: int, num_clients: int, deploy: DeployConfig,
-                 descriptor: dict[str, Any], transport: Transport) -> None:
+                 descriptor: dict[str, Any], transport: Transport, snapshots: Any = None) -> None:
         self.deploy = deploy
+        # this client's own checkpoints (fedselect.runner.federation_checkpoint.ClientSnapshots), if any
+        self.snapshots = snapshots
         self.transport = transport
         self.model_cap = message_cap(adapter.trainer.trainer.model.state_dict())
         super().__init__(args, adapter, None, client_id + 1, num_clients, "GRPC")
@@ -163,6 +167,11 @@ class FedSelectClientManager(ClientMasterManager):
     def _on_model(self, msg: Any) -> None:
         round_idx = int(msg.get(KEY_ROUND))
         params = msg.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
+        if self.snapshots is not None:
+            note = msg.get(KEY_RESTORE)  # the first model message: a new federation, or where to resume
+            if note is not None:
+                self.snapshots.restore(json.loads(note), self.trainer)
+            self.snapshots.prune(int(msg.get(KEY_CHECKPOINTED) if msg.get(KEY_CHECKPOINTED) is not None else -1))
         if not self.dataset_ready:  # FedML hands the trainer its sample count here
             self.trainer_dist_adapter.update_dataset(self.client_id)
             self.dataset_ready = True
@@ -201,6 +210,8 @@ class FedSelectClientManager(ClientMasterManager):
                 "metrics": {k: float(v) for k, v in self.trainer.round_metrics().items()}}
         self.global_params, self.train_round = None, None
         self.rounds_trained += 1
+        if self.snapshots is not None:  # before the upload: a checkpoint of this round may count on it
+            self.snapshots.save(round_idx, self.trainer)
         self._send(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER,
                    {MyMessage.MSG_ARG_KEY_MODEL_PARAMS: upload, MyMessage.MSG_ARG_KEY_NUM_SAMPLES: num_samples,
                     KEY_ROUND: round_idx, KEY_META: json.dumps(meta)})
@@ -212,6 +223,8 @@ class FedSelectClientManager(ClientMasterManager):
         reason = msg.get(KEY_REASON) or None
         if reason:
             log.error("client %d: the server stopped the federation: %s", self.client_id, reason)
+        elif self.snapshots is not None:
+            self.snapshots.clear()  # finished: nothing to resume
         self._leave(f"the server stopped the federation: {reason}" if reason else None)
 
     def _check_server(self) -> None:

@@ -26,6 +26,10 @@ KEY_EVAL = "fedselect_eval"
 KEY_META = "fedselect_meta"
 KEY_DESCRIPTOR = "fedselect_descriptor"
 KEY_REASON = "fedselect_reason"
+# a client's first model message: the state it starts from (JSON: a new federation, or resuming)
+KEY_RESTORE = "fedselect_restore"
+# every model message: the last round the server has checkpointed (-1: none)
+KEY_CHECKPOINTED = "fedselect_checkpointed"
 MODEL_MESSAGES = (str(MyMessage.MSG_TYPE_S2C_INIT_CONFIG), str(MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT))
 
 

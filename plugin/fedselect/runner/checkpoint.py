@@ -266,6 +266,10 @@ class RunCheckpointer:
     gives :meth:`save` to the simulation flow, and calls :meth:`remove` once the record is written.
     """
 
+    # which runtime wrote a checkpoint (a file without the key is the simulation's); the cross-silo
+    # server's subclass (fedselect.runner.federation_checkpoint) writes its own kind
+    mode = "simulation"
+
     def __init__(self, config: ExperimentConfig, *, run_name: str, device: torch.device) -> None:
         self.config = config
         self.every = config.train.checkpoint_every
@@ -298,6 +302,9 @@ class RunCheckpointer:
         if not self.path.exists():
             return None
         state = read_checkpoint(self.path)
+        if state.get("mode", "simulation") != self.mode:
+            raise CheckpointError(f"checkpoint {self.path} was written by a {state.get('mode', 'simulation')} run, "
+                                  f"this is a {self.mode} run. {WAYS_ON}")
         if state["config_hash"] != self.hash:
             diff = config_diff(json.loads(state["config"]), json.loads(canonical_config(self.config)))
             raise CheckpointError(f"checkpoint {self.path} was written by another config ({diff}). {WAYS_ON}")

@@ -35,6 +35,7 @@ from fedselect.options import ConfigError
 from fedselect.tracking import prepare_store, run_tracking_uri
 
 from .federation import initial_model_and_context, partition_spec, resolve_algorithm, text_model_and_context
+from .federation_checkpoint import ClientSnapshots, FederationCheckpointer
 from .preflight import as_config_error, preflight
 from .record import RunRecorder
 from .silo import check_descriptors, load_silo_data, training_fingerprint
@@ -97,8 +98,9 @@ def join(config: ExperimentConfig, rank: int) -> None:
     trainer = spec.client_cls(model, args, client_id=cid, data=data, ctx=ctx)
     sizes = {cid: data.num_train}
     adapter = TrainerDistAdapter(args, device, rank, model, data.num_train, sizes, {cid: None}, {cid: None}, trainer)
+    snapshots = ClientSnapshots(config, run_name=run_name_of(config), rank=rank, device=device)
     manager = FedSelectClientManager(args, adapter, client_id=cid, num_clients=n, deploy=config.deploy,
-                                     descriptor=descriptor, transport=transport)
+                                     descriptor=descriptor, transport=transport, snapshots=snapshots)
     dataset = [data.num_train, data.num_test, None, None, sizes, {cid: None}, {cid: None}, len(descriptor["classes"])]
     print(f"client rank {rank}: {data.num_train} train / {data.num_test} test samples; joining the server at "
           f"{config.deploy.server_host}:{config.deploy.server_port} ({transport.describe()})", flush=True)
@@ -109,18 +111,27 @@ def join(config: ExperimentConfig, rank: int) -> None:
     log.info("client %d done: trained %d rounds", cid, manager.rounds_trained)
 
 
-class ServerSession:
-    """The server's side of one federation: built when every client has joined, recorded each round."""
+def run_name_of(config: ExperimentConfig) -> str:
+    """The MLflow run name of a federation (its checkpoints are named after it too)."""
+    return config.tracking.run_name or f"{config.algorithm}-{config.data.dataset}-seed{config.seed}-cross-silo"
 
-    def __init__(self, config: ExperimentConfig, args: Any, *, progress: bool) -> None:
-        self.config, self.args, self.progress = config, args, progress
+
+class ServerSession:
+    """The server's side of one federation: built when every client has joined, recorded each round,
+    checkpointed every ``train.checkpoint_every`` rounds (:class:`FederationCheckpointer`)."""
+
+    def __init__(self, config: ExperimentConfig, args: Any, *, progress: bool, started: float) -> None:
+        self.config, self.args, self.progress, self.started = config, args, progress, started
         self.spec, self.options = resolve_algorithm(config)
         self.device = resolve_device(config.device)
+        # read before anything listens: a checkpoint that cannot be used is a config error (exit 2)
+        self.checkpointer = FederationCheckpointer(config, run_name=run_name_of(config), device=self.device)
+        self.manager: FedSelectServerManager | None = None
         self.recorder: RunRecorder | None = None
         self.descriptors: dict[int, dict[str, Any]] = {}
         self.common: dict[str, Any] = {}
-        self.wire: list[dict[str, float]] = []
-        self.dropped: list[list[Any]] = []
+        self.wire: list[dict[str, float]] = list(self.checkpointer.wire)
+        self.dropped: list[list[Any]] = list(self.checkpointer.dropped)
 
     def on_joined(self, descriptors: dict[int, dict[str, Any]]) -> Any:
         """All clients are in: check them, build the server, open the MLflow run."""
@@ -132,29 +143,42 @@ class ServerSession:
             server = self.spec.server_cls(model, self.args, ctx=ctx)
         except ValueError as exc:  # its checks against the model (layer selection's budgets): the config's
             raise as_config_error(exc, f"{config.model.name} for the clients' data") from None
-        run_name = config.tracking.run_name or f"{config.algorithm}-{config.data.dataset}-seed{config.seed}-cross-silo"
-        self.recorder = RunRecorder(config, self.options, run_name,
-                                    run_tags(config, self.common["partition_key"], mode="cross_silo"),
-                                    run_tracking_uri(config.tracking),
+        checkpointer, uri = self.checkpointer, run_tracking_uri(config.tracking)
+        self.recorder = RunRecorder(config, self.options, run_name_of(config),
+                                    run_tags(config, self.common["partition_key"], mode="cross_silo"), uri,
                                     num_clients=len(descriptors), totaled=self.spec.client_cls.totaled_metrics,
-                                    deployed=True)
+                                    run_id=checkpointer.mlflow_run_id(uri), defer=checkpointer.enabled, deployed=True)
         self.recorder.__enter__()
-        self.recorder.log_start({"client_data.json": {str(c): d for c, d in descriptors.items()}})
+        if not checkpointer.resuming:  # a resumed federation logged these when it began
+            self.recorder.log_start({"client_data.json": {str(c): d for c, d in descriptors.items()}})
+        start = checkpointer.start_federation(model=model, server=server, logger=self.recorder.logger,
+                                              run_id=self.recorder.tracker.run_id, tracking_uri=uri,
+                                              started=self.started, descriptors=descriptors)
+        if start:
+            self.recorder.tracker.set_tags({"resumed_at_rounds": ",".join(map(str, checkpointer.resumed_at))})
+            if self.progress:
+                print(f"resuming the federation at round {start + 1}/{config.train.rounds} from "
+                      f"{checkpointer.path}", flush=True)
         return server
 
     def on_round_end(self, result: Any, wire: dict[str, float]) -> None:
-        assert self.recorder is not None
+        assert self.recorder is not None and self.manager is not None
+        # the wire figures go with the round's metrics: held, like them, until a checkpoint covers the round
+        result.server_metrics = {**result.server_metrics, **wire}
         self.recorder.logger(result)
-        self.recorder.tracker.log_metrics(dict(wire), step=result.round_idx)
         self.wire.append(wire)
         self.dropped.extend([result.round_idx, int(c), str(r)] for c, r in result.dropped)
+        m = self.manager
+        if self.checkpointer.write(result.round_idx, live=m.live, failed=m.failed, trained=m.trained, wire=self.wire,
+                                   dropped=self.dropped) and self.progress:
+            print(f"checkpoint after round {result.round_idx + 1}: {self.checkpointer.path}", flush=True)
         if self.progress:
             acc = f", mean acc {result.mean_accuracy:.4f}" if result.evaluation else ""
             print(f"round {result.round_idx + 1}/{self.config.train.rounds}: loss {result.train_loss:.4f}{acc}, "
                   f"clients {result.sampled}, up {result.bytes_up:,} B (wire {wire['wire_bytes_up_round']:,}), "
                   f"{wire['round_seconds']:.1f} s", flush=True)
 
-    def finish(self, manager: FedSelectServerManager, *, started: float, record_path: Any) -> dict[str, Any]:
+    def finish(self, manager: FedSelectServerManager, *, record_path: Any) -> dict[str, Any]:
         assert self.recorder is not None
         recorder = self.recorder
         final = recorder.logger.last_eval
@@ -165,12 +189,17 @@ class ServerSession:
             "wire_bytes_down_per_round": [w["wire_bytes_down_round"] for w in self.wire],
             "round_seconds": [w["round_seconds"] for w in self.wire], "updates_dropped": self.dropped,
             "clients_failed": {str(c): r for c, r in sorted(manager.failed.items())},
+            # rounds after which a restarted server resumed (the wall seconds add up all attempts)
+            "resumed_at_rounds": self.checkpointer.resumed_at,
         }
         sizes = {c: SimpleNamespace(num_train=d["num_train"], num_test=d["num_test"])
                  for c, d in self.descriptors.items()}
-        return recorder.finish(partition=partition_spec(self.config), partition_key=self.common["partition_key"],
-                               device=self.device, clients=sizes, wall_seconds=time.time() - started, extra=extra,
-                               artifacts=[manager.server.run_artifacts(recorder.plots_dir)], record_path=record_path)
+        record = recorder.finish(partition=partition_spec(self.config), partition_key=self.common["partition_key"],
+                                 device=self.device, clients=sizes, wall_seconds=self.checkpointer.elapsed_seconds(),
+                                 extra=extra, artifacts=[manager.server.run_artifacts(recorder.plots_dir)],
+                                 record_path=record_path)
+        self.checkpointer.remove()  # finished and recorded: the same command again is a new federation
+        return record
 
     def __enter__(self) -> ServerSession:
         return self
@@ -191,16 +220,17 @@ def serve(config: ExperimentConfig, *, record_path: str | os.PathLike | None = N
     Path(config.tracking.results_dir).mkdir(parents=True, exist_ok=True)
     args = cross_silo_args(config, 0)
     prepare_store(run_tracking_uri(config.tracking))
-    with ServerSession(config, args, progress=progress) as session:
-        # listening from here on: clients that start sooner wait for this port (deploy.join_timeout_s)
-        manager = FedSelectServerManager(args, config=config, on_joined=session.on_joined,
-                                         on_round_end=session.on_round_end, transport=transport)
-        if progress:
-            print(f"serving {config.algorithm} on {config.deploy.server_host}:{config.deploy.server_port} "
-                  f"({transport.describe()}), waiting for {config.data.partition.num_clients} clients", flush=True)
-        try:
+    try:
+        with ServerSession(config, args, progress=progress, started=started) as session:
+            # listening from here on: clients that start sooner wait for this port (deploy.join_timeout_s)
+            manager = session.manager = FedSelectServerManager(
+                args, config=config, on_joined=session.on_joined, on_round_end=session.on_round_end,
+                transport=transport, checkpoints=session.checkpointer)
+            if progress:
+                print(f"serving {config.algorithm} on {config.deploy.server_host}:{config.deploy.server_port} "
+                      f"({transport.describe()}), waiting for {config.data.partition.num_clients} clients", flush=True)
             FedMLRunner(args, session.device, None, None,
                         algorithm_flow=SimpleNamespace(run=manager.run_federation)).run()
-        finally:
-            Path(args.grpc_ipconfig_path).unlink(missing_ok=True)
-        return session.finish(manager, started=started, record_path=record_path)
+            return session.finish(manager, record_path=record_path)
+    finally:
+        Path(args.grpc_ipconfig_path).unlink(missing_ok=True)
