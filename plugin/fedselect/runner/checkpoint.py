@@ -45,6 +45,7 @@ import random
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,19 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- a run
 
 
+def load_parts(path: Path, device: torch.device, parts: list[tuple[str, Callable[[Any], Any], Any]], *,
+               owner: str, hint: str = "") -> None:
+    """Decode each saved part onto ``device`` and hand it to its loader, in order; a part that does not
+    fit is a :class:`CheckpointError` naming it (``checkpoint P does not fit <owner>'s <part><hint>``)."""
+    for name, load, saved in parts:
+        try:
+            if saved is None:
+                raise KeyError(name)
+            load(decode(saved, device))
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit {owner}'s {name}{hint}: {exc}. {WAYS_ON}") from exc
+
+
 class RunCheckpointer:
     """One training run's checkpoint: the state it resumes from (read at construction) and its saves.
 
@@ -351,19 +365,13 @@ class RunCheckpointer:
         if len(state["clients"]) != len(clients):
             raise CheckpointError(f"checkpoint {self.path} holds {len(state['clients'])} clients, this run has "
                                   f"{len(clients)}. {WAYS_ON}")
-        part = "model"
-        try:
-            model.load_state_dict(decode(state["model"], self.device))
-            part = "server"
-            server.load_checkpoint_state(decode(state["server"], self.device))
-            for cid, (client, saved) in enumerate(zip(clients, state["clients"], strict=True)):
-                part = f"client {cid}"
-                client.load_checkpoint_state(decode(saved, self.device))
-            part = "round logger"
-            logger.load_checkpoint_state(decode(state["logger"], self.device))
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            raise CheckpointError(f"checkpoint {self.path} does not fit this run's {part} (written by another "
-                                  f"fedselect version?): {exc}. {WAYS_ON}") from exc
+        clients_parts = [(f"client {cid}", client.load_checkpoint_state, saved)
+                         for cid, (client, saved) in enumerate(zip(clients, state["clients"], strict=True))]
+        load_parts(self.path, self.device, [("model", model.load_state_dict, state.get("model")),
+                                            ("server", server.load_checkpoint_state, state.get("server")),
+                                            *clients_parts,
+                                            ("round logger", logger.load_checkpoint_state, state.get("logger"))],
+                   owner="this run", hint=" (written by another fedselect version?)")
         self.resumed_at = [*state["resumed_at"], int(state["round"]) + 1]
         self.previous_seconds = float(state["elapsed_seconds"])
         # the rounds the checkpoint holds as not confirmed logged: logged now, or found already there

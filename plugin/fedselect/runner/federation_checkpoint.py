@@ -50,6 +50,7 @@ from .checkpoint import (
     checkpoint_path,
     decode,
     encode,
+    load_parts,
     rng_state,
     set_rng_state,
     write_checkpoint,
@@ -100,16 +101,10 @@ class FederationCheckpointer(RunCheckpointer):
         if any(saved.get(c) != sizes for c, sizes in self._run["sizes"].items()):
             raise CheckpointError(f"checkpoint {self.path}: the clients describe other data than the checkpointed "
                                   f"federation's (train/test sizes {self._run['sizes']}, saved {saved}). {WAYS_ON}")
-        part = "model"
-        try:
-            model.load_state_dict(decode(state["model"], self.device))
-            part = "server"
-            server.load_checkpoint_state(decode(state["server"], self.device))
-            part = "round logger"
-            logger.load_checkpoint_state(decode(state["logger"], self.device))
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            raise CheckpointError(f"checkpoint {self.path} does not fit this federation's {part}: {exc}. "
-                                  f"{WAYS_ON}") from exc
+        load_parts(self.path, self.device, [("model", model.load_state_dict, state.get("model")),
+                                            ("server", server.load_checkpoint_state, state.get("server")),
+                                            ("round logger", logger.load_checkpoint_state, state.get("logger"))],
+                   owner="this federation")
         self.resumed_at = [*state["resumed_at"], self.start_round]
         self.previous_seconds = float(state["elapsed_seconds"])
         logger.flush()  # the rounds the checkpoint holds as not confirmed logged
