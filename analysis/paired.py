@@ -30,6 +30,7 @@ CSV_FIELDS: tuple[str, ...] = (
     "a", "b", "seeds",
     "final_diff_mean", "final_diff_ci_low", "final_diff_ci_high", "final_a_wins", "final_ties",
     "best_diff_mean", "best_diff_ci_low", "best_diff_ci_high", "best_a_wins", "best_ties",
+    "last_diff_mean", "last_diff_ci_low", "last_diff_ci_high", "last_a_wins", "last_ties",
     "client_pairs", "client_diff_mean", "client_diff_ci_low", "client_diff_ci_high", "client_a_wins",
     "client_ties",
 )
@@ -62,6 +63,7 @@ class SeedResult:
     final_acc: float
     best_acc: float
     client_acc: Mapping[int, float] = field(default_factory=dict)
+    last_acc: float | None = None  # mean accuracy over the run's last few evaluations (RunStats.last_acc)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class PairedResult:
     best: Interval
     clients: Interval | None  # None: no seed has per-client accuracies of both runs
     notes: tuple[str, ...] = ()
+    last: Interval | None = None  # over seeds, of the last-evaluations means; None: a run lacks them
 
 
 def t_quantile(p: float, dof: int) -> float:
@@ -126,7 +129,15 @@ def paired_difference(a: str, b: str, runs_a: Mapping[str, SeedResult],
         a=a, b=b, seeds=tuple(seeds),
         final=t_interval([runs_a[s].final_acc - runs_b[s].final_acc for s in seeds]),
         best=t_interval([runs_a[s].best_acc - runs_b[s].best_acc for s in seeds]),
-        clients=t_interval(client_diffs) if client_diffs else None, notes=tuple(notes))
+        clients=t_interval(client_diffs) if client_diffs else None, notes=tuple(notes), last=_last_interval(
+            [(runs_a[s].last_acc, runs_b[s].last_acc) for s in seeds]))
+
+
+def _last_interval(pairs: Sequence[tuple[float | None, float | None]]) -> Interval | None:
+    """A minus B of the last-evaluations means over seeds; None when any run lacks them."""
+    if any(a is None or b is None for a, b in pairs):
+        return None
+    return t_interval([a - b for a, b in pairs])
 
 
 def _seed_key(seed: str) -> tuple[int, str]:
@@ -141,7 +152,8 @@ def seed_results(variant: str, members: Sequence[RunStats]) -> dict[str, SeedRes
         if s.seed in out:
             raise PairedError(f"variant {variant} has two runs of seed {s.seed} ({by_seed[s.seed]} and {s.run_id}): "
                               "cannot pair its runs by seed")
-        out[s.seed] = SeedResult(final_acc=s.final_acc, best_acc=s.best_acc, client_acc=dict(s.client_acc))
+        out[s.seed] = SeedResult(final_acc=s.final_acc, best_acc=s.best_acc, client_acc=dict(s.client_acc),
+                                 last_acc=s.last_acc)
         by_seed[s.seed] = s.run_id
     return out
 
@@ -186,7 +198,8 @@ PAIRED_EXPLANATION = (
     "clients). CI over seeds: 95% Student-t interval of the mean per-seed difference (n − 1 degrees of freedom), "
     "the conservative one; if it excludes 0, A's lead holds beyond seed-to-seed variation (undefined with one "
     "seed). CI over clients: the same over (seed, client) pairs of final per-client accuracy, treating clients as "
-    "independent, hence optimistic (too narrow). Wins: seeds (clients) where A's accuracy is higher."
+    "independent, hence optimistic (too narrow). Last evals: the same over seeds of each run's mean accuracy over "
+    "its last few evaluated rounds (the summary's column). Wins: seeds (clients) where A's accuracy is higher."
 )
 
 
@@ -196,12 +209,16 @@ def paired_markdown(results: Sequence[PairedResult], notes: Sequence[str] = ()) 
         return []
     lines = ["## Paired differences", "", PAIRED_EXPLANATION, ""]
     if results:
-        lines += ["| A | B | seeds | final Δ (pp) [95% CI over seeds] | A wins (seeds) "
-                  "| best-round Δ (pp) [95% CI over seeds] | final Δ (pp) [95% CI over clients, optimistic] "
-                  "| A wins (clients) |", "|" + "---|" * 8]
+        has_last = all(r.last is not None for r in results)
+        last_header = ["last-evals Δ (pp) [95% CI over seeds]", "A wins (seeds, last evals)"] if has_last else []
+        header = ["A", "B", "seeds", "final Δ (pp) [95% CI over seeds]", "A wins (seeds)", *last_header,
+                  "best-round Δ (pp) [95% CI over seeds]", "final Δ (pp) [95% CI over clients, optimistic]",
+                  "A wins (clients)"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in results:
             clients = r.clients
-            cells = [r.a, r.b, str(len(r.seeds)), _interval_cell(r.final, "seed"), _wins_cell(r.final),
+            last = [_interval_cell(r.last, "seed"), _wins_cell(r.last)] if has_last and r.last is not None else []
+            cells = [r.a, r.b, str(len(r.seeds)), _interval_cell(r.final, "seed"), _wins_cell(r.final), *last,
                      _interval_cell(r.best, "seed"), "" if clients is None else _interval_cell(clients, "client"),
                      "" if clients is None else _wins_cell(clients)]
             lines.append("| " + " | ".join(cells) + " |")
@@ -224,7 +241,8 @@ def paired_csv(results: Sequence[PairedResult]) -> str:
     writer.writeheader()
     for r in results:
         row = {"a": r.a, "b": r.b, "seeds": len(r.seeds), **_interval_fields("final", r.final),
-               **_interval_fields("best", r.best), **_interval_fields("client", r.clients),
+               **_interval_fields("best", r.best), **_interval_fields("last", r.last),
+               **_interval_fields("client", r.clients),
                "client_pairs": 0 if r.clients is None else r.clients.n}
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})
     return buf.getvalue()

@@ -136,13 +136,17 @@ def test_summary_means_and_stds_over_seeds_are_exact(store, tmp_path):
     text = md.read_text()
     # fedavg: final 0.30/0.40, best 0.32/0.44, spread 0.10/0.20, 4 MB up / (2 clients x 2 rounds)
     # columns after wall s: train passes, eval adapt passes, backward GFLOPs, paper; fedavg logs no passes
-    assert _row(text, "fedavg") == ("| fedavg | fedavg | 2 | 35.00 ± 5.00 | 38.00 ± 6.00 | 15.00 | 1.000 | 0.500 "
+    # mean of the last evals (both rounds here): fedavg 0.25 and 0.35
+    assert _row(text, "fedavg") == ("| fedavg | fedavg | 2 | 35.00 ± 5.00 | 38.00 ± 6.00 | 30.00 ± 5.00 | 15.00 "
+                                    "| 1.000 | 0.500 "
                                     "| 10 |  |  |  | FedAvg [s2] | 33.54 | +1.46 |")
-    assert _row(text, "fedselect_p0.25").startswith("| fedselect_p0.25 | fedselect | 2 | 85.00 ± 5.00 | 85.00 ± 5.00 ")
+    assert _row(text, "fedselect_p0.25").startswith("| fedselect_p0.25 | fedselect | 2 | 85.00 ± 5.00 | 85.00 ± 5.00 "
+                                                     "| 70.00 ± 5.00 ")
     assert _row(text, "fedselect_p0.25").endswith("| 200 |  |  | FedSelect (p=0.25) [s2] | 84.22 | +0.78 |")
     # eval adapt passes: mean over the rounds that log it, then over seeds: (20 + 40) / 2
     # compute: mean over rounds, then over seeds: (3 + 7) / 2; no paper row (declared null)
     assert _row(text, "layersel_top").endswith("| 10 | 60 | 30 | 5 |  |  |  |")
+    assert "| best-round acc (%) | mean of last 2 evals (%) | client spread (pp) |" in text
     assert "| wall s | train sample passes / client / round | eval adapt passes / client / eval |" in text
     assert "Sample passes: one forward + backward pass of one training sample" in text
     rows = {r["run"]: r for r in csv.DictReader(io.StringIO(out_csv.read_text()))}
@@ -151,6 +155,7 @@ def test_summary_means_and_stds_over_seeds_are_exact(store, tmp_path):
     assert float(fa["final_acc_mean"]) == pytest.approx(0.35, abs=1e-12)
     assert float(fa["final_acc_std"]) == pytest.approx(0.05, abs=1e-12)
     assert float(fa["best_acc_std"]) == pytest.approx(0.06, abs=1e-12)
+    assert float(fa["last_acc_mean"]) == pytest.approx(0.30) and fa["last_evals"] == "2"
     assert float(fa["bytes_up_per_client_round"]) == pytest.approx(1e6)
     assert float(fa["wall_seconds"]) == pytest.approx(10.5)
     assert fa["compute_backward_per_client_round"] == ""
@@ -170,15 +175,17 @@ def test_summary_pairs_runs_by_seed_and_client(store, tmp_path):
     assert "treating clients as independent, hence optimistic" in section
     # p0.75 - p0.25: final -0.10, -0.20 per seed; t(0.975, 1) = 12.706, se = 0.05; best -0.10, -0.15;
     # clients (offsets cancel): -0.10, -0.10, -0.20, -0.20, t(0.975, 3) = 3.182, se = 0.0289
+    # last evals (mean of both rounds): -0.05, -0.10
     assert _row(section, "fedselect_p0.75") == ("| fedselect_p0.75 | fedselect_p0.25 | 2 | -15.00 [-78.53, +48.53] "
-                                                "| 0/2 | -12.50 [-44.27, +19.27] | -15.00 [-24.19, -5.81] | 0/4 |")
+                                                "| 0/2 | -7.50 [-39.27, +24.27] | 0/2 | -12.50 [-44.27, +19.27] | -15.00 [-24.19, -5.81] | 0/4 |")
     # p0.25 - fedavg: +0.50 on both seeds (no spread); clients 0.75 - 0.20, 0.85 - 0.40, ...
     assert _row(section, "fedselect_p0.25") == ("| fedselect_p0.25 | fedavg | 2 | +50.00 [+50.00, +50.00] | 2/2 "
-                                                "| +47.00 [+34.29, +59.71] | +50.00 [+40.81, +59.19] | 4/4 |")
+                                                "| +40.00 [+40.00, +40.00] | 2/2 | +47.00 [+34.29, +59.71] | +50.00 [+40.81, +59.19] | 4/4 |")
     rows = list(csv.DictReader(io.StringIO(paired_csv.read_text())))
     assert [(r["a"], r["b"], r["seeds"], r["client_pairs"]) for r in rows] == [
         ("fedselect_p0.25", "fedavg", "2", "4"), ("fedselect_p0.75", "fedselect_p0.25", "2", "4")]
     assert float(rows[1]["final_diff_mean"]) == pytest.approx(-0.15)
+    assert float(rows[1]["last_diff_mean"]) == pytest.approx(-0.075)
     assert float(rows[1]["final_diff_ci_low"]) == pytest.approx(-0.15 - 12.7062047 * 0.05)
     assert float(rows[1]["client_diff_ci_high"]) == pytest.approx(-0.15 + 3.1824463 * 0.05 / 3 ** 0.5)
     assert rows[0]["final_a_wins"] == "2" and rows[0]["client_a_wins"] == "4" and rows[0]["client_ties"] == "0"

@@ -39,6 +39,9 @@ COMPUTE_METRIC = "compute_backward_mean"
 # search and scoring included; and per client spent adapting before an evaluation (FedBABU)
 TRAIN_PASSES_METRIC = "train_sample_passes_mean"
 EVAL_PASSES_METRIC = "eval_sample_passes_mean"
+# "the last few evaluated rounds": one round's mean accuracy is noisy (a round whose aggregation
+# happened to hurt, or to help), so tables also average the last LAST_EVALS evaluations
+LAST_EVALS = 3
 # each client's accuracy at an evaluated round; the latest value is the final evaluation's
 
 
@@ -70,6 +73,8 @@ class RunStats:
     train_passes: float | None = None  # mean over rounds of train_sample_passes_mean; None: not logged
     eval_passes: float | None = None  # mean over evaluated rounds of eval_sample_passes_mean; None: not logged
     client_acc: dict[int, float] = field(default_factory=dict)  # client id -> final accuracy (acc_client_<id>)
+    last_acc: float | None = None  # mean of acc/mean over the last LAST_EVALS evaluated rounds (fewer if fewer)
+    last_evals: int = 0  # how many evaluations last_acc averages
 
     @property
     def algo_options(self) -> dict[str, str]:
@@ -183,6 +188,7 @@ def run_stats(run: Mapping[str, Any], tracking_uri: str, group: str) -> RunStats
     if wall is None:
         wall = ((run["end_time"] or run["start_time"]) - run["start_time"]) / 1000.0
     client_acc = {c: float(v) for k, v in metrics.items() if (c := names.client_of(k)) is not None}
+    history = [v for _, v in sorted(mean_acc_history(tracking_uri, run["run_id"]))][-LAST_EVALS:] or [mean_acc]
     return RunStats(
         run_id=run["run_id"], run_name=run["run_name"], group=group, algorithm=_algorithm(run),
         seed=run["tags"].get("seed", run["params"].get("seed", "?")), status=run["status"],
@@ -192,7 +198,8 @@ def run_stats(run: Mapping[str, Any], tracking_uri: str, group: str) -> RunStats
         wall_seconds=float(wall), compute_backward=_history_mean(run, tracking_uri, COMPUTE_METRIC),
         tracking_uri=tracking_uri, start_time=run["start_time"] or 0, tags=dict(run["tags"]),
         params=dict(run["params"]), train_passes=_history_mean(run, tracking_uri, TRAIN_PASSES_METRIC),
-        eval_passes=_history_mean(run, tracking_uri, EVAL_PASSES_METRIC), client_acc=dict(sorted(client_acc.items())))
+        eval_passes=_history_mean(run, tracking_uri, EVAL_PASSES_METRIC), client_acc=dict(sorted(client_acc.items())),
+        last_acc=float(np.mean(history)), last_evals=len(history))
 
 
 def _history_mean(run: Mapping[str, Any], tracking_uri: str, key: str) -> float | None:
@@ -254,6 +261,7 @@ def table_rows(groups: Mapping[str, Sequence[RunStats]]) -> list[dict[str, Any]]
             "final_acc_std": float(final.std()),
             "best_acc_mean": float(best.mean()),
             "best_acc_std": float(best.std()),
+            **_last_acc(members),
             "client_spread": float(np.mean([s.client_spread for s in members])),
             "bytes_up_per_client_round": float(np.mean([s.bytes_up_per_client_round for s in members])),
             "bytes_down_per_client_round": float(np.mean([s.bytes_down_per_client_round for s in members])),
@@ -263,6 +271,15 @@ def table_rows(groups: Mapping[str, Sequence[RunStats]]) -> list[dict[str, Any]]
             "eval_passes_per_client_eval": _variant_mean(name, members, "eval_passes", EVAL_PASSES_METRIC),
         })
     return sorted(rows, key=lambda row: (-row["final_acc_mean"], row["run"]))
+
+
+def _last_acc(members: Sequence[RunStats]) -> dict[str, Any]:
+    """Mean and std over seeds of the last-evaluations mean; empty when a run lacks it (built by hand)."""
+    values = np.array([s.last_acc for s in members if s.last_acc is not None])
+    if len(values) != len(members):
+        return {}
+    return {"last_acc_mean": float(values.mean()), "last_acc_std": float(values.std()),
+            "last_evals": min(s.last_evals for s in members)}
 
 
 def _variant_mean(name: str, members: Sequence[RunStats], attr: str, metric: str) -> float | None:

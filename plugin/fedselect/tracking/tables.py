@@ -13,7 +13,8 @@ from typing import Any
 
 FIELDS: tuple[str, ...] = (
     "run", "algorithm", "seeds", "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std",
-    "client_spread", "bytes_up_per_client_round", "bytes_down_per_client_round", "wall_seconds",
+    "last_acc_mean", "last_acc_std", "last_evals", "client_spread", "bytes_up_per_client_round",
+    "bytes_down_per_client_round", "wall_seconds",
     "compute_backward_per_client_round", "train_passes_per_client_round", "eval_passes_per_client_eval",
     "paper_method", "paper_acc", "diff_vs_paper_pp",
 )
@@ -36,8 +37,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = Non
     has_eval = any(r.get("eval_passes_per_client_eval") is not None for r in rows)
     has_compute = any(r.get("compute_backward_per_client_round") is not None for r in rows)
     has_paper = any("paper_acc" in r for r in rows)
+    has_last = bool(rows) and all("last_acc_mean" in r for r in rows)
     header = ["run", "algorithm", "seeds", "final acc (%)", "best-round acc (%)", "client spread (pp)",
               "MB up / client / round", "MB down / client / round", "wall s", "train sample passes / client / round"]
+    if has_last:
+        header.insert(5, f"mean of last {min(r['last_evals'] for r in rows)} evals (%)")
     if has_eval:
         header.append("eval adapt passes / client / eval")
     if has_compute:
@@ -51,6 +55,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = Non
                  _pct(r["best_acc_mean"], r["best_acc_std"], r["seeds"]), f"{100 * r['client_spread']:.2f}",
                  f"{r['bytes_up_per_client_round'] / 1e6:.3f}", f"{r['bytes_down_per_client_round'] / 1e6:.3f}",
                  f"{r['wall_seconds']:.0f}", _passes(r.get("train_passes_per_client_round"))]
+        if has_last:
+            cells.insert(5, _pct(r["last_acc_mean"], r["last_acc_std"], r["seeds"]))
         if has_eval:
             cells.append(_passes(r.get("eval_passes_per_client_eval")))
         if has_compute:
@@ -65,6 +71,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = Non
               "at the final round and at the best evaluated round; ± is the std over seeds (population, ddof = 0); "
               "client spread is the std over clients of the final accuracy, averaged over seeds; bytes are the "
               "run's totals divided by (clients × rounds)."]
+    if has_last:
+        lines.append("Mean of last evals: per run, the mean client accuracy averaged over its last evaluated rounds "
+                     "(final included; fewer where a run evaluated fewer times), then mean ± std over seeds: "
+                     "less noisy than one round.")
     passes = ("Sample passes: one forward + backward pass of one training sample, whatever part of the model trains; "
               "train: per sampled client per round, mask search and layer scoring included (`train_sample_passes_mean`"
               ", averaged over rounds; empty where runs do not log it)")
