@@ -27,8 +27,10 @@ run: setup
 lint: setup
 	$(BIN)/ruff check plugin tests analysis bench
 
+# two workers, one test file each at a time (module fixtures stay in one process)
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # the CPU smoke of the benchmarks' GPU path (bench/README.md, "gpu_check"): a tiny CIFAR-10 subset in
 # .gpu/ (made once), ours vs the released code (when .gpu/released exists) and the study cost at J = 1,2

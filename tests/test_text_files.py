@@ -169,19 +169,13 @@ def test_run_and_study_on_a_users_csv(tmp_path):
     assert record["partition"]["kind"] == "column" and record["partition"]["column"] == "domain"
     assert 0.0 <= record["final_mean_acc"] <= 1.0
     assert record["model"] == "hf" and record["classes"] == sorted(TOPICS)
-    # the same corpus as JSONL, labels in the order given, split by labels (Dirichlet)
+    # a study on the same corpus as JSONL, labels in the order given, split by labels (Dirichlet)
     jsonl = write_jsonl(tmp_path / "topics.jsonl", rows(12))
-    out = subprocess.run([str(exe), "run", "--config", str(config), "--out", str(tmp_path / "rec2.json"),
-                          "--no-progress", "--set", f"data.dataset=jsonl:{jsonl}", "--set", f"data.labels={TOPICS}",
-                          "--set", "data.partition={kind: dirichlet, alpha: 1.0, num_clients: 3}"],
-                         capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    record = json.loads((tmp_path / "rec2.json").read_text())
-    assert record["classes"] == TOPICS and record["partition"]["kind"] == "dirichlet"
-    assert len(record["per_client_acc"]) == 3 and 0.0 <= record["final_mean_acc"] <= 1.0
     study = tmp_path / "corpus.yaml"
     base = _corpus_config(tmp_path)
     base.pop("algorithm"), base.pop("algo")
+    base["data"].update(dataset=f"jsonl:{jsonl}", labels=list(TOPICS),
+                        partition={"kind": "dirichlet", "alpha": 1.0, "num_clients": 3})
     study.write_text(yaml.safe_dump({"study": "corpus", "seeds": [0], "base": base,
                                      "runs": {"top": {"algorithm": "layersel", "algo": {"strategy": "top",
                                                                                          "budget": 0.5}},
@@ -191,6 +185,10 @@ def test_run_and_study_on_a_users_csv(tmp_path):
                           f"results_dir={tmp_path / 'study'}"], capture_output=True, text=True, timeout=1200,
                          env=env, cwd=REPO)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for name in ("top", "local"):
+        record = json.loads((tmp_path / "study" / "corpus" / "runs" / f"{name}-seed0.json").read_text())
+        assert record["classes"] == TOPICS and record["partition"]["kind"] == "dirichlet"
+        assert len(record["per_client_acc"]) == 3 and 0.0 <= record["final_mean_acc"] <= 1.0
     summary = (tmp_path / "study" / "corpus" / "summary.md").read_text()
     assert "top" in summary and "local" in summary
 
