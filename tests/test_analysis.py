@@ -177,10 +177,12 @@ def test_summary_pairs_runs_by_seed_and_client(store, tmp_path):
     # clients (offsets cancel): -0.10, -0.10, -0.20, -0.20, t(0.975, 3) = 3.182, se = 0.0289
     # last evals (mean of both rounds): -0.05, -0.10
     assert _row(section, "fedselect_p0.75") == ("| fedselect_p0.75 | fedselect_p0.25 | 2 | -15.00 [-78.53, +48.53] "
-                                                "| 0/2 | -7.50 [-39.27, +24.27] | 0/2 | -12.50 [-44.27, +19.27] | -15.00 [-24.19, -5.81] | 0/4 |")
+                                                "| 0/2 | -7.50 [-39.27, +24.27] | 0/2 | -12.50 [-44.27, +19.27] "
+                                                "| -15.00 [-24.19, -5.81] | 0/4 |")
     # p0.25 - fedavg: +0.50 on both seeds (no spread); clients 0.75 - 0.20, 0.85 - 0.40, ...
     assert _row(section, "fedselect_p0.25") == ("| fedselect_p0.25 | fedavg | 2 | +50.00 [+50.00, +50.00] | 2/2 "
-                                                "| +40.00 [+40.00, +40.00] | 2/2 | +47.00 [+34.29, +59.71] | +50.00 [+40.81, +59.19] | 4/4 |")
+                                                "| +40.00 [+40.00, +40.00] | 2/2 | +47.00 [+34.29, +59.71] "
+                                                "| +50.00 [+40.81, +59.19] | 4/4 |")
     rows = list(csv.DictReader(io.StringIO(paired_csv.read_text())))
     assert [(r["a"], r["b"], r["seeds"], r["client_pairs"]) for r in rows] == [
         ("fedselect_p0.25", "fedavg", "2", "4"), ("fedselect_p0.75", "fedselect_p0.25", "2", "4")]

@@ -104,3 +104,29 @@ def test_split_epoch_with_an_empty_phase_is_a_plain_pass():
     stats = run(c, x, y, [SplitEpoch((empty, empty))])
     assert stats.samples == 0
     assert all(torch.equal(t, model.state_dict()[k]) for k, t in c.state_dict().items())
+
+
+def test_flat_masked_step_equals_the_per_tensor_step_bit_for_bit():
+    """The GPU path (masked tensors updated as one flat vector) against the per-tensor one, forced
+    on CPU: same parameters and buffers, bit for bit, through alternating v and u masks."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    v = {name: torch.rand(p.shape, generator=gen) < 0.5 for name, p in net.named_parameters()}
+    u = {name: ~m for name, m in v.items()}
+    results = []
+    for flat in (False, True):
+        model = copy.deepcopy(net)
+        optimizer = MaskedSGD(lr=0.1, momentum=0.9, weight_decay=5e-4, flat_masked=flat)
+        for spec in (v, u, v, v, u):
+            params = [(name, p, spec[name]) for name, p in model.named_parameters()]
+            MaskedSGD.zero_grad(params)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step(params)
+        results.append((model.state_dict(), optimizer.buffers))
+    (state_a, buf_a), (state_b, buf_b) = results
+    for name, value in state_a.items():
+        assert torch.equal(value.view(torch.int32), state_b[name].view(torch.int32)), name
+    for name, value in buf_a.items():
+        assert torch.equal(value.view(torch.int32), buf_b[name].view(torch.int32)), name
