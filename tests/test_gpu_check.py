@@ -59,12 +59,14 @@ def run_check(gpu: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env.pop("OUT", None)
     return subprocess.run(["bash", str(GPU_CHECK), "--gpu-dir", str(gpu), "--device", "cpu", "--tiny",
                            "--out", str(out), "--work", str(out.parent / f"{out.name}-work"), *extra],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+                          env=env, capture_output=True, text=True, timeout=560, cwd=REPO)
 
 
 def test_tiny_check_ours_and_study_cost(tiny_gpu_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = run_check(tiny_gpu_dir, out, "--sides", "ours")
+    # a budget well above the tiny check's 240 s: the suite runs beside other work (two test workers),
+    # and a child that is slow to start must not fail the check; a free machine needs about 100 s
+    proc = run_check(tiny_gpu_dir, out, "--sides", "ours", "--budget-s", "480")
     assert proc.returncode == 0, failure_text(proc, out)
     assert "fedml STAND-IN in use" in proc.stdout
 
