@@ -217,7 +217,7 @@ def paired_markdown(results: Sequence[PairedResult], notes: Sequence[str] = ()) 
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in results:
             clients = r.clients
-            last = [_interval_cell(r.last, "seed"), _wins_cell(r.last)] if has_last and r.last is not None else []
+            last = [_interval_cell(r.last, "seed"), _wins_cell(r.last)] if has_last else []
             cells = [r.a, r.b, str(len(r.seeds)), _interval_cell(r.final, "seed"), _wins_cell(r.final), *last,
                      _interval_cell(r.best, "seed"), "" if clients is None else _interval_cell(clients, "client"),
                      "" if clients is None else _wins_cell(clients)]

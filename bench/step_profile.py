@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=12, help="host operators listed per spec")
     parser.add_argument("--json", type=Path, help="write the figures here")
     ns = parser.parse_args(argv)
+    unknown = [kind for kind in ns.specs.split(",") if kind not in SPECS]
+    if unknown:
+        parser.error(f"--specs: unknown spec {unknown[0]!r} (known: {', '.join(SPECS)})")
     device = torch.device(ns.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -178,9 +178,12 @@ def run_stats(run: Mapping[str, Any], tracking_uri: str, group: str) -> RunStats
             raise CompareError(f"{name} logged no {key!r}: not a fedselect training run")
     final = names.lookup(metrics, names.FINAL_MEAN_ACC)
     final = mean_acc if final is None else final
+    # the evaluated rounds' mean accuracies, in round order: read once, for the last-evaluations mean and
+    # for an unfinished run's best round so far
+    history = [v for _, v in sorted(mean_acc_history(tracking_uri, run["run_id"]))]
     best = names.lookup(metrics, names.BEST_MEAN_ACC)
     if best is None:  # an unfinished run: the best evaluated round so far
-        best = max(v for _, v in mean_acc_history(tracking_uri, run["run_id"]))
+        best = max(history)
     clients = _int_param(run, "data.partition.num_clients")
     rounds = _int_param(run, "train.rounds")
     per_client_round = 1.0 / (clients * rounds)
@@ -188,7 +191,7 @@ def run_stats(run: Mapping[str, Any], tracking_uri: str, group: str) -> RunStats
     if wall is None:
         wall = ((run["end_time"] or run["start_time"]) - run["start_time"]) / 1000.0
     client_acc = {c: float(v) for k, v in metrics.items() if (c := names.client_of(k)) is not None}
-    history = [v for _, v in sorted(mean_acc_history(tracking_uri, run["run_id"]))][-LAST_EVALS:] or [mean_acc]
+    last = history[-LAST_EVALS:] or [mean_acc]
     return RunStats(
         run_id=run["run_id"], run_name=run["run_name"], group=group, algorithm=_algorithm(run),
         seed=run["tags"].get("seed", run["params"].get("seed", "?")), status=run["status"],
@@ -199,7 +202,7 @@ def run_stats(run: Mapping[str, Any], tracking_uri: str, group: str) -> RunStats
         tracking_uri=tracking_uri, start_time=run["start_time"] or 0, tags=dict(run["tags"]),
         params=dict(run["params"]), train_passes=_history_mean(run, tracking_uri, TRAIN_PASSES_METRIC),
         eval_passes=_history_mean(run, tracking_uri, EVAL_PASSES_METRIC), client_acc=dict(sorted(client_acc.items())),
-        last_acc=float(np.mean(history)), last_evals=len(history))
+        last_acc=float(np.mean(last)), last_evals=len(last))
 
 
 def _history_mean(run: Mapping[str, Any], tracking_uri: str, key: str) -> float | None:
