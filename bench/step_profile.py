@@ -10,6 +10,11 @@ augmentation unless ``--augment``) on random uint8 images, once per trainable sp
   the masked update, one tensor at a time);
 - ``body``: every tensor but the head in full, the head frozen (FedRep's body phase).
 
+``--graphs on`` runs the same steps with ``train.cuda_graphs`` (forward and backward replayed from
+CUDA graphs, :mod:`fedselect.cuda_graphs`), ``--graphs both`` runs each spec both ways and prints,
+per spec, the largest difference between the parameters after one epoch eager and one epoch
+graphed from the same state and draws (CUDA only).
+
 For each it prints wall ms per step (device synchronised before and after), and from
 ``torch.profiler`` over the same steps: device kernel ms per step, kernel launches per step,
 host-device synchronisations per step, and the top operators by host time. When wall time per
@@ -27,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fedselect.engine import ImageTransform, OptimConfig, train_passes
+from fedselect.engine import ImageTransform, OptimConfig, restore_state, snapshot_state, train_passes
 from fedselect.models import build_model
 
 SPECS = ("whole", "masked", "body")
@@ -50,7 +55,7 @@ def sync(device: torch.device) -> None:
 
 
 def profile_spec(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor, ns: argparse.Namespace,
-                 device: torch.device) -> dict[str, Any]:
+                 device: torch.device, graphs: bool) -> dict[str, Any]:
     """Warm up, time, then profile the same number of steps of one trainable spec."""
     generator = torch.Generator().manual_seed(0)
     spec = make_spec(model, kind, generator)
@@ -58,7 +63,8 @@ def profile_spec(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Te
     transform = ImageTransform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment=ns.augment)
 
     def epoch() -> int:
-        return train_passes(model, x, y, [spec], optim=optim, transform=transform, generator=generator).steps
+        return train_passes(model, x, y, [spec], optim=optim, transform=transform, generator=generator,
+                            cuda_graphs=graphs).steps
 
     epoch()  # warm-up: cuDNN autotuning, allocator, first momentum buffers
     sync(device)
@@ -80,12 +86,36 @@ def profile_spec(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Te
     top = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
                  key=lambda e: e.self_cpu_time_total, reverse=True)[:ns.top]
     return {
-        "spec": kind, "steps": steps, "wall_ms_per_step": wall_ms,
+        "spec": kind + ("/graphed" if graphs else ""), "steps": steps, "wall_ms_per_step": wall_ms,
         "kernel_ms_per_step": kernel_us / 1000 / steps if device.type == "cuda" else None,
         "launches_per_step": launches / steps, "syncs_per_step": syncs / steps, "memcpy_per_step": copies / steps,
         "top_host_ops": [{"op": e.key, "calls_per_step": e.count / steps,
                           "self_host_ms_per_step": e.self_cpu_time_total / 1000 / steps} for e in top],
     }
+
+
+def graphed_difference(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor,
+                       ns: argparse.Namespace) -> dict[str, float]:
+    """Largest |difference| of the parameters after one epoch eager and one graphed, same start."""
+    start = snapshot_state(model)
+    after = {}
+    for graphs in (False, True):
+        restore_state(model, start)
+        generator = torch.Generator().manual_seed(1)
+        spec = make_spec(model, kind, torch.Generator().manual_seed(0))
+        train_passes(model, x, y, [spec], optim=OptimConfig(lr=0.01, momentum=0.9, weight_decay=5e-4,
+                                                             batch_size=ns.batch),
+                     transform=ImageTransform((0.5,) * 3, (0.25,) * 3, augment=ns.augment), generator=generator,
+                     cuda_graphs=graphs)
+        after[graphs] = snapshot_state(model)
+    restore_state(model, start)
+    # per floating-point tensor: largest |graphed - eager| relative to the tensor's largest |value|
+    relative = {k: float((after[True][k].double() - v.double()).abs().max() / v.double().abs().max().clamp_min(1e-12))
+                for k, v in after[False].items() if v.is_floating_point()}
+    worst = max(relative, key=relative.get)
+    return {"max_abs": max(float((after[True][k].double() - v.double()).abs().max()) for k, v in after[False].items()),
+            "max_value": max(float(v.double().abs().max()) for v in after[False].values()),
+            "max_relative": relative[worst], "max_relative_tensor": worst}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="steps per timed (and per profiled) epoch")
     parser.add_argument("--specs", default=",".join(SPECS), help=f"comma-separated, of {', '.join(SPECS)}")
     parser.add_argument("--augment", action="store_true", help="random crop + flip on the device, as in training")
+    parser.add_argument("--graphs", choices=("off", "on", "both"), default="off",
+                        help="train.cuda_graphs for the steps (CUDA); both: each spec both ways, and their difference")
     parser.add_argument("--top", type=int, default=12, help="host operators listed per spec")
     parser.add_argument("--json", type=Path, help="write the figures here")
     ns = parser.parse_args(argv)
@@ -111,21 +143,30 @@ def main(argv: list[str] | None = None) -> int:
     n = ns.batch * ns.steps
     x = torch.randint(0, 256, (n, 3, ns.image_size, ns.image_size), dtype=torch.uint8, device=device)
     y = torch.randint(0, 10, (n,), device=device)
-    results = [profile_spec(model, kind, x, y, ns, device) for kind in ns.specs.split(",")]
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[ns.graphs]
+    if True in modes and device.type != "cuda":
+        parser.error("--graphs on|both needs --device cuda")
+    results = [profile_spec(model, kind, x, y, ns, device, graphs) for kind in ns.specs.split(",") for graphs in modes]
+    differences = {kind: graphed_difference(model, kind, x, y, ns) for kind in ns.specs.split(",")} \
+        if ns.graphs == "both" else {}
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {label}; {ns.model} at {ns.image_size} px, batch {ns.batch}, {ns.steps} steps per epoch")
-    print(f"{'spec':8} {'wall ms/step':>12} {'kernel ms/step':>15} {'launches/step':>14} {'syncs/step':>11}")
+    print(f"{'spec':15} {'wall ms/step':>12} {'kernel ms/step':>15} {'launches/step':>14} {'syncs/step':>11}")
     for r in results:
         kernel = "-" if r["kernel_ms_per_step"] is None else f"{r['kernel_ms_per_step']:.2f}"
-        print(f"{r['spec']:8} {r['wall_ms_per_step']:12.2f} {kernel:>15} {r['launches_per_step']:14.0f} "
+        print(f"{r['spec']:15} {r['wall_ms_per_step']:12.2f} {kernel:>15} {r['launches_per_step']:14.0f} "
               f"{r['syncs_per_step']:11.2f}")
     for r in results:
         print(f"\n{r['spec']}: top host operators (self ms per step, calls per step)")
         for op in r["top_host_ops"]:
             print(f"  {op['op'][:60]:60} {op['self_host_ms_per_step']:8.3f} {op['calls_per_step']:8.1f}")
+    for kind, diff in differences.items():
+        print(f"{kind}: after one epoch from the same state, graphed vs eager: largest |difference| "
+              f"{diff['max_abs']:.3g} (largest |value| {diff['max_value']:.3g}); largest relative to its tensor's "
+              f"largest |value|: {diff['max_relative']:.3g} ({diff['max_relative_tensor']})")
     if ns.json is not None:
-        ns.json.write_text(json.dumps({"device": label, "model": ns.model, "batch": ns.batch, "results": results},
-                                      indent=1))
+        ns.json.write_text(json.dumps({"device": label, "model": ns.model, "batch": ns.batch, "results": results,
+                                       "graphed_vs_eager": differences}, indent=1))
     return 0
 
 

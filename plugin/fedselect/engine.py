@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedselect.cuda_graphs import graphed_forward
 from fedselect.optim import MaskedSGD, TrainableSpec, mask_coverage, trainable_only
 
 # extra loss term added to the cross-entropy, e.g. Ditto's proximal term; gets the model
@@ -35,13 +36,16 @@ ExtraLoss = Callable[[nn.Module], torch.Tensor]
 PRECISIONS = ("fp32", "bf16")
 
 
-def autocast(device: torch.device | str, precision: str) -> AbstractContextManager:
-    """bf16 autocast of the forward passes inside the block (``train.precision: bf16``); fp32: nothing."""
+def autocast(device: torch.device | str, precision: str, *, cache: bool = True) -> AbstractContextManager:
+    """bf16 autocast of the forward passes inside the block (``train.precision: bf16``); fp32: nothing.
+
+    ``cache=False`` turns off autocast's cache of cast weights, which CUDA graphs cannot hold.
+    """
     if precision == "fp32":
         return nullcontext()
     if precision != "bf16":
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def configure_device(device: torch.device) -> None:
@@ -160,7 +164,7 @@ Pass = TrainableSpec | None | SplitEpoch
 def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Sequence[Pass], *,
                  optim: OptimConfig, transform: Callable[..., torch.Tensor], generator: torch.Generator,
                  extra_loss: ExtraLoss | None = None, freeze_frozen_norms: bool = False,
-                 freeze_norm_stats: bool = False, precision: str = "fp32") -> TrainStats:
+                 freeze_norm_stats: bool = False, precision: str = "fp32", cuda_graphs: bool = False) -> TrainStats:
     """One epoch over (x, y) per entry of ``passes``, each updating only its trainable spec.
 
     All passes share one optimizer (masked momentum, see :class:`MaskedSGD`) and one generator.
@@ -172,7 +176,8 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
     pass into eval mode, so their running statistics do not move either: a layer that layer
     selection did not pick then leaves local training bit-identical. ``freeze_norm_stats`` puts
     every normalization layer into eval mode (``train.norm_stats: frozen``). ``precision``: see
-    :func:`autocast`.
+    :func:`autocast`. ``cuda_graphs`` replays each pass's forward and backward from CUDA graphs
+    (:mod:`fedselect.cuda_graphs`; CUDA tensors only).
     """
     stats = TrainStats()
     n = int(y.shape[0])
@@ -202,9 +207,11 @@ def train_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: Seq
                     continue
                 model.train()
                 freeze_norms(model, frozen_layers=freeze_frozen_norms, all_layers=freeze_norm_stats)
-                with autocast(x.device, precision):
-                    stats += _train_order(model, x, y, idx, params, optimizer, optim.batch_size, transform,
-                                          generator, extra_loss, single_ok=n == 1)
+                # after the modes and requires_grad are set: they are part of a graph's key
+                forward = graphed_forward(model) if cuda_graphs else model
+                with autocast(x.device, precision, cache=not cuda_graphs):
+                    stats += _train_order(model, forward, x, y, idx, params, optimizer, optim.batch_size,
+                                          transform, generator, extra_loss, single_ok=n == 1)
                 optimizer.zero_grad(params)
     model.train(was_training)
     return stats
@@ -216,11 +223,13 @@ def _has_trainable(model: nn.Module, spec: TrainableSpec | None, coverage: Mappi
     return any(mask is None for mask in spec.values()) or any(c != "none" for c in coverage.values())
 
 
-def _train_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
+def _train_order(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor, order: torch.Tensor,
                  params: list[tuple[str, nn.Parameter, torch.Tensor | None]], optimizer: MaskedSGD,
                  batch_size: int, transform: Callable[..., torch.Tensor], generator: torch.Generator,
                  extra_loss: ExtraLoss | None, *, single_ok: bool) -> TrainStats:
-    """SGD steps over ``order`` in batches of ``batch_size`` (the last one may be smaller).
+    """SGD steps over ``order`` in batches of ``batch_size`` (the last one may be smaller);
+    ``forward`` is ``model`` itself or its graphed replacement.
 
     The loss sum stays on the device in float64 and is read once at the end: the same sum of
     float64(loss) * batch size, in the same order, as reading it after every step.
@@ -234,7 +243,7 @@ def _train_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torc
             # (1x1 feature maps), and one sample's step is mostly noise; skip it
             continue
         inputs = transform(x[idx], train=True, generator=generator)
-        loss = F.cross_entropy(model(inputs), y[idx])
+        loss = F.cross_entropy(forward(inputs), y[idx])
         total = loss if extra_loss is None else loss + extra_loss(model)
         optimizer.zero_grad(params)
         total.backward()

@@ -199,7 +199,8 @@ class FedAvgClient(Checkpointable, ClientTrainer):
                              transform=self.ctx.transform, generator=generator, extra_loss=extra_loss,
                              freeze_frozen_norms=self.freeze_frozen_norms,
                              freeze_norm_stats=self.ctx.config.train.norm_stats == "frozen",
-                             precision=self.ctx.config.train.precision)
+                             precision=self.ctx.config.train.precision,
+                             cuda_graphs=self.ctx.config.train.cuda_graphs)
         self.sample_passes += stats.samples
         return stats
 

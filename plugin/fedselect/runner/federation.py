@@ -34,7 +34,7 @@ from fedselect.dataset_names import classify
 from fedselect.engine import ClientDataset, ImageTransform, configure_device
 from fedselect.models import build_model_from_config, pretrained_input_stats
 from fedselect.models.text import tokenizer_path
-from fedselect.options import ConfigError
+from fedselect.options import ConfigError, check
 from fedselect.registry import AlgorithmSpec, get_algorithm, validate_algorithm_options
 
 
@@ -98,6 +98,8 @@ def image_transform(config: ExperimentConfig, data_mean: Sequence[float], data_s
 
 def on_device(config: ExperimentConfig, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The run's model on its device, in the configured memory layout, with the device set up for it."""
+    check(device.type == "cuda" or not config.train.cuda_graphs, "train.cuda_graphs",
+          f"is true but the run's device is {device.type} (device: {config.device}): CUDA graphs need a CUDA device")
     configure_device(device)
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
