@@ -92,3 +92,19 @@ def test_server_keeps_sums_not_uploads() -> None:
     floats = [n for n, v in server.global_state.items() if v.is_floating_point()]
     assert set(mean._sums) <= set(floats)
     assert all(t.dtype == torch.float64 for t in mean._sums.values())
+
+
+def test_finiteness_is_judged_on_shared_entries_only() -> None:
+    """NaN or Inf on personal entries stays home and the upload is accepted; on a shared entry it is
+    rejected; finite values whose float32 sum overflows are accepted (the check falls back to
+    float64 sums of the shared entries)."""
+    from fedselect.algorithms.server import _check_finite_shared
+
+    mask = {"w": torch.tensor([True, False, False, False])}
+    for bad in (float("nan"), float("inf")):
+        _check_finite_shared(_upload({"w": torch.tensor([bad, 1.0, 2.0, 3.0])}, mask))  # personal: accepted
+        with pytest.raises(ValueError, match="non-finite values in 'w'"):
+            _check_finite_shared(_upload({"w": torch.tensor([0.0, 1.0, bad, 3.0])}, mask))
+    big = torch.full((4,), 3e38)
+    assert not torch.isfinite(big.sum())
+    _check_finite_shared(_upload({"w": big}, {}))

@@ -71,8 +71,8 @@ class FedSelectClient(FedAvgClient):
         return {n: mask.get(n, torch.zeros_like(p, dtype=torch.bool)) for n, p in self.model.named_parameters()}
 
     def buffer_mask(self) -> Mask:
-        mask = self.personal_mask
-        return {n: m for n, m in mask.items() if n not in dict(self.model.named_parameters())}
+        parameters = {n for n, _ in self.model.named_parameters()}
+        return {n: m for n, m in self.personal_mask.items() if n not in parameters}
 
     def local_update(self) -> TrainStats:
         opts = self.options

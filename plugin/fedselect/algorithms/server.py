@@ -31,11 +31,15 @@ class BadUpdateError(ValueError):
 def _check_finite_shared(upload: LocalUpload) -> None:
     """ValueError naming the first tensor with a non-finite shared entry.
 
-    One sum per tensor (any NaN or Inf among the shared entries makes it non-finite), read back
-    with one host synchronisation; only an upload that fails is searched entry by entry.
+    First one plain sum per whole tensor, read back with one host synchronisation: when every
+    sum is finite, so is every entry, shared or not. Otherwise (a NaN or Inf somewhere, perhaps
+    only in personal entries, or a float32 sum that overflowed) the shared entries are summed in
+    float64, and only an upload that still fails is searched entry by entry.
     """
     names = [n for n, v in upload.state.items() if v.is_floating_point() and upload.kind(n) != "personal"]
     if not names:
+        return
+    if bool(torch.isfinite(torch.stack([upload.state[n].detach().sum() for n in names])).all()):
         return
     sums = torch.stack([_shared(upload, n).sum(dtype=torch.float64) for n in names])
     if bool(torch.isfinite(sums).all()):
