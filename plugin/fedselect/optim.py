@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fedselect.core.blend import BIT_TYPES, select_into_, selection_bits, where_fill
+
 # name -> None (whole tensor trainable) or a bool tensor of the parameter's shape (True =
 # this entry may change). A parameter missing from the mapping is frozen.
 TrainableSpec = Mapping[str, torch.Tensor | None]
@@ -46,6 +48,8 @@ class MaskedSGD:
         # H100, ResNet-18: 803 launches and 21 ms per step, 2.5 ms of it in kernels). None: on CUDA
         # tensors only (on CPU the per-tensor path needs no whole-model temporaries). Same values.
         self.flat_masked = flat_masked
+        # CPU: each mask's selection bits for the branch-free masked update (fedselect.core.blend)
+        self._bits: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def step(self, params: list[tuple[str, nn.Parameter, torch.Tensor | None]]) -> None:
@@ -60,9 +64,21 @@ class MaskedSGD:
             direction = param.grad
             if self.weight_decay:
                 direction = direction.add(param, alpha=self.weight_decay)
+            bits = self._selection_bits(mask, param.dtype)
             if self.momentum:
-                direction = self._momentum(name, direction, mask)
-            param.sub_(torch.where(mask, direction * self.lr, 0.0))
+                direction = self._momentum(name, direction, mask, bits)
+            param.sub_(where_fill(mask, direction * self.lr, bits=bits))
+
+    def _selection_bits(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask's :func:`selection_bits` on CPU, made once per mask object (a pass's masks stay
+        the same objects for all its steps; the entry holds the mask, so its id is not reused)."""
+        if mask.device.type != "cpu" or dtype not in BIT_TYPES:
+            return None
+        key = (id(mask), dtype)
+        cached = self._bits.get(key)
+        if cached is None or cached[0] is not mask:
+            cached = self._bits[key] = (mask, selection_bits(mask, dtype))
+        return cached[1]
 
     def _flat(self, masked: list[tuple[str, nn.Parameter, torch.Tensor]]) -> bool:
         use = masked[0][1].is_cuda if self.flat_masked is None else self.flat_masked
@@ -109,13 +125,14 @@ class MaskedSGD:
             directions = [self.buffers[name] for name, _ in whole]
         torch._foreach_add_(params, directions, alpha=-self.lr)
 
-    def _momentum(self, name: str, direction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _momentum(self, name: str, direction: torch.Tensor, mask: torch.Tensor,
+                  bits: torch.Tensor | None) -> torch.Tensor:
         """buf <- momentum * buf + direction on the entries this step may update; others unchanged."""
         buf = self.buffers.get(name)
         if buf is None:
-            buf = self.buffers[name] = torch.where(mask, direction, 0.0)
+            buf = self.buffers[name] = where_fill(mask, direction, bits=bits)
         else:
-            buf.copy_(torch.where(mask, buf * self.momentum + direction, buf))
+            select_into_(buf, mask, buf * self.momentum + direction, bits=bits)
         return buf
 
     @staticmethod

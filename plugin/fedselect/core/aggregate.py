@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fedselect.core.blend import where_fill
 from fedselect.core.masks import Mask, State, validate_mask, validate_same_layout
 
 __all__ = ["MaskedMean", "masked_average"]
@@ -87,7 +88,7 @@ class MaskedMean:
             return
         shared = shared.to(old.device)
         if weight:
-            total.add_(torch.where(shared, x, -0.0), alpha=weight)
+            total.add_(where_fill(shared, x, -0.0), alpha=weight)
         entry = self._entry_weight.get(name)
         if entry is None:
             entry = self._entry_weight[name] = torch.zeros(old.shape, dtype=torch.float64, device=old.device)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fedselect.core.blend import where_fill
 from fedselect.core.masks import Mask, target_count, true_counts, validate_mask
 
 __all__ = ["grow_mask", "topk_mask", "topk_mask_global", "topk_masks"]
@@ -52,7 +53,7 @@ def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor
     if flat.is_floating_point() and 2 * n_candidates >= flat.numel():
         # most entries are candidates: rank in place, the others pushed below every candidate (-inf
         # ties with a -inf candidate are kept out by the tie rule below), with no gather or scatter
-        vals = flat if n_candidates == flat.numel() else torch.where(flat_within, flat, float("-inf"))
+        vals = flat if n_candidates == flat.numel() else where_fill(flat_within, flat, float("-inf"))
         chosen = _top_k_in_order(vals, k, candidates=flat_within)
         return chosen.reshape(scores.shape)
     vals = torch.masked_select(flat, flat_within)
@@ -83,7 +84,11 @@ def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> T
     if has_nan:
         raise ValueError("scores contain NaN among the candidate entries")
     need = k - n_above
-    return above | tied if need == n_tied else above | (tied & (torch.cumsum(tied, 0) <= need))
+    if need == n_tied:
+        return above | tied
+    # the first `need` tied entries; an int32 running count (half the memory traffic of int64) when it fits
+    count_type = torch.int32 if tied.numel() < 2**31 else torch.int64
+    return above | (tied & (torch.cumsum(tied, 0, dtype=count_type) <= need))
 
 
 def topk_masks(

@@ -1,0 +1,62 @@
+"""``torch.where(mask, values, fill)`` bit for bit, without a branch per entry on the CPU.
+
+A masked update keeps a parameter's values where its mask is True and adds nothing elsewhere: the
+masked SGD step (:class:`fedselect.optim.MaskedSGD`) and the server's sum of shared entries
+(:class:`fedselect.core.aggregate.StreamingMean`) both zero what lies outside a mask. FedSelect's
+masks are scattered entry by entry, and on one CPU thread ``torch.where`` then branches per
+entry and mispredicts: about 5 ns per entry for ResNet-18's 11 M (2.1 ms with an all-True mask,
+11.4 ms with a random one, for 2.4 M entries). Here the mask becomes an integer of all ones or
+all zeros per entry, and an AND with the values' bit pattern keeps or clears each value: the same
+bits, NaN and infinities included, at a fixed cost. Other devices and dtypes use ``torch.where``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["BIT_TYPES", "select_into_", "selection_bits", "where_fill"]
+
+# the integer type with a float type's width, to reinterpret its bits
+BIT_TYPES = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
+
+
+def selection_bits(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """-1 (all bits set) where ``mask`` is True, 0 elsewhere, as the integer type of ``dtype``'s width."""
+    return mask.to(BIT_TYPES[dtype]).neg_()
+
+
+def where_fill(mask: Tensor, values: Tensor, fill: float = 0.0, *, bits: Tensor | None = None) -> Tensor:
+    """``torch.where(mask, values, fill)``, the same bits, as a new tensor (``fill``: 0.0, -0.0, -inf, ...).
+
+    ``bits``: ``selection_bits(mask, values.dtype)`` when the caller keeps it for several calls.
+    Branch-free on CPU for float tensors of the mask's shape; ``torch.where`` otherwise.
+    """
+    if values.device.type != "cpu" or values.dtype not in BIT_TYPES or values.shape != mask.shape:
+        return torch.where(mask, values, fill)
+    int_type = BIT_TYPES[values.dtype]
+    if bits is None:
+        bits = selection_bits(mask, values.dtype)
+    out = values.view(int_type) & bits
+    fill_bits = int(torch.tensor(fill, dtype=values.dtype).view(int_type))
+    if fill_bits:
+        out |= (bits + 1) * fill_bits  # (bits + 1) is 1 where the mask is False, 0 where True
+    return out.view(values.dtype)
+
+
+def select_into_(target: Tensor, mask: Tensor, values: Tensor, *, bits: Tensor | None = None) -> Tensor:
+    """``target.copy_(torch.where(mask, values, target))``, the same bits: ``values`` where ``mask``.
+
+    Branch-free on CPU for float tensors of one shape and dtype (target's bits XOR, on the selected
+    entries, their difference from values' bits); ``torch.where`` otherwise.
+    """
+    if (target.device.type != "cpu" or target.dtype not in BIT_TYPES or values.dtype != target.dtype
+            or values.shape != target.shape or mask.shape != target.shape):
+        return target.copy_(torch.where(mask, values, target))
+    int_type = BIT_TYPES[target.dtype]
+    if bits is None:
+        bits = selection_bits(mask, target.dtype)
+    own = target.view(int_type)
+    own ^= (values.view(int_type) ^ own) & bits
+    return target
