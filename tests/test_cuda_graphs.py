@@ -60,8 +60,8 @@ def _train(model: nn.Module, spec: dict | None, *, graphs: bool, device: str) ->
 
 @needs_cuda
 @pytest.mark.parametrize("kind", ["whole", "masked", "frozen_head"])
-def test_graphed_training_matches_eager_training(kind: str) -> None:
-    torch.backends.cudnn.deterministic = True
+def test_graphed_training_matches_eager_training(kind: str, monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     eager, graphed = _net().cuda(), _net().cuda()
     names = [name for name, _ in eager.named_parameters()]
     gen = torch.Generator().manual_seed(3)
