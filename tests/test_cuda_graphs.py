@@ -132,3 +132,22 @@ def test_a_run_reuses_its_graphs_round_after_round(monkeypatch, algorithm: str, 
     assert sorted(keys_by_round) == [0, 1, 2, 3]
     assert keys_by_round[3] <= keys_by_round[0] | keys_by_round[1] | keys_by_round[2]
     assert keys_by_round[3] <= keys_by_round[1] | keys_by_round[2]
+
+
+def test_at_most_max_graphs_per_model_are_kept_least_recently_used_first(monkeypatch) -> None:
+    from fedselect import cuda_graphs
+
+    captured = []
+
+    def fake_capture(model, params, sample):
+        captured.append(sample.shape[0])
+        return lambda inputs, *params: inputs.sum(1)
+
+    monkeypatch.setattr(cuda_graphs, "_capture", fake_capture)
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS_PER_MODEL", 3)
+    model = nn.Linear(4, 2)
+    forward = graphed_forward(model)
+    for n in (1, 2, 3, 1, 4, 2, 1):  # 1 is used again before 4 arrives, so 2 is the one dropped
+        forward(torch.zeros(n, 4))
+    assert captured == [1, 2, 3, 4, 2]
+    assert graph_count(model) == 3

@@ -28,6 +28,7 @@ floating-point sums (``bench/step_profile.py --graphs`` prints the largest diffe
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -36,8 +37,13 @@ from torch import nn
 GraphKey = tuple
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-# model -> {key: graphed callable}; weak, so graphs go with their model
-_GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[GraphKey, Forward]] = weakref.WeakKeyDictionary()
+# model -> {key: graphed callable}, least recently used first; weak, so graphs go with their model
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, OrderedDict[GraphKey, Forward]] = weakref.WeakKeyDictionary()
+# graph pairs kept per model: each holds its own memory pool for the pass's activations, and a
+# run whose trainable pattern keeps changing (layer selection picks other layers every round)
+# would otherwise add pairs without end; the least recently used pair is dropped (and recaptured
+# if it is needed again)
+MAX_GRAPHS_PER_MODEL = 16
 
 
 def graphed_forward(model: nn.Module) -> Forward:
@@ -47,7 +53,7 @@ def graphed_forward(model: nn.Module) -> Forward:
     pass-level part of the key is read once here, the batch's shape on every call.
     """
     _check_hooks(model)
-    cache = _GRAPHS.setdefault(model, {})
+    cache = _GRAPHS.setdefault(model, OrderedDict())
     params = tuple(model.parameters())
     model_key = pass_key(model)
     model_ref = weakref.ref(model)
@@ -56,7 +62,11 @@ def graphed_forward(model: nn.Module) -> Forward:
         key = model_key + batch_key(inputs)
         graphed = cache.get(key)
         if graphed is None:
+            while len(cache) >= MAX_GRAPHS_PER_MODEL:
+                cache.popitem(last=False)
             graphed = cache[key] = _capture(model, params, inputs)
+        else:
+            cache.move_to_end(key)
         output = graphed(inputs, *params)
         return _after_hooks(model_ref(), inputs, output)
 
