@@ -654,6 +654,43 @@ def summary(res: dict[str, Any] | None) -> dict[str, float | None]:
     }
 
 
+def run_repeats(first: dict[str, dict | None], sides: tuple[str, ...], n: int, spec_path: Path, work: Path,
+                prep_path: Path, device: str) -> list[dict[str, dict[str, float | None]]]:
+    """Each side's summary in ``n`` runs: the first is the main run, then n - 1 more with the order of
+    the sides alternating, so a machine whose speed drifts between runs shows as spread, and the
+    median ratio is taken over side-by-side pairs."""
+    reps = [{side: summary(first.get(side)) for side in sides}]
+    for i in range(1, n):
+        order = tuple(reversed(sides)) if i % 2 else sides
+        print(f"repeat {i + 1}/{n}: {', '.join(order)} ...", flush=True)
+        reps.append({side: summary(launch(side, spec_path, work, prep_path, f"{side}-repeat{i}", device)[0])
+                     for side in order})
+    return reps
+
+
+def print_repeats(reps: list[dict[str, dict[str, float | None]]]) -> dict[str, float | None]:
+    """Per run: both sides' s per round and the ratios; then the median and range of the ratios."""
+    rows = []
+    for rep in reps:
+        rel, ours = rep.get("released") or {}, rep.get("ours") or {}
+        ratio = (rel["s_per_round"] / ours["s_per_round"]) if rel.get("s_per_round") and ours.get("s_per_round") \
+            else None
+        per_pass = (rel["ms_per_train_pass"] / ours["ms_per_train_pass"]) \
+            if rel.get("ms_per_train_pass") and ours.get("ms_per_train_pass") else None
+        rows.append((rel.get("s_per_round"), ours.get("s_per_round"), ratio, per_pass))
+    print(f"\nrepeats: {'run':>3} {'released s/round':>17} {'ours s/round':>13} {'ratio':>7} {'per pass':>9}")
+    for i, (a, b, r, q) in enumerate(rows, 1):
+        print(f"         {i:3d} {fmt(a):>17} {fmt(b):>13} {fmt(r):>7} {fmt(q):>9}")
+    ratios = [r for _, _, r, _ in rows if r is not None]
+    per_pass = [q for _, _, _, q in rows if q is not None]
+    med = {"ratio_median": statistics.median(ratios) if ratios else None,
+           "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
+           "per_pass_ratio_median": statistics.median(per_pass) if per_pass else None}
+    print(f"released/ours per round: median {fmt(med['ratio_median'])} (range {fmt(med['ratio_min'])}-"
+          f"{fmt(med['ratio_max'])}); per train sample pass: median {fmt(med['per_pass_ratio_median'])}")
+    return med
+
+
 def fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -773,6 +810,9 @@ def main() -> None:
                              "the comparison is then no longer at equal arithmetic")
     parser.add_argument("--order", choices=("released-first", "ours-first"), default="released-first")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run both sides this many times (their order alternating) and print each run's "
+                             "ratio and the median: on a machine whose speed drifts, one pair can mislead")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     parser.add_argument("--data-root", default=None, help="data root (default: $FEDSELECT_DATA_ROOT, else ./data)")
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "fedselect-bench"),
@@ -793,6 +833,8 @@ def main() -> None:
             parser.error("--device cuda: CUDA is not available here")
     if ("released" in sides or ns.profile_released) and not ns.released_repo:
         parser.error(f"the released code's checkout is needed: --released-repo or ${RELEASED_ENV}")
+    if ns.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {ns.repeat}")
     if ns.released_repo and not (Path(ns.released_repo) / "fedselect.py").is_file():
         parser.error(f"no fedselect.py in {ns.released_repo}")
     work = Path(ns.work_dir)
@@ -824,6 +866,10 @@ def main() -> None:
         results[side], maxrss[side], log = launch(side, spec_path, work, prep_path, side, ns.device)
         print(f"  {side} done in {time.perf_counter() - t:.0f} s (log: {log})", flush=True)
     print_report(spec, results, maxrss)
+    repeats = None
+    if ns.repeat > 1:
+        reps = run_repeats(results, sides, ns.repeat, spec_path, work, prep_path, ns.device)
+        repeats = {"runs": reps, **(print_repeats(reps) if set(sides) == set(SIDES) else {})}
 
     profiles = {}
     for side, wanted in (("ours", ns.profile), ("released", ns.profile_released)):
@@ -841,7 +887,7 @@ def main() -> None:
     if ns.json:
         Path(ns.json).write_text(json.dumps({"spec": spec, "results": results, "wait4_maxrss_kb": maxrss,
                                              "summary": {s: summary(results.get(s)) for s in SIDES},
-                                             "profiles": profiles}, indent=2, default=str))
+                                             "repeats": repeats, "profiles": profiles}, indent=2, default=str))
 
 
 if __name__ == "__main__":
