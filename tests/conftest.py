@@ -11,6 +11,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_bench(filename: str, name: str):
+    """A script of bench/ (not a package) loaded as a module, so tests can call its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared_data_root() -> Path | None:
     """The offline data copy: $FEDSELECT_DATA_ROOT, else ../shared/data beside the checkout."""
     env = os.environ.get("FEDSELECT_DATA_ROOT")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from .conftest import REPO
+from .conftest import load_bench
 
 
 def test_step_profile_runs_tiny_on_cpu(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("step_profile", REPO / "bench" / "step_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("step_profile.py", "step_profile")
     out = tmp_path / "step.json"
     assert module.main(["--device", "cpu", "--model", "cnn", "--batch", "4", "--steps", "2", "--top", "3",
                         "--specs", "whole,masked", "--json", str(out)]) == 0
@@ -23,13 +20,6 @@ def test_step_profile_runs_tiny_on_cpu(tmp_path, capsys):
     assert "wall ms/step" in capsys.readouterr().out
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("step_profile", REPO / "bench" / "step_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_graphs_need_cuda_and_the_difference_report_names_the_worst_tensor(monkeypatch):
     import argparse
 
@@ -39,7 +29,7 @@ def test_graphs_need_cuda_and_the_difference_report_names_the_worst_tensor(monke
     from fedselect import engine
     from fedselect.models import build_model
 
-    module = _load()
+    module = load_bench("step_profile.py", "step_profile")
     with pytest.raises(SystemExit) as exc:
         module.main(["--device", "cpu", "--model", "cnn", "--graphs", "both"])
     assert exc.value.code == 2

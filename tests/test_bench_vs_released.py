@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
 
-from .conftest import REPO
+from .conftest import load_bench
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("vs_released_bench", REPO / "bench" / "fedselect_vs_released.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("fedselect_vs_released.py", "vs_released_bench")
 
 
 def test_repeats_report_each_pair_and_the_median_ratio(capsys):
