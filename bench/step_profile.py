@@ -49,6 +49,12 @@ def make_spec(model: torch.nn.Module, kind: str, generator: torch.Generator) -> 
     return {name: (torch.rand(p.shape, generator=generator) < 0.5).to(p.device) for name, p in params.items()}
 
 
+def step_setup(ns: argparse.Namespace) -> tuple[OptimConfig, ImageTransform]:
+    """The optimizer settings and input transform every profiled step uses."""
+    return (OptimConfig(lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=ns.batch),
+            ImageTransform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment=ns.augment))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -59,8 +65,7 @@ def profile_spec(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Te
     """Warm up, time, then profile the same number of steps of one trainable spec."""
     generator = torch.Generator().manual_seed(0)
     spec = make_spec(model, kind, generator)
-    optim = OptimConfig(lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=ns.batch)
-    transform = ImageTransform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment=ns.augment)
+    optim, transform = step_setup(ns)
 
     def epoch() -> int:
         return train_passes(model, x, y, [spec], optim=optim, transform=transform, generator=generator,
@@ -103,10 +108,8 @@ def graphed_difference(model: torch.nn.Module, kind: str, x: torch.Tensor, y: to
         restore_state(model, start)
         generator = torch.Generator().manual_seed(1)
         spec = make_spec(model, kind, torch.Generator().manual_seed(0))
-        train_passes(model, x, y, [spec], optim=OptimConfig(lr=0.01, momentum=0.9, weight_decay=5e-4,
-                                                             batch_size=ns.batch),
-                     transform=ImageTransform((0.5,) * 3, (0.25,) * 3, augment=ns.augment), generator=generator,
-                     cuda_graphs=graphs)
+        optim, transform = step_setup(ns)
+        train_passes(model, x, y, [spec], optim=optim, transform=transform, generator=generator, cuda_graphs=graphs)
         after[graphs] = snapshot_state(model)
     restore_state(model, start)
     # per floating-point tensor: largest |graphed - eager| relative to the tensor's largest |value|
