@@ -31,3 +31,26 @@ def test_repeat_below_one_is_a_usage_error(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         module.main()
     assert exc.value.code == 2
+
+
+def _rounds(passes: list[int], seconds: list[float]) -> dict:
+    return {"rounds": [{"round": i, "train_passes": p, "seconds": s, "cpu_seconds": s, "eval_passes": 2000,
+                        "eval_seconds": 1.0, "mask_seconds": 0.5, "train_seconds": 0.5 * s, "other_seconds": 0.1}
+                       for i, (p, s) in enumerate(zip(passes, seconds))],
+            "hwm_total_kb": 1024, "hwm_rounds_kb": 1024, "rss_after_setup_kb": 1024, "setup_seconds": 1.0}
+
+
+def test_ratios_count_only_rounds_of_equal_work():
+    """Ours skips the empty personal pass in rounds 0-1; the released code skips aggregation in its
+    last round: neither kind of round may enter the per-round ratio."""
+    report = load_bench("vs_released_report.py", "vs_released_report_module")
+    results = {"released": _rounds([800] * 5, [15.0, 22.0, 21.0, 20.0, 14.0]),
+               "ours": _rounds([400, 400, 800, 800, 800], [4.0, 7.0, 10.0, 11.0, 11.0])}
+    assert report.equal_work_rounds(results) == [2, 3]
+    sums = report.pair_summaries(results)
+    assert sums["released"]["s_per_round"] == pytest.approx(20.5) and sums["ours"]["s_per_round"] == pytest.approx(10.5)
+    assert sums["ours"]["train_passes_per_round"] == sums["released"]["train_passes_per_round"] == 800
+    three = {side: {**res, "rounds": res["rounds"][:3]} for side, res in results.items()}
+    assert report.equal_work_rounds(three) == []  # round 1 differs, round 2 is the last
+    assert report.pair_summaries(three)["ours"]["s_per_round"] == pytest.approx(8.5)  # fallback: rounds 1-2
+    assert report.equal_work_rounds({"ours": results["ours"], "released": None}) == []
