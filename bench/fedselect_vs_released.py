@@ -184,6 +184,8 @@ def profile_text(profiler: Any, top: int = 15) -> str:
     stats.sort_stats("cumulative").print_stats(top)
     buf.write(f"--- top {top} by own (total) time ---\n")
     stats.sort_stats("tottime").print_stats(top)
+    buf.write("--- who calls the top 8 by own time ---\n")
+    stats.print_callers(8)
     return buf.getvalue()
 
 

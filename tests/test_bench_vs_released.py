@@ -36,7 +36,7 @@ def test_repeat_below_one_is_a_usage_error(monkeypatch):
 def _rounds(passes: list[int], seconds: list[float]) -> dict:
     return {"rounds": [{"round": i, "train_passes": p, "seconds": s, "cpu_seconds": s, "eval_passes": 2000,
                         "eval_seconds": 1.0, "mask_seconds": 0.5, "train_seconds": 0.5 * s, "other_seconds": 0.1}
-                       for i, (p, s) in enumerate(zip(passes, seconds))],
+                       for i, (p, s) in enumerate(zip(passes, seconds, strict=True))],
             "hwm_total_kb": 1024, "hwm_rounds_kb": 1024, "rss_after_setup_kb": 1024, "setup_seconds": 1.0}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedselect.core.blend import selection_bits, where_fill
+from fedselect.core.blend import selection_bits, where_fill, where_fill_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -23,6 +23,9 @@ def test_same_bits_as_torch_where(dtype: torch.dtype, fill: float) -> None:
         got = where_fill(mask, values, fill, bits=bits)
         assert got.dtype == dtype and torch.equal(got.view(ints), expected.view(ints))
     assert torch.equal(values.view(ints), before.view(ints))  # the input is left as it was
+    for bits in (None, selection_bits(mask, dtype)):  # in place, on a copy the caller owns
+        own = values.clone()
+        assert where_fill_(own, mask, fill, bits=bits) is own and torch.equal(own.view(ints), expected.view(ints))
 
 
 def test_broadcast_masks_and_other_dtypes_use_torch_where() -> None:
@@ -31,6 +34,7 @@ def test_broadcast_masks_and_other_dtypes_use_torch_where() -> None:
     assert torch.equal(where_fill(row, values), torch.where(row, values, 0.0))
     ints = torch.arange(6).view(2, 3)
     assert torch.equal(where_fill(row.expand(2, 3), ints), torch.where(row, ints, 0))
+    assert torch.equal(where_fill_(ints.clone(), row.expand(2, 3)), torch.where(row, ints, 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -372,3 +372,24 @@ def test_pack_mask_with_one_host_copy_round_trips() -> None:
     assert [p.bits.numel() for p in packed.values()] == [2, 2, 0]
     for name, m in unpack_mask(packed).items():
         assert torch.equal(m, mask[name]), name
+
+
+@pytest.mark.parametrize("zero_share", [0.0, 0.6, 0.95, 1.0])
+def test_topk_mask_on_zero_heavy_scores_agrees_with_a_sort(zero_share: float) -> None:
+    """Growth scores |change| are mostly exact zeros (+0.0 and -0.0): whether the k-th largest is 0
+    (no kthvalue) or above it, the sort's answer, ties by index."""
+    g = torch.Generator().manual_seed(int(zero_share * 100) + 7)
+    scores = torch.rand(60, 30, generator=g)
+    scores[torch.rand(60, 30, generator=g) < zero_share] = 0.0
+    scores[torch.rand(60, 30, generator=g) < 0.1 * zero_share] = -0.0
+    within = torch.rand(60, 30, generator=g) < 0.7
+    n = int(within.sum())
+    n_positive = int((scores > 0)[within].sum())
+    for k in sorted({1, max(1, n_positive), min(n, n_positive + 1), n // 2, n - 1}):
+        for cand in (within, None):
+            chosen = topk_mask(scores, k, within=cand)
+            flat_idx = (cand if cand is not None else torch.ones_like(within)).reshape(-1).nonzero().squeeze(1)
+            order = torch.sort(-scores.reshape(-1)[flat_idx], stable=True).indices[:k]
+            expected = torch.zeros(scores.numel(), dtype=torch.bool)
+            expected[flat_idx[order]] = True
+            assert torch.equal(chosen.reshape(-1), expected), (zero_share, k)

@@ -82,3 +82,25 @@ def test_only_plain_max_pools_change_and_other_layouts_pass_through() -> None:
     channels_last = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
     assert torch.equal(model[0](channels_last), F.max_pool2d(channels_last, 2))
     assert torch.equal(model[0](torch.ones(3, 6, 6)), torch.ones(3, 3, 3))  # unbatched: standard kernel
+
+
+def test_cnn_pools_before_its_relu_with_the_bits_of_relu_first() -> None:
+    """models.cnn applies ReLU after the pooling (cheaper): same values and gradients as the usual order."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 10)
+    reference = copy.deepcopy(model)
+
+    def relu_first(x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(reference.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(reference.conv2(x)), 2)
+        return reference.head(F.relu(reference.fc1(torch.flatten(x, 1))))
+
+    x, y = tie_heavy_input((6, 3, 32, 32), seed=3) - 0.3, torch.arange(6) % 10
+    for forward, params in ((model, model.parameters()), (relu_first, reference.parameters())):
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(forward(x), y).backward()
+            opt.step()
+    for p, q in zip(model.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(p, q)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from fedselect.core.blend import BIT_TYPES, select_into_, selection_bits, where_fill
+from fedselect.core.blend import BIT_TYPES, select_into_, selection_bits, where_fill, where_fill_
 
 # name -> None (whole tensor trainable) or a bool tensor of the parameter's shape (True =
 # this entry may change). A parameter missing from the mapping is frozen.
@@ -67,7 +67,7 @@ class MaskedSGD:
             bits = self._selection_bits(mask, param.dtype)
             if self.momentum:
                 direction = self._momentum(name, direction, mask, bits)
-            param.sub_(where_fill(mask, direction * self.lr, bits=bits))
+            param.sub_(where_fill_(direction * self.lr, mask, bits=bits))  # the product is ours to blend in place
 
     def _selection_bits(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """The mask's :func:`selection_bits` on CPU, made once per mask object (a pass's masks stay

@@ -17,7 +17,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["BIT_TYPES", "select_into_", "selection_bits", "where_fill"]
+__all__ = ["BIT_TYPES", "select_into_", "selection_bits", "where_fill", "where_fill_"]
 
 # the integer type with a float type's width, to reinterpret its bits
 BIT_TYPES = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
@@ -40,12 +40,30 @@ def where_fill(mask: Tensor, values: Tensor, fill: float = 0.0, *, bits: Tensor 
     int_type = BIT_TYPES[values.dtype]
     if bits is None:
         bits = selection_bits(mask, values.dtype)
-    out = values.view(int_type) & bits
+    return _or_fill_(values.view(int_type) & bits, bits, fill, values.dtype).view(values.dtype)
+
+
+def where_fill_(values: Tensor, mask: Tensor, fill: float = 0.0, *, bits: Tensor | None = None) -> Tensor:
+    """:func:`where_fill` in place: ``values`` becomes ``torch.where(mask, values, fill)``, the same bits.
+
+    For a temporary the caller owns (the masked SGD step's scaled direction): no second full-size
+    tensor and one pass fewer than :func:`where_fill`.
+    """
+    if values.device.type != "cpu" or values.dtype not in BIT_TYPES or values.shape != mask.shape:
+        return values.masked_fill_(~mask, fill)
+    if bits is None:
+        bits = selection_bits(mask, values.dtype)
+    _or_fill_(values.view(BIT_TYPES[values.dtype]).bitwise_and_(bits), bits, fill, values.dtype)
+    return values
+
+
+def _or_fill_(kept: Tensor, bits: Tensor, fill: float, dtype: torch.dtype) -> Tensor:
+    """Set the fill value's bits where ``bits`` is 0 in ``kept`` (already 0 there), in place."""
     # keyed by the hex form: 0.0 and -0.0 are equal floats with different bits
-    fill_bits = _fill_bits(float(fill).hex(), values.dtype)
+    fill_bits = _fill_bits(float(fill).hex(), dtype)
     if fill_bits:
-        out |= (bits + 1) * fill_bits  # (bits + 1) is 1 where the mask is False, 0 where True
-    return out.view(values.dtype)
+        kept |= (bits + 1) * fill_bits  # (bits + 1) is 1 where the mask is False, 0 where True
+    return kept
 
 
 @functools.lru_cache(maxsize=64)

@@ -70,17 +70,24 @@ def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> T
     above it is in, and the tied entries fill the remaining slots in index order. kthvalue is a
     selection (linear time), cheaper than sorting millions of entries per tensor.
     """
-    kth = torch.kthvalue(vals, vals.numel() - k + 1).values
-    above = vals > kth
-    tied = vals == kth
+    # Probe the value 0 first: growth scores (|change|) are often mostly exact zeros (weights that get
+    # no gradient), and when fewer than k candidates are above 0 but k reach 0, the k-th largest
+    # is 0 and the selection needs no kthvalue. The probe's masks are then the ones needed below.
+    above = vals > 0
+    tied = vals == 0
     if candidates is not None:
         tied &= candidates
     # amax propagates NaN: one reduction tells whether a candidate is NaN (non-candidates are -inf)
     nan = torch.isnan(vals.amax()) if vals.is_floating_point() else torch.zeros((), dtype=torch.bool)
     # one host synchronisation for the three figures
-    has_nan, n_above, n_tied = (int(c) for c in torch.stack(
-        [nan.to(device=vals.device, dtype=torch.int64), torch.count_nonzero(above), torch.count_nonzero(tied)]
-    ).tolist())
+    has_nan, n_above, n_tied = _figures(nan, above, tied)
+    if not has_nan and not n_above < k <= n_above + n_tied:
+        kth = torch.kthvalue(vals, vals.numel() - k + 1).values
+        above = vals > kth
+        tied = vals == kth
+        if candidates is not None:
+            tied &= candidates
+        _, n_above, n_tied = _figures(nan, above, tied)
     if has_nan:
         raise ValueError("scores contain NaN among the candidate entries")
     need = k - n_above
@@ -89,6 +96,14 @@ def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> T
     # the first `need` tied entries; an int32 running count (half the memory traffic of int64) when it fits
     count_type = torch.int32 if tied.numel() < 2**31 else torch.int64
     return above | (tied & (torch.cumsum(tied, 0, dtype=count_type) <= need))
+
+
+def _figures(nan: Tensor, above: Tensor, tied: Tensor) -> tuple[int, int, int]:
+    """(NaN among candidates, entries above, candidates tied) read back in one synchronisation."""
+    has_nan, n_above, n_tied = (int(c) for c in torch.stack(
+        [nan.to(device=above.device, dtype=torch.int64), torch.count_nonzero(above), torch.count_nonzero(tied)]
+    ).tolist())
+    return has_nan, n_above, n_tied
 
 
 def topk_masks(
