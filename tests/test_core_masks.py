@@ -364,6 +364,24 @@ def test_gather_masked_without_reading_the_count_back() -> None:
         assert torch.equal(gather_masked(values, mask, count), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64])
+def test_compress_is_masked_select(dtype: torch.dtype) -> None:
+    """numpy's compress on the CPU: masked_select's values, bits, order, shape and dtype."""
+    from fedselect.core.masks import compress
+
+    g = torch.Generator().manual_seed(8)
+    values = (torch.randn(9, 4, 5, generator=g) * 100).to(dtype)
+    if dtype.is_floating_point:
+        values.view(-1)[::7], values.view(-1)[1::11] = float("nan"), -0.0
+    strided = values.transpose(0, 2)  # not contiguous
+    for source in (values, strided):
+        for fraction in (0.0, 0.4, 1.0):
+            mask = torch.rand(source.shape, generator=g) < fraction
+            expected, got = torch.masked_select(source, mask), compress(source, mask)
+            assert got.dtype == dtype and got.shape == expected.shape
+            assert torch.equal(got.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8))
+
+
 def test_pack_mask_with_one_host_copy_round_trips() -> None:
     g = torch.Generator().manual_seed(6)
     mask = {"a": torch.rand(3, 5, generator=g) < 0.5, "b": torch.rand(9, generator=g) < 0.5,
@@ -393,3 +411,16 @@ def test_topk_mask_on_zero_heavy_scores_agrees_with_a_sort(zero_share: float) ->
             expected = torch.zeros(scores.numel(), dtype=torch.bool)
             expected[flat_idx[order]] = True
             assert torch.equal(chosen.reshape(-1), expected), (zero_share, k)
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 3 * 4096 + 17])
+def test_first_true_equals_a_running_count(size: int) -> None:
+    from fedselect.core.topk import _first_true
+
+    g = torch.Generator().manual_seed(size)
+    for density in (0.01, 0.5, 1.0):
+        flags = torch.rand(size, generator=g) < density
+        total = int(flags.sum())
+        for need in sorted({1, total // 3, total // 2, total - 1} & set(range(1, total))):
+            expected = flags & (torch.cumsum(flags, 0) <= need)
+            assert torch.equal(_first_true(flags, need), expected), (size, density, need)

@@ -119,10 +119,14 @@ class FedSelectClient(FedAvgClient):
         if (self.participations + 1) % opts.grow_every:
             return
         mask = self.parameter_mask()
-        change = {n: current[n] - self.grow_snapshot[n] for n in names}
+        # the change since the last growth, in the snapshot's own storage: then - now, whose
+        # magnitude (all grow_mask reads) equals that of now - then bit for bit
+        snapshot = self.grow_snapshot
+        change = {n: snapshot[n].sub_(current[n]) for n in names}
         grown = grow_mask({n: mask[n] for n in names}, change, rate=opts.p, target_fraction=opts.grow_target)
         self.personal_mask = {**mask, **grown, **self.buffer_mask()}
-        self.grow_snapshot = {n: v.clone() for n, v in current.items()}
+        for n in names:  # the snapshot moves to now
+            snapshot[n].copy_(current[n])
 
     @classmethod
     def federation_artifacts(cls, clients: Sequence[FedAvgClient], out_dir: Path) -> RunArtifacts:

@@ -29,6 +29,7 @@ __all__ = [
     "Mask",
     "PackedTensor",
     "State",
+    "compress",
     "empty_mask",
     "full_mask",
     "gather_masked",
@@ -201,16 +202,34 @@ def iou_matrix(masks: Sequence[Mapping[str, Tensor]], keys: Iterable[str] | None
     return out
 
 
+def compress(values: Tensor, mask: Tensor) -> Tensor:
+    """``torch.masked_select(values, mask)`` (same shape and dtype), by ``numpy.compress`` on the CPU.
+
+    On one CPU thread ``masked_select`` branches per entry and mispredicts on scattered masks;
+    numpy's compress is about twice as fast (25 ms against 10 ms for 2.4 M entries with a 30 %
+    mask; bench/README.md). Other devices, dtypes numpy lacks (bfloat16), and tensors that need
+    a gradient use ``masked_select``.
+    """
+    if (values.device.type != "cpu" or values.requires_grad or values.dtype == torch.bfloat16
+            or values.shape != mask.shape or mask.dtype != torch.bool):
+        return torch.masked_select(values, mask)
+    kept = np.compress(mask.reshape(-1).numpy(), values.reshape(-1).numpy())
+    # an empty numpy result has stride 0, which byte views of it refuse: a fresh empty tensor instead
+    return torch.from_numpy(kept) if kept.size else values.new_empty(0)
+
+
 def gather_masked(values: Tensor, mask: Tensor, count: int, *, method: str = "auto") -> Tensor:
     """``values[mask]`` (row-major order) when the number of True entries, ``count``, is known.
 
     ``masked_select`` must read the mask's count back from the device; with the count known, the
     GPU path writes each selected value to its rank (``cumsum``) in a buffer with one spare slot for
     the rest, so nothing waits for the device. Same values in the same order either way
-    (``method``: auto = ``index_copy`` on CUDA, ``masked_select`` elsewhere).
+    (``method``: auto = ``index_copy`` on CUDA, :func:`compress` elsewhere, or ``masked_select``).
     """
     if method == "auto":
-        method = "index_copy" if values.device.type == "cuda" else "masked_select"
+        method = "index_copy" if values.device.type == "cuda" else "compress"
+    if method == "compress":
+        return compress(values, mask)
     if method == "masked_select":
         return torch.masked_select(values, mask)
     flat_mask = mask.reshape(-1)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fedselect.core.blend import where_fill
-from fedselect.core.masks import Mask, target_count, true_counts, validate_mask
+from fedselect.core.masks import Mask, compress, target_count, true_counts, validate_mask
 
 __all__ = ["grow_mask", "topk_mask", "topk_mask_global", "topk_masks"]
 
@@ -50,15 +50,18 @@ def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor
         if flat.is_floating_point() and bool(torch.isnan(flat).logical_and_(flat_within).any()):
             raise ValueError("scores contain NaN among the candidate entries")
         return within.clone()
+    zero_cut = _zero_cut(flat, flat_within, k, n_candidates)
+    if zero_cut is not None:
+        return zero_cut.reshape(scores.shape)
     if flat.is_floating_point() and 2 * n_candidates >= flat.numel():
         # most entries are candidates: rank in place, the others pushed below every candidate (-inf
         # ties with a -inf candidate are kept out by the tie rule below), with no gather or scatter
         vals = flat if n_candidates == flat.numel() else where_fill(flat_within, flat, float("-inf"))
         chosen = _top_k_in_order(vals, k, candidates=flat_within)
         return chosen.reshape(scores.shape)
-    vals = torch.masked_select(flat, flat_within)
+    vals = compress(flat, flat_within)
     out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    # candidates in flat order, as masked_select read them
+    # candidates in flat order, as compress read them
     out.masked_scatter_(flat_within, _top_k_in_order(vals, k))
     return out.reshape(scores.shape)
 
@@ -70,40 +73,80 @@ def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> T
     above it is in, and the tied entries fill the remaining slots in index order. kthvalue is a
     selection (linear time), cheaper than sorting millions of entries per tensor.
     """
-    # Probe the value 0 first: growth scores (|change|) are often mostly exact zeros (weights that get
-    # no gradient), and when fewer than k candidates are above 0 but k reach 0, the k-th largest
-    # is 0 and the selection needs no kthvalue. The probe's masks are then the ones needed below.
-    above = vals > 0
-    tied = vals == 0
+    kth = torch.kthvalue(vals, vals.numel() - k + 1).values
+    above = vals > kth
+    tied = vals == kth
     if candidates is not None:
         tied &= candidates
     # amax propagates NaN: one reduction tells whether a candidate is NaN (non-candidates are -inf)
     nan = torch.isnan(vals.amax()) if vals.is_floating_point() else torch.zeros((), dtype=torch.bool)
     # one host synchronisation for the three figures
-    has_nan, n_above, n_tied = _figures(nan, above, tied)
-    if not has_nan and not n_above < k <= n_above + n_tied:
-        kth = torch.kthvalue(vals, vals.numel() - k + 1).values
-        above = vals > kth
-        tied = vals == kth
-        if candidates is not None:
-            tied &= candidates
-        _, n_above, n_tied = _figures(nan, above, tied)
+    has_nan, n_above, n_tied = _read_counts(nan, above, tied)
     if has_nan:
         raise ValueError("scores contain NaN among the candidate entries")
-    need = k - n_above
-    if need == n_tied:
-        return above | tied
-    # the first `need` tied entries; an int32 running count (half the memory traffic of int64) when it fits
-    count_type = torch.int32 if tied.numel() < 2**31 else torch.int64
-    return above | (tied & (torch.cumsum(tied, 0, dtype=count_type) <= need))
+    return _above_and_first_ties(above, tied, k - n_above, n_tied)
 
 
-def _figures(nan: Tensor, above: Tensor, tied: Tensor) -> tuple[int, int, int]:
-    """(NaN among candidates, entries above, candidates tied) read back in one synchronisation."""
+def _zero_cut(flat: Tensor, flat_within: Tensor, k: int, n_candidates: int) -> Tensor | None:
+    """The choice of :func:`_top_k_in_order` when the k-th largest candidate is 0, found without
+    a selection or a compaction; None when it is not 0 (or a candidate is NaN: the caller raises).
+
+    Growth scores (|change|) are mostly exact zeros where weights get no gradient (89 % of
+    ResNet-18's layer4 kernels on 32 px inputs): then fewer than k candidates are above 0 and k
+    reach it, so 0 is the k-th largest and the three counts below decide the whole selection.
+    """
+    above = (flat > 0).logical_and_(flat_within)
+    tied = (flat == 0).logical_and_(flat_within)
+    # candidates neither above 0 nor at or below it are NaN
+    at_most = (flat <= 0).logical_and_(flat_within)
+    n_above, n_tied, n_low = (int(c) for c in torch.stack(
+        [torch.count_nonzero(above), torch.count_nonzero(tied), torch.count_nonzero(at_most)]).tolist())
+    if n_above + n_low != n_candidates or not n_above < k <= n_above + n_tied:
+        return None
+    return _above_and_first_ties(above, tied, k - n_above, n_tied)
+
+
+def _read_counts(nan: Tensor, above: Tensor, tied: Tensor) -> tuple[int, int, int]:
+    """(NaN among candidates, entries above, candidates tied), read back in one synchronisation."""
     has_nan, n_above, n_tied = (int(c) for c in torch.stack(
         [nan.to(device=above.device, dtype=torch.int64), torch.count_nonzero(above), torch.count_nonzero(tied)]
     ).tolist())
     return has_nan, n_above, n_tied
+
+
+def _above_and_first_ties(above: Tensor, tied: Tensor, need: int, n_tied: int) -> Tensor:
+    """``above`` and the first ``need`` of the ``n_tied`` tied entries in index order."""
+    if need == n_tied:
+        return above | tied
+    if need == 0:
+        return above.clone()
+    if tied.device.type == "cpu":
+        return above | _first_true(tied, need)
+    # an int32 running count (half the memory traffic of int64) when it fits
+    count_type = torch.int32 if tied.numel() < 2**31 else torch.int64
+    return above | (tied & (torch.cumsum(tied, 0, dtype=count_type) <= need))
+
+
+_BLOCK = 4096
+
+
+def _first_true(flags: Tensor, need: int) -> Tensor:
+    """``flags`` (1-D bool) with only its first ``need`` True entries kept, 0 < need < their count.
+
+    On one CPU thread a running count over millions of entries is a slow serial scan (7 ms for
+    2.4 M): counts per block of 4096 find the block where the need-th True lies, and only that
+    block is scanned (2 ms). The same entries as ``flags & (cumsum(flags) <= need)``.
+    """
+    full = flags.numel() - flags.numel() % _BLOCK
+    reached = torch.cumsum(flags[:full].view(-1, _BLOCK).sum(1, dtype=torch.int64), 0)
+    block = int(torch.searchsorted(reached, need))  # the first block whose running count reaches need
+    before = int(reached[block - 1]) if block > 0 else 0
+    start = block * _BLOCK
+    local = torch.cumsum(flags[start:start + _BLOCK], 0, dtype=torch.int32)
+    last = start + int(torch.searchsorted(local, need - before))  # index of the need-th True
+    kept = flags.clone()
+    kept[last + 1:] = False
+    return kept
 
 
 def topk_masks(

@@ -1,0 +1,43 @@
+"""keep_freed_memory: glibc's thresholds are raised once per process, and can be turned off."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+SNIPPET = ("from fedselect.cpu_allocator import keep_freed_memory; "
+           "print(keep_freed_memory(), keep_freed_memory())")
+
+
+def run(env_value: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "FEDSELECT_KEEP_FREED_MEMORY"}
+    if env_value is not None:
+        env["FEDSELECT_KEEP_FREED_MEMORY"] = env_value
+    return subprocess.run([sys.executable, "-c", SNIPPET], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_thresholds_are_set_once_on_glibc() -> None:
+    assert run(None) == "True True"
+
+
+def test_the_environment_turns_it_off() -> None:
+    assert run("0") == "False False"
+
+
+def test_cpu_runs_apply_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from fedselect.runner import federation
+
+    calls = []
+    monkeypatch.setattr(federation, "keep_freed_memory", lambda: calls.append(1) or True)
+    config = type("C", (), {"train": type("T", (), {"cuda_graphs": False, "channels_last": False})(),
+                            "device": "cpu"})()
+    federation.on_device(config, torch.nn.Sequential(torch.nn.MaxPool2d(2)), torch.device("cpu"))
+    assert calls == [1]
