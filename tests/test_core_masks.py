@@ -392,10 +392,15 @@ def test_pack_mask_with_one_host_copy_round_trips() -> None:
         assert torch.equal(m, mask[name]), name
 
 
+@pytest.mark.parametrize("probe", [True, False])
 @pytest.mark.parametrize("zero_share", [0.0, 0.6, 0.95, 1.0])
-def test_topk_mask_on_zero_heavy_scores_agrees_with_a_sort(zero_share: float) -> None:
+def test_topk_mask_on_zero_heavy_scores_agrees_with_a_sort(zero_share: float, probe: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Growth scores |change| are mostly exact zeros (+0.0 and -0.0): whether the k-th largest is 0
-    (no kthvalue) or above it, the sort's answer, ties by index."""
+    (decided from counts, on tensors of any size here) or above it, the sort's answer, ties by index."""
+    import fedselect.core.topk as topk_module
+
+    monkeypatch.setattr(topk_module, "_ZERO_CUT_MIN_SIZE", 0 if probe else 10**9)
     g = torch.Generator().manual_seed(int(zero_share * 100) + 7)
     scores = torch.rand(60, 30, generator=g)
     scores[torch.rand(60, 30, generator=g) < zero_share] = 0.0
@@ -424,3 +429,17 @@ def test_first_true_equals_a_running_count(size: int) -> None:
         for need in sorted({1, total // 3, total // 2, total - 1} & set(range(1, total))):
             expected = flags & (torch.cumsum(flags, 0) <= need)
             assert torch.equal(_first_true(flags, need), expected), (size, density, need)
+
+
+def test_zero_probe_leaves_nan_among_candidates_to_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedselect.core.topk as topk_module
+
+    monkeypatch.setattr(topk_module, "_ZERO_CUT_MIN_SIZE", 0)
+    scores = torch.zeros(40)
+    scores[3] = 1.0
+    scores[5] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        topk_mask(scores, 10)
+    within = torch.ones(40, dtype=torch.bool)
+    within[5] = False  # NaN outside the candidates is irrelevant
+    assert topk_mask(scores, 10, within=within).sum() == 10

@@ -87,6 +87,9 @@ def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> T
     return _above_and_first_ties(above, tied, k - n_above, n_tied)
 
 
+_ZERO_CUT_MIN_SIZE = 65536
+
+
 def _zero_cut(flat: Tensor, flat_within: Tensor, k: int, n_candidates: int) -> Tensor | None:
     """The choice of :func:`_top_k_in_order` when the k-th largest candidate is 0, found without
     a selection or a compaction; None when it is not 0 (or a candidate is NaN: the caller raises).
@@ -95,13 +98,17 @@ def _zero_cut(flat: Tensor, flat_within: Tensor, k: int, n_candidates: int) -> T
     ResNet-18's layer4 kernels on 32 px inputs): then fewer than k candidates are above 0 and k
     reach it, so 0 is the k-th largest and the three counts below decide the whole selection.
     """
+    if flat.numel() < _ZERO_CUT_MIN_SIZE:  # a selection on a small tensor costs less than the probe
+        return None
     above = (flat > 0).logical_and_(flat_within)
+    n_above = int(torch.count_nonzero(above))
+    if n_above >= k:  # the usual case where weights all get gradient: one comparison spent
+        return None
     tied = (flat == 0).logical_and_(flat_within)
     # candidates neither above 0 nor at or below it are NaN
     at_most = (flat <= 0).logical_and_(flat_within)
-    n_above, n_tied, n_low = (int(c) for c in torch.stack(
-        [torch.count_nonzero(above), torch.count_nonzero(tied), torch.count_nonzero(at_most)]).tolist())
-    if n_above + n_low != n_candidates or not n_above < k <= n_above + n_tied:
+    n_tied, n_low = (int(c) for c in torch.stack([torch.count_nonzero(tied), torch.count_nonzero(at_most)]).tolist())
+    if n_above + n_low != n_candidates or k > n_above + n_tied:
         return None
     return _above_and_first_ties(above, tied, k - n_above, n_tied)
 
