@@ -4,11 +4,11 @@ Both implementations train the same setting in one invocation, each in its own c
 (so peak memory is measured separately): CIFAR-10, 10 clients, pathological partition with 2
 classes per client, 20 train / 100 test images per class per client, torchvision ResNet-18 with
 random init (or ``--model cnn``: our small CNN, handed to the released code as well), a few
-rounds. Reported per side: seconds per round (median; the first round is left out as warm-up
-when there are at least 3), training sample passes per round (forward+backward, counted by a
-forward hook on the model while autograd is enabled), evaluation forwards per round, peak RSS
-(VmHWM of the child), and the released/ours ratios, including seconds per training sample pass,
-which is the equal-work comparison when the two schedules do not do exactly the same work.
+rounds. Reported per side: seconds per round (median over the rounds of equal work: not the
+first, not the last, the same training passes on both sides; see bench/vs_released_report.py),
+training sample passes per round (forward+backward, counted by a forward hook on the model
+while autograd is enabled), evaluation forwards per round, peak RSS (VmHWM of the child), and
+the released/ours ratios, including seconds per training sample pass.
 
 Schedule, matched to the released code (``fedselect.py``): every round each of the 10 clients
 runs ``--local-epochs`` LocalAlt epochs (one pass over its training data updating the personal
@@ -28,7 +28,7 @@ bench/README.md and printed with the results.
 
 Usage (data root as for any run, e.g. FEDSELECT_DATA_ROOT pointing at the folder with cifar10/):
 
-    python bench/fedselect_vs_released.py --released-repo PATH [--rounds 2] [--local-epochs 1]
+    python bench/fedselect_vs_released.py --released-repo PATH [--rounds 7] [--local-epochs 1]
         [--model resnet18|cnn] [--device cpu|cuda] [--sides both|ours|released] [--profile] [--json OUT]
 """
 
@@ -644,8 +644,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--released-repo", default=os.environ.get(RELEASED_ENV),
                         help=f"checkout of lapisrocks/fedselect (default: ${RELEASED_ENV})")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="rounds per side (5: rounds 2 and 3 are at equal work, see bench/README.md)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="rounds per side (7: rounds 2-5 are at equal work, see bench/README.md)")
     parser.add_argument("--local-epochs", type=int, default=1,
                         help="LocalAlt epochs per round, both sides (released la_epochs; ours train.local_epochs)")
     parser.add_argument("--model", choices=("resnet18", "cnn"), default="resnet18")

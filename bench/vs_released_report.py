@@ -5,9 +5,10 @@ personal pass while a client's mask is still empty (the released code runs it wi
 update), the first round carries warm-up, and the released code does not aggregate in its last
 round. So when both sides ran, the per-round figures and their ratios are taken over the rounds
 that are neither the first nor the last and in which both sides made the same number of training
-sample passes (:func:`equal_work_rounds`; with the default schedule, ``--rounds 5`` gives rounds
-2 and 3). Where there are none (fewer rounds, or one side alone), all rounds but the first count
-(all of them below 3 rounds), and the report says so.
+sample passes (:func:`equal_work_rounds`; with the default schedule, ``--rounds 7`` gives rounds
+2-5). One side alone counts its own rounds of full work the same way. Where there are none
+(fewer rounds), all rounds but the first count (all of them below 3 rounds), and the report
+says so.
 """
 
 from __future__ import annotations
@@ -19,13 +20,22 @@ SIDES = ("released", "ours")
 
 
 def equal_work_rounds(results: dict[str, dict | None]) -> list[int]:
-    """Indices of the rounds, neither first nor last, where both sides made the same training passes."""
-    rounds = [(results.get(side) or {}).get("rounds") or [] for side in SIDES]
-    if not all(rounds):
+    """Indices of the rounds, neither first nor last, where both sides made the same training passes.
+
+    With one side alone: its rounds, neither first nor last, with its most training passes (ours:
+    from round 2, as in a pair), so that a run of one side compares with a pair's figures.
+    """
+    passes = [{r["round"]: r["train_passes"] for r in (results.get(side) or {}).get("rounds") or []}
+              for side in SIDES]
+    ran = [side for side in passes if side]
+    if not ran:
         return []
-    released, ours = ({r["round"]: r["train_passes"] for r in side} for side in rounds)
-    last = min(max(released), max(ours))
-    return [i for i in sorted(set(released) & set(ours)) if 0 < i < last and released[i] == ours[i]]
+    last = min(max(side) for side in ran)
+    inner = sorted(i for i in set.intersection(*(set(side) for side in ran)) if 0 < i < last)
+    if len(ran) == 1:
+        most = max((ran[0][i] for i in inner), default=None)
+        return [i for i in inner if ran[0][i] == most]
+    return [i for i in inner if passes[0][i] == passes[1][i]]
 
 
 def measured(rounds: list[dict[str, Any]], only: list[int] | None = None) -> list[dict[str, Any]]:
@@ -111,10 +121,10 @@ def print_report(spec: dict[str, Any], results: dict[str, dict | None], maxrss: 
     devices = {s: (results[s] or {}).get("device") for s in SIDES if results.get(s)}
     print(f"device (--device {spec.get('device', 'cpu')}): {devices}")
     print(f"ours at {spec.get('ours_commit')}; released at {spec.get('released_commit')}")
-    counted = (f"the equal-work rounds {only} (same training passes on both sides; not the first, warm-up, "
-               f"nor the last, where the released code does not aggregate)" if only else
-               f"{'all but the first' if spec['rounds'] >= 3 else 'all'} (no equal-work rounds: both sides and "
-               f"--rounds 5 give some)")
+    counted = (f"the equal-work rounds {only} (the same training passes on both sides, or a lone side's full "
+               f"work; not the first, warm-up, nor the last, where the released code does not aggregate)" if only
+               else f"{'all but the first' if spec['rounds'] >= 3 else 'all'} (no equal-work rounds: --rounds 5 "
+               f"or more gives some)")
     print(f"torch threads: {threads}; rounds measured: {counted}; median for per-round figures")
     rows = [
         ("seconds per round (wall)", "s_per_round", ".2f"),

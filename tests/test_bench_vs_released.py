@@ -53,4 +53,7 @@ def test_ratios_count_only_rounds_of_equal_work():
     three = {side: {**res, "rounds": res["rounds"][:3]} for side, res in results.items()}
     assert report.equal_work_rounds(three) == []  # round 1 differs, round 2 is the last
     assert report.pair_summaries(three)["ours"]["s_per_round"] == pytest.approx(8.5)  # fallback: rounds 1-2
-    assert report.equal_work_rounds({"ours": results["ours"], "released": None}) == []
+    # one side alone: its rounds of full work, neither first nor last (ours: as in the pair)
+    assert report.equal_work_rounds({"ours": results["ours"], "released": None}) == [2, 3]
+    assert report.equal_work_rounds({"released": results["released"], "ours": None}) == [1, 2, 3]
+    assert report.equal_work_rounds({"ours": None, "released": None}) == []

@@ -96,19 +96,29 @@ def _zero_cut(flat: Tensor, flat_within: Tensor, k: int, n_candidates: int) -> T
 
     Growth scores (|change|) are mostly exact zeros where weights get no gradient (89 % of
     ResNet-18's layer4 kernels on 32 px inputs): then fewer than k candidates are above 0 and k
-    reach it, so 0 is the k-th largest and the three counts below decide the whole selection.
+    reach it, so 0 is the k-th largest and counts decide the whole selection.
     """
     if flat.numel() < _ZERO_CUT_MIN_SIZE:  # a selection on a small tensor costs less than the probe
         return None
+    # Most tensors have no zeros at all (every weight gets gradient). Their first block tells: when
+    # far more than k / candidates of its candidates are above 0, the probe would fail, so skip it
+    # (this decides only whether to look, never what is chosen).
+    head, head_within = flat[:_ZERO_CUT_MIN_SIZE], flat_within[:_ZERO_CUT_MIN_SIZE]
+    head_candidates, head_above = (int(c) for c in torch.stack(
+        [torch.count_nonzero(head_within), torch.count_nonzero((head > 0).logical_and_(head_within))]).tolist())
+    if head_above > (2 * k / n_candidates + 0.01) * head_candidates:
+        return None
     above = (flat > 0).logical_and_(flat_within)
     n_above = int(torch.count_nonzero(above))
-    if n_above >= k:  # the usual case where weights all get gradient: one comparison spent
+    if n_above >= k:
         return None
     tied = (flat == 0).logical_and_(flat_within)
-    # candidates neither above 0 nor at or below it are NaN
-    at_most = (flat <= 0).logical_and_(flat_within)
-    n_tied, n_low = (int(c) for c in torch.stack([torch.count_nonzero(tied), torch.count_nonzero(at_most)]).tolist())
-    if n_above + n_low != n_candidates or k > n_above + n_tied:
+    n_tied = int(torch.count_nonzero(tied))
+    if k > n_above + n_tied:
+        return None
+    # candidates neither above 0 nor at or below it are NaN (counted only when some are not 0 or above)
+    if n_above + n_tied != n_candidates and n_above + int(
+            torch.count_nonzero((flat <= 0).logical_and_(flat_within))) != n_candidates:
         return None
     return _above_and_first_ties(above, tied, k - n_above, n_tied)
 
