@@ -37,6 +37,13 @@ def _check_weight(weight: float, client: int | str) -> float:
     return w
 
 
+def _summand(x: Tensor) -> Tensor:
+    """``x`` for a float64 ``add_``: converted first on the CPU, where an add that converts on the fly
+    is slower than a conversion and a same-type add (a GPU fuses the two). Every w * x is exact in
+    float64, so the sum's bits are the same either way."""
+    return x.to(torch.float64) if x.device.type == "cpu" else x
+
+
 class MaskedMean:
     """Running entry-wise weighted mean of the shared entries of streamed client states.
 
@@ -81,16 +88,14 @@ class MaskedMean:
             # -0.0 is the additive identity of IEEE floats (0.0 + -0.0 would flip a negative zero)
             total = self._sums[name] = torch.full(old.shape, -0.0, dtype=torch.float64, device=old.device)
         x = values.to(old.device)
-        # float64 first, then the add: on the CPU an add_ that converts on the fly is slower than a
-        # conversion followed by a same-type add; every w * x is exact in float64, so the bits agree
         if shared is None:
             if weight:
-                total.add_(x.to(torch.float64), alpha=weight)
+                total.add_(_summand(x), alpha=weight)
             self._whole_weight[name] = self._whole_weight.get(name, 0.0) + weight
             return
         shared = shared.to(old.device)
         if weight:
-            total.add_(where_fill(shared, x, -0.0).to(torch.float64), alpha=weight)
+            total.add_(_summand(where_fill(shared, x, -0.0)), alpha=weight)
         entry = self._entry_weight.get(name)
         if entry is None:
             entry = self._entry_weight[name] = torch.zeros(old.shape, dtype=torch.float64, device=old.device)
