@@ -30,7 +30,7 @@ def test_the_environment_turns_it_off() -> None:
     assert run("0") == "False False"
 
 
-def test_cpu_runs_apply_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_runs_apply_it_and_the_pooling(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from fedselect.runner import federation
@@ -39,5 +39,8 @@ def test_cpu_runs_apply_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(federation, "keep_freed_memory", lambda: calls.append(1) or True)
     config = type("C", (), {"train": type("T", (), {"cuda_graphs": False, "channels_last": False})(),
                             "device": "cpu"})()
-    federation.on_device(config, torch.nn.Sequential(torch.nn.MaxPool2d(2)), torch.device("cpu"))
+    model = federation.on_device(config, torch.nn.Sequential(torch.nn.MaxPool2d(2)), torch.device("cpu"))
     assert calls == [1]
+    from fedselect.cpu_pooling import ChannelsLastMaxPool2d
+
+    assert type(model[0]) is ChannelsLastMaxPool2d  # and the exact channels-last pooling
