@@ -33,10 +33,11 @@ def test_the_environment_turns_it_off() -> None:
 def test_cpu_runs_apply_it_and_the_pooling(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
+    from fedselect import engine
     from fedselect.runner import federation
 
     calls = []
-    monkeypatch.setattr(federation, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(1) or True)
     config = type("C", (), {"train": type("T", (), {"cuda_graphs": False, "channels_last": False})(),
                             "device": "cpu"})()
     model = federation.on_device(config, torch.nn.Sequential(torch.nn.MaxPool2d(2)), torch.device("cpu"))

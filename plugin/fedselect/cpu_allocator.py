@@ -6,13 +6,15 @@ the system when they are freed, and trims the heap's free top above 128 KiB. A s
 allocates and frees the same multi-megabyte temporaries for every client (masked selections, the
 server's float64 sums, growth scores), so each one is faulted in page by page again. With
 ResNet-18's 11 M entries that fault-in made a fresh ``where_fill`` cost 46 ms instead of 18, and
-the server's sum of one upload 225 ms instead of 120 (bench/README.md, "Freed memory kept").
+the server's sum of one upload 225 ms instead of 112 (bench/README.md, "CPU, 2026-11-27, second
+pass").
 
-:func:`keep_freed_memory` raises both thresholds through ``mallopt``: blocks up to 32 MiB (the
-largest glibc allows) come from the heap and are reused, and the heap gives its free top back only
-above 256 MiB. Values and bits are unaffected. The price is that the process keeps what it freed,
-up to its peak (``bench/fedselect_memory.py`` measures the peak). On a C library without
-``mallopt`` (macOS, musl) nothing changes. ``FEDSELECT_KEEP_FREED_MEMORY=0`` turns it off.
+The runner calls :func:`keep_freed_memory` for CPU runs (``engine.configure_device``). It raises
+both thresholds through ``mallopt``: blocks up to 32 MiB (the largest glibc allows) come from the
+heap and are reused, and the heap gives its free top back only above 256 MiB. Values and bits are
+unaffected. The price is that the process keeps what it freed, up to its peak
+(``bench/fedselect_memory.py`` measures the peak). On a C library without ``mallopt`` (macOS, musl)
+nothing changes. ``FEDSELECT_KEEP_FREED_MEMORY=0`` turns it off.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 On one CPU thread PyTorch's max-pool kernel for contiguous (NCHW) tensors walks each window
 entry by entry, while its channels-last kernel compares whole channel vectors at once. For a
 ResNet-18 stem on 32 px inputs (64 x 16 x 16, 3x3 stride 2) the NCHW forward takes about 5x as
-long as a round trip through channels-last (bench/README.md, "Exact channels-last max pooling").
+long as a round trip through channels-last (bench/README.md, "CPU, 2026-11-27, second pass").
 
 Max pooling is exact: every output is one of its window's inputs, picked by the same rule in
 both kernels (the first maximum in window order, a NaN wins). So pooling in the other layout
@@ -31,9 +31,16 @@ __all__ = ["ChannelsLastMaxPool2d", "use_channels_last_max_pool"]
 
 
 def _pool_geometry(module: nn.MaxPool2d) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(kernel, stride, padding, dilation) as the aten kernels take them; stride None means kernel."""
     stride = module.stride if module.stride is not None else module.kernel_size
     return (list(_pair(module.kernel_size)), list(_pair(stride)), list(_pair(module.padding)),
             list(_pair(module.dilation)))
+
+
+def _pool_channels_last(x: torch.Tensor, module: nn.MaxPool2d, *, indices: bool) -> Any:
+    """``module``'s pooling of ``x`` by the channels-last kernel (with the argmax indices if asked)."""
+    return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), *_pool_geometry(module),
+                        ceil_mode=module.ceil_mode, return_indices=indices)
 
 
 class _ChannelsLastMaxPool(torch.autograd.Function):
@@ -46,21 +53,18 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, module: nn.MaxPool2d) -> torch.Tensor:
-        kernel, stride, padding, dilation = _pool_geometry(module)
-        pooled, indices = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel, stride, padding,
-                                       dilation, ceil_mode=module.ceil_mode, return_indices=True)
+        pooled, indices = _pool_channels_last(x, module, indices=True)
         indices = indices.contiguous()
         ctx.save_for_backward(x, indices)
-        ctx.geometry = (kernel, stride, padding, dilation, module.ceil_mode)
+        ctx.module = module
         return pooled.contiguous()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         x, indices = ctx.saved_tensors
-        kernel, stride, padding, dilation, ceil_mode = ctx.geometry
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), x, kernel, stride, padding,
-                                                               dilation, ceil_mode, indices), None
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(), x, *_pool_geometry(ctx.module), ctx.module.ceil_mode, indices), None
 
 
 class ChannelsLastMaxPool2d(nn.MaxPool2d):
@@ -74,10 +78,7 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
             return super().forward(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _ChannelsLastMaxPool.apply(x, self)
-        kernel, stride, padding, dilation = _pool_geometry(self)
-        pooled = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel, stride, padding, dilation,
-                              ceil_mode=self.ceil_mode)
-        return pooled.contiguous()
+        return _pool_channels_last(x, self, indices=False).contiguous()
 
 
 def use_channels_last_max_pool(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedselect.cpu_allocator import keep_freed_memory
 from fedselect.cuda_graphs import graphed_forward
 from fedselect.optim import MaskedSGD, TrainableSpec, mask_coverage, trainable_only
 
@@ -50,9 +51,12 @@ def autocast(device: torch.device | str, precision: str, *, cache: bool = True) 
 
 def configure_device(device: torch.device) -> None:
     """Per-process settings for training on ``device``: cuDNN picks its fastest convolution
-    algorithms for the run's fixed shapes (GPU results are not bit-reproducible anyway)."""
+    algorithms for the run's fixed shapes (GPU results are not bit-reproducible anyway); on the
+    CPU, freed memory stays in the process (:mod:`fedselect.cpu_allocator`; no value changes)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    elif device.type == "cpu":
+        keep_freed_memory()
 
 
 @dataclass

@@ -20,7 +20,6 @@ import torch
 from fedselect.algorithms.base import FedAvgClient, FedAvgServer
 from fedselect.algorithms.context import RunContext
 from fedselect.config import ExperimentConfig
-from fedselect.cpu_allocator import keep_freed_memory
 from fedselect.cpu_pooling import use_channels_last_max_pool
 from fedselect.data import (
     ImageData,
@@ -104,9 +103,8 @@ def on_device(config: ExperimentConfig, model: torch.nn.Module, device: torch.de
           f"is true but the run's device is {device.type} (device: {config.device}): CUDA graphs need a CUDA device")
     configure_device(device)
     model = model.to(device)
-    if device.type == "cpu":  # same bits, faster (fedselect.cpu_pooling, fedselect.cpu_allocator)
+    if device.type == "cpu":  # same bits, faster (fedselect.cpu_pooling)
         use_channels_last_max_pool(model)
-        keep_freed_memory()
     return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
 
 
