@@ -20,7 +20,7 @@ import torch
 from fedselect.algorithms.base import FedAvgClient, FedAvgServer
 from fedselect.algorithms.context import RunContext
 from fedselect.config import ExperimentConfig
-from fedselect.cpu_pooling import use_channels_last_max_pool
+from fedselect.cpu_pooling import use_channels_last_max_pool, use_channels_last_stems
 from fedselect.data import (
     ImageData,
     Partition,
@@ -105,6 +105,8 @@ def on_device(config: ExperimentConfig, model: torch.nn.Module, device: torch.de
     model = model.to(device)
     if device.type == "cpu":  # same bits, faster (fedselect.cpu_pooling)
         use_channels_last_max_pool(model)
+        if not config.train.channels_last:  # a channels-last model's layout is its own
+            use_channels_last_stems(model)
     return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
 
 
