@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fedselect.core.blend import where_fill
+from fedselect.core.kth import kth_largest
 from fedselect.core.masks import Mask, compress, target_count, true_counts, validate_mask
 
 __all__ = ["grow_mask", "topk_mask", "topk_mask_global", "topk_masks"]
@@ -70,10 +71,11 @@ def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> T
     """Exactly ``k`` True entries of ``vals`` (among ``candidates``): the largest, ties to the lower index.
 
     The k-th largest value is unique even though the order among tied entries is not; everything
-    above it is in, and the tied entries fill the remaining slots in index order. kthvalue is a
-    selection (linear time), cheaper than sorting millions of entries per tensor.
+    above it is in, and the tied entries fill the remaining slots in index order. The k-th largest
+    is found by a selection (linear time, :func:`fedselect.core.kth.kth_largest`), cheaper than
+    sorting millions of entries per tensor.
     """
-    kth = torch.kthvalue(vals, vals.numel() - k + 1).values
+    kth = kth_largest(vals, k)
     above = vals > kth
     tied = vals == kth
     if candidates is not None:
