@@ -40,7 +40,10 @@ def where_fill(mask: Tensor, values: Tensor, fill: float = 0.0, *, bits: Tensor 
     int_type = BIT_TYPES[values.dtype]
     if bits is None:
         bits = selection_bits(mask, values.dtype)
-    return _or_fill_(values.view(int_type) & bits, bits, fill, values.dtype).view(values.dtype)
+    fill_bits = _fill_bits(float(fill).hex(), values.dtype)
+    if not fill_bits:
+        return (values.view(int_type) & bits).view(values.dtype)
+    return _blend_fill_(values.view(int_type) ^ fill_bits, bits, fill_bits).view(values.dtype)
 
 
 def where_fill_(values: Tensor, mask: Tensor, fill: float = 0.0, *, bits: Tensor | None = None) -> Tensor:
@@ -53,23 +56,28 @@ def where_fill_(values: Tensor, mask: Tensor, fill: float = 0.0, *, bits: Tensor
         return values.masked_fill_(~mask, fill)
     if bits is None:
         bits = selection_bits(mask, values.dtype)
-    _or_fill_(values.view(BIT_TYPES[values.dtype]).bitwise_and_(bits), bits, fill, values.dtype)
+    own = values.view(BIT_TYPES[values.dtype])
+    fill_bits = _fill_bits(float(fill).hex(), values.dtype)
+    if not fill_bits:
+        own &= bits
+    else:
+        _blend_fill_(own.bitwise_xor_(fill_bits), bits, fill_bits)
     return values
 
 
-def _or_fill_(kept: Tensor, bits: Tensor, fill: float, dtype: torch.dtype) -> Tensor:
-    """Set the fill value's bits where ``bits`` is 0 in ``kept`` (already 0 there), in place."""
-    # keyed by the hex form: 0.0 and -0.0 are equal floats with different bits
-    fill_bits = _fill_bits(float(fill).hex(), dtype)
-    if fill_bits:
-        kept |= (bits + 1) * fill_bits  # (bits + 1) is 1 where the mask is False, 0 where True
-    return kept
+def _blend_fill_(flipped: Tensor, bits: Tensor, fill_bits: int) -> Tensor:
+    """``((v ^ f) & bits) ^ f`` in place, given ``flipped = v ^ f``: v where ``bits`` is all ones, and
+    the fill pattern f where it is 0 (two passes, no temporary)."""
+    flipped &= bits
+    flipped ^= fill_bits
+    return flipped
 
 
 @functools.lru_cache(maxsize=64)
 def _fill_bits(fill_hex: str, dtype: torch.dtype) -> int:
     """The bit pattern of the fill value (``float.hex`` form) in ``dtype``, as an integer: made once
-    per value and dtype, since the masked step asks for it for every tensor of every step."""
+    per value and dtype, since the masked step asks for it for every tensor of every step (keyed
+    by the hex form because 0.0 and -0.0 are equal floats with different bits)."""
     return int(torch.tensor(float.fromhex(fill_hex), dtype=dtype).view(BIT_TYPES[dtype]))
 
 
