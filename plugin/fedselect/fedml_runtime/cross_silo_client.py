@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Any
 
-from fedselect.config import DeployConfig
+from fedselect.deploy_config import DeployConfig
 from fedselect.fedml_bridge import import_fedml
 from fedselect.fedml_runtime.deadlines import SilenceClock
 from fedselect.fedml_runtime.grpc_channel import KEY_ROUND, FedSelectChannel, PeerUnreachable, Prober

@@ -25,7 +25,7 @@ import grpc
 import torch
 
 from fedselect.certs import PartyCredentials, load_party, rank_from_name, rank_name
-from fedselect.config import DeployConfig
+from fedselect.deploy_config import DeployConfig
 
 MB = 1 << 20
 # before the server knows the model (clients are joining), one message carries a data descriptor
