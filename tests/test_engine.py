@@ -114,3 +114,22 @@ def test_frozen_norm_stats_keep_running_statistics_but_train_affine_weights():
     assert not torch.equal(model[1].weight, before["1.weight"]) and model.training
     before, model = results[False]
     assert not torch.equal(model[1].running_mean, before["1.running_mean"])
+
+
+def test_cpu_crops_one_image_at_a_time_with_the_batched_gathers_values():
+    """The CPU's per-image slice copies equal the batched gather, flip and select other devices run."""
+    import torch.nn.functional as F
+
+    for pad, shape, seed in ((4, (32, 3, 32, 32), 0), (2, (7, 1, 9, 13), 1), (0, (3, 3, 5, 5), 2)):
+        transform = ImageTransform((0.0,), (1.0,), augment=True, pad=pad)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        got = transform._augment(x, torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        n, c, h, w = shape
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+        padded = F.pad(x, (pad,) * 4)
+        rows = (offsets[:, 0:1] + torch.arange(h)).view(n, 1, h, 1)
+        cols = (offsets[:, 1:2] + torch.arange(w)).view(n, 1, 1, w)
+        cropped = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
+        assert torch.equal(got, torch.where(flips.view(n, 1, 1, 1), cropped.flip(3), cropped))

@@ -117,6 +117,14 @@ class ImageTransform:
         offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=generator).to(x.device, non_blocking=True)
         flips = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
         padded = F.pad(x, (p, p, p, p))
+        if x.device.type == "cpu":
+            # one slice copy per image: on the CPU a third of the batched gather, flip and select
+            # below (0.64 against 1.83 ms for 32 CIFAR images), the same values
+            out = torch.empty_like(x)
+            for i, ((top, left), flip) in enumerate(zip(offsets.tolist(), flips.tolist(), strict=True)):
+                crop = padded[i, :, top:top + h, left:left + w]
+                out[i] = crop.flip(2) if flip else crop
+            return out
         rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
         cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
