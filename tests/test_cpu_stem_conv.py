@@ -181,3 +181,17 @@ def test_cpu_runs_get_the_stem_and_channels_last_models_do_not() -> None:
     assert type(run_model(False).conv1) is ChannelsLastStemConv2d
     model = run_model(True)
     assert type(model.conv1) is nn.Conv2d and type(model.pool) is ChannelsLastMaxPool2d and not model.pool.after_stem
+
+
+def test_flop_counts_see_the_standard_convolution_only() -> None:
+    """Under a dispatch mode (a FLOP counter) the stem takes the standard path: no second, probing
+    convolution on a shape's first call (layer selection's layer costs come from these counts)."""
+    from fedselect.models.flops import forward_flops_by_group
+
+    torch.manual_seed(0)
+    standard = build_model("cnn", 10, image_size=16)
+    fast, changed = fast_copy(standard)
+    assert changed == 1
+    example = torch.randn(1, 3, 16, 16)
+    assert forward_flops_by_group(fast, example) == forward_flops_by_group(standard, example)
+    assert not getattr(fast.conv1, "_layout_verdicts", {})  # nothing probed under the counter

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = ["ChannelsLastMaxPool2d", "ChannelsLastStemConv2d", "use_channels_last_max_pool", "use_channels_last_stems"]
 
@@ -146,8 +147,10 @@ class ChannelsLastStemConv2d(nn.Conv2d):
     def _fast_path_applies(self, x: torch.Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False)))
+        # a dispatch mode watches the operations themselves (a FLOP counter would count the first
+        # call's second convolution; fake tensors have no bits to compare): the standard path
         return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == self.weight.dtype == torch.float32
-                and not needs_grad and not torch.is_autocast_enabled("cpu")
+                and not needs_grad and not torch.is_autocast_enabled("cpu") and not is_in_torch_dispatch_mode()
                 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last))
 
 
