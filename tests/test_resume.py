@@ -33,11 +33,10 @@ from fedselect.runner.checkpoint import (
     CheckpointError,
     RunCheckpointer,
     checkpoint_path,
-    decode,
-    encode,
     read_checkpoint,
     write_checkpoint,
 )
+from fedselect.runner.checkpoint_codec import decode, encode
 from fedselect.tracking import load_runs, metric_history
 
 from .conftest import REPO

@@ -48,13 +48,10 @@ from .checkpoint import (
     RunCheckpointer,
     canonical_config,
     checkpoint_path,
-    decode,
-    encode,
     load_parts,
-    rng_state,
-    set_rng_state,
     write_checkpoint,
 )
+from .checkpoint_codec import decode, encode, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
