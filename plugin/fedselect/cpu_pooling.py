@@ -189,7 +189,10 @@ def _stem_pairs(model: nn.Module) -> list[tuple[str, str]]:
     Found on the model's traced graph; a model that does not trace has none.
     """
     modules = dict(model.named_modules())
-    if not any(_is_stem(m) for m in modules.values()):
+    # no tracing of models without both (a vision transformer's patch embedding is a stem, but no
+    # pool reads it)
+    if not (any(_is_stem(m) for m in modules.values())
+            and any(isinstance(m, ChannelsLastMaxPool2d) for m in modules.values())):
         return []
     try:
         graph = _LeafTracer().trace(model)
