@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from vs_released_measure import (
+    ChildFigures,
     PassCounter,
     RoundClock,
     device_label,
     device_sync,
     proc_status_kb,
-    profile_text,
-    reset_peak_rss,
 )
 
 
@@ -166,10 +165,7 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     fedml = import_fedml()
     runner = fedml.FedMLRunner(args, device, fedml_dataset_tuple(clients, data.num_classes), model,
                                algorithm_flow=flow)
-    setup_s = time.perf_counter() - t_setup
-    hwm_setup = proc_status_kb("VmHWM")
-    rss_setup = proc_status_kb("VmRSS")
-    reset = reset_peak_rss()
+    figures = ChildFigures(t_setup)
     error = None
     profiler = None
     if spec.get("profile"):
@@ -188,12 +184,8 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
             profiler.disable()
     personal = [t.round_metrics().get("personal_fraction") for t in trainers]
     return {
-        "side": "ours", "device": device_label(device),
-        "setup_seconds": setup_s, "rss_after_setup_kb": rss_setup, "hwm_setup_kb": hwm_setup,
-        "hwm_rounds_kb": proc_status_kb("VmHWM") if reset else None, "hwm_total_kb": max(hwm_setup, proc_status_kb(
-            "VmHWM")), "rounds": clock.rounds(), "error": error, "torch_threads": torch.get_num_threads(),
+        **figures.report("ours", device_label(device), clock, error, torch.get_num_threads(), profiler),
         "final_personal_fraction_mean": statistics.fmean(personal) if personal and None not in personal else None,
-        "profile": profile_text(profiler) if profiler is not None else None,
     }
 
 
@@ -337,10 +329,7 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
     final_eval: dict[str, Any] = {"seconds": None}
     result: dict[str, Any] = {}
 
-    setup_s = time.perf_counter() - t_setup
-    hwm_setup = proc_status_kb("VmHWM")
-    rss_setup = proc_status_kb("VmRSS")
-    reset = reset_peak_rss()
+    figures = ChildFigures(t_setup)
     error = None
     profiler = None
     if spec.get("profile_released"):
@@ -360,15 +349,11 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
             profiler.disable()
     masks = result.get("client_masks") if result else None
     return {
-        "side": "released", "device": device_label(args.device),
-        "setup_seconds": setup_s, "rss_after_setup_kb": rss_setup, "hwm_setup_kb": hwm_setup,
-        "hwm_rounds_kb": proc_status_kb("VmHWM") if reset else None, "hwm_total_kb": max(hwm_setup, proc_status_kb(
-            "VmHWM")), "rounds": clock.rounds(), "error": error, "torch_threads": torch.get_num_threads(),
+        **figures.report("released", device_label(args.device), clock, error, torch.get_num_threads(), profiler),
         "final_eval_seconds": final_eval["seconds"],
         "final_personal_fraction_mean": None if not masks else statistics.fmean(
             float(sum(m.sum() for m in mask.values()) / sum(m.numel() for m in mask.values()))
             for mask in masks.values() if mask is not None),
-        "profile": profile_text(profiler) if profiler is not None else None,
     }
 
 

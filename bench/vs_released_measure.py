@@ -140,3 +140,24 @@ def profile_text(profiler: Any, top: int = 15) -> str:
     buf.write("--- who calls the top 8 by own time ---\n")
     stats.print_callers(8)
     return buf.getvalue()
+
+
+class ChildFigures:
+    """What each side's child reports beside its rounds: setup time and memory (read when it is made,
+    at the end of setup), and the peak memory during the rounds (read by :meth:`report`)."""
+
+    def __init__(self, t_setup: float) -> None:
+        self.setup_seconds = time.perf_counter() - t_setup
+        self.hwm_setup = proc_status_kb("VmHWM")
+        self.rss_setup = proc_status_kb("VmRSS")
+        self.reset = reset_peak_rss()
+
+    def report(self, side: str, device: str, clock: RoundClock, error: str | None, threads: int,
+               profiler: Any) -> dict[str, Any]:
+        return {
+            "side": side, "device": device, "setup_seconds": self.setup_seconds,
+            "rss_after_setup_kb": self.rss_setup, "hwm_setup_kb": self.hwm_setup,
+            "hwm_rounds_kb": proc_status_kb("VmHWM") if self.reset else None,
+            "hwm_total_kb": max(self.hwm_setup, proc_status_kb("VmHWM")), "rounds": clock.rounds(), "error": error,
+            "torch_threads": threads, "profile": profile_text(profiler) if profiler is not None else None,
+        }
