@@ -30,6 +30,17 @@ def test_the_environment_turns_it_off() -> None:
     assert run("0") == "False False"
 
 
+def test_another_value_of_the_variable_is_an_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedselect import cpu_allocator
+    from fedselect.options import ConfigError
+
+    monkeypatch.setattr(cpu_allocator, "_applied", None)
+    monkeypatch.setenv("FEDSELECT_KEEP_FREED_MEMORY", "false")
+    with pytest.raises(ConfigError, match="FEDSELECT_KEEP_FREED_MEMORY must be 0 .* got 'false'"):
+        cpu_allocator.keep_freed_memory()
+    assert cpu_allocator._applied is None  # nothing decided: the next call checks again
+
+
 def test_cpu_runs_apply_it_and_the_pooling(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 

@@ -14,7 +14,8 @@ both thresholds through ``mallopt``: blocks up to 32 MiB (the largest glibc allo
 heap and are reused, and the heap gives its free top back only above 256 MiB. Values and bits are
 unaffected. The price is that the process keeps what it freed, up to its peak
 (``bench/fedselect_memory.py`` measures the peak). On a C library without ``mallopt`` (macOS, musl)
-nothing changes. ``FEDSELECT_KEEP_FREED_MEMORY=0`` turns it off.
+nothing changes. ``FEDSELECT_KEEP_FREED_MEMORY=0`` turns it off (``1``, the default, on; any other
+value is a :class:`fedselect.options.ConfigError` naming the variable).
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["keep_freed_memory"]
+from fedselect.options import ConfigError
+
+__all__ = ["ENV", "keep_freed_memory"]
+
+ENV = "FEDSELECT_KEEP_FREED_MEMORY"
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -40,7 +45,10 @@ def keep_freed_memory() -> bool:
 
 
 def _set_thresholds() -> bool:
-    if os.environ.get("FEDSELECT_KEEP_FREED_MEMORY", "1") == "0":
+    value = os.environ.get(ENV, "1")
+    if value not in ("0", "1"):
+        raise ConfigError(f"environment variable {ENV} must be 0 (off) or 1 (on), got {value!r}")
+    if value == "0":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
