@@ -83,11 +83,10 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
         if x.device.type != "cpu" or x.dim() != 4 or self.return_indices:
             return super().forward(x)  # not a case this class speeds up (GPU, indices wanted)
         nchw, channels_last = x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)
-        if nchw and not channels_last:
-            if torch.is_grad_enabled() and x.requires_grad:
-                return _ChannelsLastMaxPool.apply(x, self)
-            return _pool_channels_last(x, self, indices=False).contiguous()
-        if channels_last and not nchw and self.after_stem and not (torch.is_grad_enabled() and x.requires_grad):
+        wants_grad = torch.is_grad_enabled() and x.requires_grad
+        if nchw and not channels_last and wants_grad:
+            return _ChannelsLastMaxPool.apply(x, self)
+        if not wants_grad and ((nchw and not channels_last) or (channels_last and not nchw and self.after_stem)):
             return _pool_channels_last(x, self, indices=False).contiguous()
         # already channels-last (a channels-last model), or 1x1 spatial where both layouts
         # coincide: the standard kernel, which keeps the layout
@@ -154,15 +153,11 @@ class ChannelsLastStemConv2d(nn.Conv2d):
                 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last))
 
 
-def _is_leaf(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.ReLU))
-
-
 class _LeafTracer(torch.fx.Tracer):
     """Traces through everything but convolutions, pools and ReLUs (ours are not ``torch.nn`` classes)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.ReLU)) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:

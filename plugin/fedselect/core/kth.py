@@ -26,7 +26,6 @@ __all__ = ["RADIX_MIN_SIZE", "kth_largest"]
 RADIX_MIN_SIZE = 65536
 
 _BINS = 1 << 16
-_SIGN = np.uint32(0x80000000)
 # The upper 16 bits of a float32 pattern, as bins: 0..32767 hold the non-negative floats in
 # ascending order, 32768..65535 the negative ones in descending order (a larger pattern there is a
 # larger magnitude). So the bins from the largest float down are 32767..0, then 32768..65535.
