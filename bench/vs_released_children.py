@@ -18,6 +18,7 @@ from vs_released_measure import (
     device_label,
     device_sync,
     proc_status_kb,
+    timed,
 )
 
 
@@ -125,42 +126,11 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     flow = SimulationFlow(args=args, device=device, clients=trainers, server=server, rounds=config.train.rounds,
                           participation=config.train.participation, seed=config.seed, eval_every=1,
                           on_round_end=on_round_end, progress=False)
-    evaluate_all = flow.evaluate_all
-
-    def timed_evaluate_all() -> Any:
-        sync()
-        t = time.perf_counter()
-        try:
-            return evaluate_all()
-        finally:
-            sync()
-            clock.eval_s.append(time.perf_counter() - t)
-
-    flow.evaluate_all = timed_evaluate_all
+    flow.evaluate_all = timed(flow.evaluate_all, sync, clock.eval_s.append)
     for trainer in trainers:  # the grow variant's mask update (GradLTN's is training: counted in passes)
         if hasattr(trainer, "grow"):
-
-            def timed_grow(grow: Any = trainer.grow) -> Any:
-                sync()
-                t = time.perf_counter()
-                try:
-                    return grow()
-                finally:
-                    sync()
-                    clock.add_mask_time(time.perf_counter() - t)
-
-            trainer.grow = timed_grow
-
-        def timed_train_passes(*a: Any, train_passes: Any = trainer.train_passes, **k: Any) -> Any:
-            sync()
-            t = time.perf_counter()
-            try:
-                return train_passes(*a, **k)
-            finally:
-                sync()
-                clock.add_train_time(time.perf_counter() - t)
-
-        trainer.train_passes = timed_train_passes
+            trainer.grow = timed(trainer.grow, sync, clock.add_mask_time)
+        trainer.train_passes = timed(trainer.train_passes, sync, clock.add_train_time)
 
     fedml = import_fedml()
     runner = fedml.FedMLRunner(args, device, fedml_dataset_tuple(clients, data.num_classes), model,
@@ -312,20 +282,9 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
             final_eval["seconds"] = time.perf_counter() - t
         return out
 
-    original_delta = rel.delta_update
-
-    def delta_update(*a: Any, **k: Any) -> Any:
-        sync()
-        t = time.perf_counter()
-        try:
-            return original_delta(*a, **k)
-        finally:
-            sync()
-            clock.add_mask_time(time.perf_counter() - t)
-
     rel.train_personalized = train_personalized
     rel.cross_client_eval = cross_client_eval
-    rel.delta_update = delta_update
+    rel.delta_update = timed(rel.delta_update, sync, clock.add_mask_time)
     final_eval: dict[str, Any] = {"seconds": None}
     result: dict[str, Any] = {}
 

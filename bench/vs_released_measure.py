@@ -66,6 +66,21 @@ def device_sync(device: str) -> Callable[[], None]:
     return lambda: None
 
 
+def timed(fn: Callable[..., Any], sync: Callable[[], None], record: Callable[[float], None]) -> Callable[..., Any]:
+    """``fn``, whose wall seconds (a device sync before and after) go to ``record`` on every call."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sync()
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sync()
+            record(time.perf_counter() - t)
+
+    return wrapper
+
+
 class RoundClock:
     """Round boundaries (time and pass counts) and per-round sub-timings of one implementation.
 
