@@ -234,6 +234,20 @@ def test_forged_status_from_another_certificate_is_dropped(channels, pki):
     assert drain(server) == [None] and server.dropped_messages == 1
 
 
+def test_a_forgery_unread_at_the_stop_is_still_logged(channels, pki, caplog):
+    server = channels.make(0, transport(pki["a"], 0))
+    rank2 = channels.make(2, transport(pki["a"], 2))
+    rank2.send_message(message(3, 2, 0, x=1))  # legitimate, but the federation is over before it is read
+    rank2.client_rank = rank2.client_id = 1
+    rank2.send_message(message(3, 1, 0, x=2))  # forged
+    with caplog.at_level(logging.INFO):
+        server.stop_receive_message()
+    assert server.dropped_messages == 1 and server.traffic == []  # the record's bytes are what was used
+    assert "claiming to come from rank 1, sent with the certificate of rank 2" in caplog.text
+    assert "left unread at the stop: a message of type 3 from rank 2" in caplog.text
+    assert server.grpc_servicer.message_q.empty()
+
+
 def test_a_client_hears_only_the_server(channels, pki):
     channels.make(0, transport(pki["a"], 0))
     client1 = channels.make(1, transport(pki["a"], 1))

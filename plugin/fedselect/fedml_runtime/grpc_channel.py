@@ -309,6 +309,14 @@ class FedSelectChannel(GRPCCommManager):
             if self.on_refused is not None and item.peer_rank is not None:
                 self.on_refused(item.peer_rank, item.refused)
             return None
+        msg = self._screen(item)
+        if msg is not None:
+            self.traffic.append(Traffic("received", str(msg.get_type()), int(msg.get_sender_id()),
+                                        msg.get(KEY_ROUND), len(item.data)))
+        return msg
+
+    def _screen(self, item: Incoming) -> Message | None:
+        """Decode ``item`` and check its claimed sender; a forgery or stranger is counted and logged."""
         try:
             msg = decode_message(item.data)
         except Exception as exc:  # a stranger's bytes must not stop the federation
@@ -325,7 +333,6 @@ class FedSelectChannel(GRPCCommManager):
             log.warning("dropped a message of type %s claiming to come from rank %d, sent with the certificate of "
                         "rank %s", msg.get_type(), sender, item.peer_rank)
             return None
-        self.traffic.append(Traffic("received", str(msg.get_type()), sender, msg.get(KEY_ROUND), len(item.data)))
         return msg
 
     def message_handling_subroutine(self) -> None:
@@ -347,6 +354,20 @@ class FedSelectChannel(GRPCCommManager):
         # grace 0: pending handlers are cancelled; the peers have what they need by now
         if self.grpc_server is not None:
             self.grpc_server.stop(0).wait(5)
+        self._screen_unread()
+
+    def _screen_unread(self) -> None:
+        """Screen what arrived but was not read before the stop: a forgery that came in after the last
+        upload is still logged, not lost. Nothing is acted on, and ``traffic`` (the record's bytes)
+        stays what the federation used."""
+        while True:
+            try:
+                item = self.grpc_servicer.message_q.get_nowait()
+            except queue.Empty:
+                return
+            if item.refused is None and (msg := self._screen(item)) is not None:
+                log.info("left unread at the stop: a message of type %s from rank %s", msg.get_type(),
+                         msg.get_sender_id())
 
 
 class Prober:
