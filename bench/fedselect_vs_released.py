@@ -183,7 +183,8 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "fedselect-bench"),
                         help="scratch folder: partition, torchvision-format copy, child logs")
     parser.add_argument("--profile", action="store_true",
-                        help="after the timed runs, run our side again under cProfile and print the top 15")
+                        help="after the timed runs, run our side again under cProfile, print the top 15 and "
+                        "keep the whole profile in <work-dir>/profile-ours.pstats")
     parser.add_argument("--profile-released", action="store_true", help="likewise for the released code")
     parser.add_argument("--json", default=None, help="write all figures to this JSON file")
     ns = parser.parse_args()
@@ -240,7 +241,9 @@ def main() -> None:
     for side, wanted in (("ours", ns.profile), ("released", ns.profile_released)):
         if not wanted:
             continue
-        prof_spec = {**spec, "profile": side == "ours", "profile_released": side == "released"}
+        stats_path = work / f"profile-{side}.pstats"
+        prof_spec = {**spec, "profile": side == "ours", "profile_released": side == "released",
+                     "profile_stats": str(stats_path)}
         prof_path = work / f"spec-profile-{side}.json"
         prof_path.write_text(json.dumps(prof_spec))
         print(f"\nprofiling {side} under cProfile ({ns.rounds} rounds; times inflated by the profiler) ...",
@@ -249,6 +252,7 @@ def main() -> None:
         if res and res.get("profile"):
             profiles[side] = res["profile"]
             print(res["profile"])
+            print(f"(all of it: {stats_path}, for python -m pstats)")
     if ns.json:
         Path(ns.json).write_text(json.dumps({"spec": spec, "results": results, "wait4_maxrss_kb": maxrss,
                                              "equal_work_rounds": equal_work_rounds(results),

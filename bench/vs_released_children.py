@@ -154,7 +154,8 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
             profiler.disable()
     personal = [t.round_metrics().get("personal_fraction") for t in trainers]
     return {
-        **figures.report("ours", device_label(device), clock, error, torch.get_num_threads(), profiler),
+        **figures.report("ours", device_label(device), clock, error, torch.get_num_threads(), profiler,
+                         spec.get("profile_stats")),
         "final_personal_fraction_mean": statistics.fmean(personal) if personal and None not in personal else None,
     }
 
@@ -308,7 +309,8 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
             profiler.disable()
     masks = result.get("client_masks") if result else None
     return {
-        **figures.report("released", device_label(args.device), clock, error, torch.get_num_threads(), profiler),
+        **figures.report("released", device_label(args.device), clock, error, torch.get_num_threads(), profiler,
+                         spec.get("profile_stats")),
         "final_eval_seconds": final_eval["seconds"],
         "final_personal_fraction_mean": None if not masks else statistics.fmean(
             float(sum(m.sum() for m in mask.values()) / sum(m.numel() for m in mask.values()))

@@ -168,7 +168,9 @@ class ChildFigures:
         self.reset = reset_peak_rss()
 
     def report(self, side: str, device: str, clock: RoundClock, error: str | None, threads: int,
-               profiler: Any) -> dict[str, Any]:
+               profiler: Any, stats_path: str | None = None) -> dict[str, Any]:
+        if profiler is not None and stats_path:  # for pstats / snakeviz: the printed top 15 is a summary
+            profiler.dump_stats(stats_path)
         return {
             "side": side, "device": device, "setup_seconds": self.setup_seconds,
             "rss_after_setup_kb": self.rss_setup, "hwm_setup_kb": self.hwm_setup,

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedselect.core.host import counts_true
+
 State = dict[str, Tensor]
 Mask = dict[str, Tensor]
 
@@ -120,9 +122,7 @@ def true_counts(mask: Mapping[str, Tensor]) -> dict[str, int]:
     """True entries per tensor, counted on the device with one host synchronisation for all."""
     if not mask:
         return {}
-    first = next(iter(mask.values())).device
-    counts = torch.stack([torch.count_nonzero(m).to(first) for m in mask.values()]).tolist()
-    return dict(zip(mask, (int(c) for c in counts), strict=True))
+    return dict(zip(mask, counts_true(list(mask.values())), strict=True))
 
 
 def personal_count(mask: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> tuple[int, int]:

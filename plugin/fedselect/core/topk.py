@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fedselect.core.blend import where_fill
+from fedselect.core.host import compare, count_true, counts_true
 from fedselect.core.kth import kth_largest
 from fedselect.core.masks import Mask, compress, target_count, true_counts, validate_mask
 
@@ -38,7 +39,7 @@ def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor
             f"within has shape {tuple(within.shape)} but scores have shape {tuple(scores.shape)}"
         )
     flat_within = within.reshape(-1)
-    n_candidates = int(torch.count_nonzero(flat_within))
+    n_candidates = count_true(flat_within)
     if not (0 <= k <= n_candidates):
         raise ValueError(f"k={k} is outside [0, {n_candidates}] (number of candidate entries)")
     flat = scores.reshape(-1)
@@ -76,8 +77,8 @@ def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> T
     sorting millions of entries per tensor.
     """
     kth = kth_largest(vals, k)
-    above = vals > kth
-    tied = vals == kth
+    above = compare(vals, "gt", kth)
+    tied = compare(vals, "eq", kth)
     if candidates is not None:
         tied &= candidates
     # amax propagates NaN: one reduction tells whether a candidate is NaN (non-candidates are -inf)
@@ -106,30 +107,27 @@ def _zero_cut(flat: Tensor, flat_within: Tensor, k: int, n_candidates: int) -> T
     # far more than k / candidates of its candidates are above 0, the probe would fail, so skip it
     # (this decides only whether to look, never what is chosen).
     head, head_within = flat[:_ZERO_CUT_MIN_SIZE], flat_within[:_ZERO_CUT_MIN_SIZE]
-    head_candidates, head_above = (int(c) for c in torch.stack(
-        [torch.count_nonzero(head_within), torch.count_nonzero((head > 0).logical_and_(head_within))]).tolist())
+    head_candidates, head_above = counts_true([head_within, compare(head, "gt", 0.0).logical_and_(head_within)])
     if head_above > (2 * k / n_candidates + 0.01) * head_candidates:
         return None
-    above = (flat > 0).logical_and_(flat_within)
-    n_above = int(torch.count_nonzero(above))
+    above = compare(flat, "gt", 0.0).logical_and_(flat_within)
+    n_above = count_true(above)
     if n_above >= k:
         return None
-    tied = (flat == 0).logical_and_(flat_within)
-    n_tied = int(torch.count_nonzero(tied))
+    tied = compare(flat, "eq", 0.0).logical_and_(flat_within)
+    n_tied = count_true(tied)
     if k > n_above + n_tied:
         return None
     # candidates neither above 0 nor at or below it are NaN (counted only when some are not 0 or above)
-    if n_above + n_tied != n_candidates and n_above + int(
-            torch.count_nonzero((flat <= 0).logical_and_(flat_within))) != n_candidates:
+    if n_above + n_tied != n_candidates and n_above + count_true(
+            compare(flat, "le", 0.0).logical_and_(flat_within)) != n_candidates:
         return None
     return _above_and_first_ties(above, tied, k - n_above, n_tied)
 
 
 def _read_counts(nan: Tensor, above: Tensor, tied: Tensor) -> tuple[int, int, int]:
     """(NaN among candidates, entries above, candidates tied), read back in one synchronisation."""
-    has_nan, n_above, n_tied = (int(c) for c in torch.stack(
-        [nan.to(device=above.device, dtype=torch.int64), torch.count_nonzero(above), torch.count_nonzero(tied)]
-    ).tolist())
+    has_nan, n_above, n_tied = counts_true([nan.to(above.device), above, tied])
     return has_nan, n_above, n_tied
 
 
@@ -157,7 +155,9 @@ def _first_true(flags: Tensor, need: int) -> Tensor:
     block is scanned (2 ms). The same entries as ``flags & (cumsum(flags) <= need)``.
     """
     full = flags.numel() - flags.numel() % _BLOCK
-    reached = torch.cumsum(flags[:full].view(-1, _BLOCK).sum(1, dtype=torch.int64), 0)
+    # each block's count summed as bytes into int32 (at most 4096 per block): 4x faster than an int64 sum of bools
+    reached = torch.cumsum(flags[:full].view(torch.uint8).view(-1, _BLOCK).sum(1, dtype=torch.int32), 0,
+                           dtype=torch.int64)
     block = int(torch.searchsorted(reached, need))  # the first block whose running count reaches need
     before = int(reached[block - 1]) if block > 0 else 0
     start = block * _BLOCK
