@@ -102,6 +102,24 @@ def test_each_entry_averaged_over_sharing_clients_only() -> None:
     assert new_u["w"].tolist() == pytest.approx([5.5, 20.0, 3.0, 100.0])
 
 
+@pytest.mark.parametrize("weights", [[3.0, 5.0, 7.0, 11.0], [3.0, 2.5, 7.0, 11.0], [2.0**29 - 1] * 4 + [5.0],
+                                     [0.25, 3.0, 5.0, 1.0]])
+def test_entry_weights_counted_in_int32_or_float64_give_the_float64_mean(weights: list[float]) -> None:
+    # whole-number weights are counted in int32 until one is fractional or their sum would pass 2**31
+    g = torch.Generator().manual_seed(3)
+    glob = {"w": torch.randn(257, generator=g)}
+    states = [{"w": torch.randn(257, generator=g)} for _ in weights]
+    masks = [{"w": torch.rand(257, generator=g) < 0.4} for _ in weights]
+    new, _ = masked_average(glob, states, masks, weights)
+    total = torch.zeros(257, dtype=torch.float64)
+    weight = torch.zeros(257, dtype=torch.float64)
+    for state, mask, w in zip(states, masks, weights, strict=True):
+        total += torch.where(mask["w"], 0.0, state["w"].double() * w)
+        weight += (~mask["w"]).double() * w
+    expected = torch.where(weight > 0, (total / torch.where(weight > 0, weight, 1.0)).float(), glob["w"])
+    assert torch.equal(new["w"], expected)
+
+
 def test_nan_in_personal_entries_never_reaches_result() -> None:
     states = _states(4, seed=1)
     g = torch.Generator().manual_seed(2)
