@@ -133,3 +133,17 @@ def test_cpu_crops_one_image_at_a_time_with_the_batched_gathers_values():
         cols = (offsets[:, 1:2] + torch.arange(w)).view(n, 1, 1, w)
         cropped = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
         assert torch.equal(got, torch.where(flips.view(n, 1, 1, 1), cropped.flip(3), cropped))
+
+
+def test_client_global_rng_on_cpu_draws_as_torch_manual_seed_and_restores() -> None:
+    import numpy as np
+
+    from fedselect.engine import client_global_rng
+
+    torch.manual_seed(11)
+    outer = torch.random.get_rng_state()
+    with client_global_rng(1, 2, 3, "cpu", stream=4):
+        inside = torch.rand(6)
+    assert torch.equal(torch.random.get_rng_state(), outer)  # the caller's stream continues untouched
+    torch.manual_seed(int(np.random.SeedSequence([1, 2, 3, 4, 0xD509]).generate_state(1)[0]))
+    assert torch.equal(inside, torch.rand(6))

@@ -349,7 +349,12 @@ def client_global_rng(seed: int, client_id: int, round_idx: int, device: torch.d
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         state = np.random.SeedSequence([seed, client_id, round_idx, stream, 0xD509]).generate_state(1)
-        torch.manual_seed(int(state[0]))
+        if device.type == "cpu":
+            # the CPU generator alone, as torch.manual_seed seeds it: that call would also queue a lazy
+            # seeding of every accelerator type, each recording a formatted stack (0.4 ms per call)
+            torch.default_generator.manual_seed(int(state[0]))
+        else:
+            torch.manual_seed(int(state[0]))
         yield
 
 
