@@ -186,3 +186,13 @@ def test_cuda_matches_cpu_bit_for_bit() -> None:
     for k in cpu:
         assert torch.equal(_bits(gpu[k].cpu()), _bits(cpu[k]))
         assert torch.equal(gpu_mask[k].cpu(), cpu_mask[k])
+
+
+def test_masked_mean_takes_int_weights() -> None:
+    from fedselect.core.aggregate import MaskedMean
+
+    mean = MaskedMean({"w": torch.zeros(4)})
+    mean.add("w", torch.ones(4), torch.tensor([True, False, True, True]), 3)
+    mean.add("w", torch.full((4,), 2.0), torch.tensor([True, True, False, True]), 2)
+    new, _ = mean.result()
+    assert new["w"].tolist() == pytest.approx([7 / 5, 2.0, 1.0, 7 / 5])

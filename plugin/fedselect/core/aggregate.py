@@ -110,7 +110,7 @@ class MaskedMean:
         counted = self._counted_weight.get(name, 0.0) + weight
         if entry is None:
             entry = torch.zeros(shared.shape, dtype=torch.int32, device=shared.device)
-        if entry.dtype == torch.int32 and weight.is_integer() and counted < _INT32_LIMIT:
+        if entry.dtype == torch.int32 and float(weight).is_integer() and counted < _INT32_LIMIT:
             entry.add_(shared, alpha=int(weight))
         else:
             entry = entry.to(torch.float64).add_(shared, alpha=weight)
