@@ -18,6 +18,7 @@ from vs_released_measure import (
     device_label,
     device_sync,
     proc_status_kb,
+    profiled,
     timed,
 )
 
@@ -137,21 +138,12 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
                                algorithm_flow=flow)
     figures = ChildFigures(t_setup)
     error = None
-    profiler = None
-    if spec.get("profile"):
-        import cProfile
-
-        profiler = cProfile.Profile()
     clock.mark()
-    try:
-        if profiler is not None:
-            profiler.enable()
-        runner.run()
-    except Exception as exc:  # a diverged run raises in the server's upload check
-        error = f"{type(exc).__name__}: {exc}"
-    finally:
-        if profiler is not None:
-            profiler.disable()
+    with profiled(bool(spec.get("profile"))) as profiler:
+        try:
+            runner.run()
+        except Exception as exc:  # a diverged run raises in the server's upload check
+            error = f"{type(exc).__name__}: {exc}"
     personal = [t.round_metrics().get("personal_fraction") for t in trainers]
     return {
         **figures.report("ours", device_label(device), clock, error, torch.get_num_threads(), profiler,
@@ -291,22 +283,14 @@ def child_released(spec: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]
 
     figures = ChildFigures(t_setup)
     error = None
-    profiler = None
-    if spec.get("profile_released"):
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-    try:
-        result = rel.fedselect_algorithm(model, args, dataset_train, dataset_test, dict_users_train,
-                                         dict_users_test, np.array([]), idxs_users)
-    except _FinalEvalSkipped:
-        pass
-    except AssertionError as exc:  # MaskLocalAltSGD.step asserts that no parameter is NaN
-        error = f"AssertionError in round {clock.current_round}: {exc}"
-    finally:
-        if profiler is not None:
-            profiler.disable()
+    with profiled(bool(spec.get("profile_released"))) as profiler:
+        try:
+            result = rel.fedselect_algorithm(model, args, dataset_train, dataset_test, dict_users_train,
+                                             dict_users_test, np.array([]), idxs_users)
+        except _FinalEvalSkipped:
+            pass
+        except AssertionError as exc:  # MaskLocalAltSGD.step asserts that no parameter is NaN
+            error = f"AssertionError in round {clock.current_round}: {exc}"
     masks = result.get("client_masks") if result else None
     return {
         **figures.report("released", device_label(args.device), clock, error, torch.get_num_threads(), profiler,

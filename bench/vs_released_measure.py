@@ -4,7 +4,8 @@ parts, training and evaluation passes, peak memory, and a profile (shared by bot
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -140,6 +141,22 @@ def device_label(device: Any) -> str:
     if device.type == "cuda":
         return f"{device} {torch.cuda.get_device_name(device)}"
     return str(device)
+
+
+@contextmanager
+def profiled(wanted: bool) -> Iterator[Any]:
+    """A ``cProfile.Profile`` enabled within the block when ``wanted``, else None."""
+    if not wanted:
+        yield None
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield profiler
+    finally:
+        profiler.disable()
 
 
 def profile_text(profiler: Any, top: int = 15) -> str:

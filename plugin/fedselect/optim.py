@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedselect.core.blend import BIT_TYPES, select_into_, selection_bits, where_fill, where_fill_
-from fedselect.core.host import counts_true
+from fedselect.core.masks import true_counts
 
 # name -> None (whole tensor trainable) or a bool tensor of the parameter's shape (True =
 # this entry may change). A parameter missing from the mapping is frozen.
@@ -144,12 +144,10 @@ class MaskedSGD:
 
 def mask_coverage(masks: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """"all", "none" or "some" True entries per mask, with one host synchronisation for all of them."""
-    if not masks:
-        return {}
     # one pass per mask (a count), not two (all and any)
-    counts = counts_true(list(masks.values()))
-    return {name: "all" if count == m.numel() else ("some" if count else "none")
-            for (name, m), count in zip(masks.items(), counts, strict=True)}
+    counts = true_counts(masks)
+    return {name: "all" if counts[name] == m.numel() else ("some" if counts[name] else "none")
+            for name, m in masks.items()}
 
 
 @contextmanager

@@ -120,8 +120,6 @@ def validate_same_layout(
 
 def true_counts(mask: Mapping[str, Tensor]) -> dict[str, int]:
     """True entries per tensor, counted on the device with one host synchronisation for all."""
-    if not mask:
-        return {}
     return dict(zip(mask, counts_true(list(mask.values())), strict=True))
 
 
