@@ -1,5 +1,6 @@
-"""train.cuda_graphs: refused without CUDA (config and run), hooks a replay would skip refused;
-on a GPU, graphed training matches eager training (these run where CUDA is, e.g. bench/gpu_check)."""
+"""train.cuda_graphs: auto (the default) resolves to graphs for image models on CUDA only; true is
+refused without CUDA (config and run); hooks a replay would skip are refused; on a GPU, graphed
+training matches eager training (these run where CUDA is, e.g. bench/gpu_check)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from fedselect.algorithms.context import RunContext
 from fedselect.config import ConfigError, load_config_dict
-from fedselect.cuda_graphs import graph_count, graphed_forward
+from fedselect.cuda_graphs import graph_count, graphed_forward, uses_cuda_graphs
 from fedselect.engine import ImageTransform, OptimConfig, train_passes
 from fedselect.runner.federation import on_device
 
@@ -36,6 +38,33 @@ def test_cuda_graphs_on_a_run_resolved_to_the_cpu_is_an_error() -> None:
     config = load_config_dict({"device": "auto", "train": {"cuda_graphs": True}})
     with pytest.raises(ConfigError, match="train.cuda_graphs.*cpu"):
         on_device(config, _net(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("setting", "device", "text", "expected"), [
+    ("auto", "cuda", False, True), ("auto", "cuda:1", False, True), ("auto", "cpu", False, False),
+    ("auto", "cuda", True, False), (True, "cuda", True, True), (False, "cuda", False, False),
+])
+def test_auto_means_image_models_on_cuda(setting, device: str, text: bool, expected: bool) -> None:
+    assert uses_cuda_graphs(setting, torch.device(device), text=text) is expected
+
+
+def test_auto_is_the_default_and_a_cpu_run_trains_eagerly_without_complaint() -> None:
+    config = load_config_dict({"device": "cpu"})
+    assert config.train.cuda_graphs == "auto"
+    on_device(config, _net(), torch.device("cpu"))  # no error: auto is not a demand for CUDA
+    ctx = RunContext(config=config, options=None, transform=lambda x: x, device=torch.device("cpu"))
+    assert ctx.cuda_graphs is False
+    on_gpu = RunContext(config=config, options=None, transform=lambda x: x, device=torch.device("cuda"))
+    assert on_gpu.cuda_graphs is True
+    text = load_config_dict({"data": {"dataset": "amazon_reviews"}, "model": {"name": "minilm"}})
+    text_on_gpu = RunContext(config=text, options=None, transform=lambda x: x, device=torch.device("cuda"))
+    assert text_on_gpu.cuda_graphs is False
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "on"])
+def test_a_cuda_graphs_value_other_than_true_false_auto_is_a_config_error(value) -> None:
+    with pytest.raises(ConfigError, match="train.cuda_graphs"):
+        load_config_dict({"train": {"cuda_graphs": value}})
 
 
 def test_hooks_on_submodules_are_refused_because_a_replay_skips_them() -> None:

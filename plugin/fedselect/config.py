@@ -220,9 +220,11 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     # image batches and convolution weights in channels-last layout (faster convolutions on GPUs)
     channels_last: bool = False
-    # replay each training pass's forward and backward from CUDA graphs (GPU only; docs/GPU.md):
-    # a small model's step is bound by kernel launches and Python, not by the GPU
-    cuda_graphs: bool = False
+    # replay each training pass's forward and backward from CUDA graphs (docs/GPU.md): a small
+    # model's step is bound by kernel launches and Python, not by the GPU. auto: on for image
+    # models on a CUDA device, off on the CPU and for text models (whose forward may wait for
+    # the host); true: on, an error without CUDA; false: off
+    cuda_graphs: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "train.rounds", "must be >= 1")
@@ -271,7 +273,7 @@ class ExperimentConfig:
         check(self.seed >= 0, "seed", "must be >= 0")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
-        check(not (self.train.cuda_graphs and self.device == "cpu"), "train.cuda_graphs",
+        check(not (self.train.cuda_graphs is True and self.device == "cpu"), "train.cuda_graphs",
               "is true but device is cpu: CUDA graphs need a CUDA device")
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""CUDA-graphed training forward and backward (``train.cuda_graphs: true``).
+"""CUDA-graphed training forward and backward (``train.cuda_graphs``: ``auto``, the default, or ``true``).
 
 On a GPU, a small model's training step is bound by the host, not by the device: ResNet-18 at
 32 px and batch 32 on an H100 spends 1.7 ms of a 10 ms step in kernels, the rest in Python,
@@ -44,6 +44,20 @@ _GRAPHS: weakref.WeakKeyDictionary[nn.Module, OrderedDict[GraphKey, Forward]] = 
 # would otherwise add pairs without end; the least recently used pair is dropped (and recaptured
 # if it is needed again)
 MAX_GRAPHS_PER_MODEL = 16
+
+
+def uses_cuda_graphs(setting: bool | str, device: torch.device, *, text: bool) -> bool:
+    """Whether a run's training passes are replayed from CUDA graphs (``train.cuda_graphs``).
+
+    ``true`` and ``false`` are taken as they are (``true`` without CUDA is refused earlier, by
+    the config check and :func:`fedselect.runner.federation.on_device`). ``auto`` turns graphs
+    on where they were measured to pay and to be safe: a CUDA device and an image model. A text
+    model's forward may wait for the host (attention masks, data-dependent shapes), which a
+    capture cannot hold, so text runs stay eager.
+    """
+    if setting == "auto":
+        return device.type == "cuda" and not text
+    return bool(setting)
 
 
 def graphed_forward(model: nn.Module) -> Forward:
@@ -133,11 +147,11 @@ def _check_hooks(model: nn.Module) -> None:
     """Hooks that a replay would skip are refused: on submodules, and forward pre-hooks."""
     if model._forward_pre_hooks or getattr(model, "_forward_hooks_with_kwargs", None):
         raise ValueError("train.cuda_graphs: the model has forward pre-hooks or keyword forward hooks, "
-                         "which a graph replay would not run")
+                         "which a graph replay would not run (set train.cuda_graphs: false)")
     for name, module in model.named_modules():
         if module is not model and (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks):
             raise ValueError(f"train.cuda_graphs: module '{name}' has hooks, which would run only while "
-                             "capturing the graph, not on its replays")
+                             "capturing the graph, not on its replays (set train.cuda_graphs: false)")
 
 
 def _after_hooks(model: nn.Module | None, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _either(key: str, value: Any, errors: list[str]) -> str:
+    """One message for a value that fits none of a union's types: what each would have needed."""
+    head, tail = f"config key '{key}' must be ", f", got {value!r}"
+    needs = [e[len(head):-len(tail)] for e in errors if e.startswith(head) and e.endswith(tail)]
+    if len(needs) != len(errors):
+        return f"config key '{key}': {value!r} matches no allowed type"
+    return f"{head}{', or '.join(needs)}{tail}"
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
     origin = typing.get_origin(tp)
@@ -47,7 +56,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} matches no allowed type")
+        raise ConfigError(errors[0] if len(errors) == 1 else _either(key, value, errors))
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:

@@ -200,7 +200,7 @@ class FedAvgClient(Checkpointable, ClientTrainer):
                              freeze_frozen_norms=self.freeze_frozen_norms,
                              freeze_norm_stats=self.ctx.config.train.norm_stats == "frozen",
                              precision=self.ctx.config.train.precision,
-                             cuda_graphs=self.ctx.config.train.cuda_graphs)
+                             cuda_graphs=self.ctx.cuda_graphs)
         self.sample_passes += stats.samples
         return stats
 

@@ -3,6 +3,7 @@ checkpoint protocol, and what an algorithm leaves at the end of a run."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any, ClassVar
 import torch
 
 from fedselect.config import ExperimentConfig
+from fedselect.cuda_graphs import uses_cuda_graphs
+from fedselect.dataset_names import is_text
 from fedselect.engine import OptimConfig
 from fedselect.options import NoOptions
 
@@ -30,6 +33,11 @@ class RunContext:
     # read-only values every client of the run may share instead of copying (LotteryFL's
     # theta_0), by a key its algorithm owns; filled by the first client built
     shared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @functools.cached_property
+    def cuda_graphs(self) -> bool:
+        """``train.cuda_graphs`` resolved for this run's device and model kind (``auto``: image models on CUDA)."""
+        return uses_cuda_graphs(self.config.train.cuda_graphs, self.device, text=is_text(self.config.data.dataset))
 
     @property
     def optim(self) -> OptimConfig:

@@ -99,7 +99,7 @@ def image_transform(config: ExperimentConfig, data_mean: Sequence[float], data_s
 
 def on_device(config: ExperimentConfig, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The run's model on its device, in the configured memory layout, with the device set up for it."""
-    check(device.type == "cuda" or not config.train.cuda_graphs, "train.cuda_graphs",
+    check(device.type == "cuda" or config.train.cuda_graphs is not True, "train.cuda_graphs",
           f"is true but the run's device is {device.type} (device: {config.device}): CUDA graphs need a CUDA device")
     configure_device(device)
     model = model.to(device)

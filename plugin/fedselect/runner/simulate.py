@@ -65,7 +65,8 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
             partition=partition_spec(config), partition_key=fed.partition_key, device=device,
             clients=fed.client_data, wall_seconds=checkpointer.elapsed_seconds(),
             # over all attempts of a resumed run; rounds redone after a kill count once
-            extra={"resumed_at_rounds": checkpointer.resumed_at, "classes": list(fed.data.classes)},
+            extra={"resumed_at_rounds": checkpointer.resumed_at, "classes": list(fed.data.classes),
+                   "cuda_graphs": fed.ctx.cuda_graphs},  # train.cuda_graphs as resolved (auto)
             artifacts=artifacts, record_path=record_path)
     # finished and recorded: the same command again is a new run, not this one resumed
     checkpointer.remove()
