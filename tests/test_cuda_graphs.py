@@ -40,25 +40,34 @@ def test_cuda_graphs_on_a_run_resolved_to_the_cpu_is_an_error() -> None:
         on_device(config, _net(), torch.device("cpu"))
 
 
-@pytest.mark.parametrize(("setting", "device", "text", "expected"), [
-    ("auto", "cuda", False, True), ("auto", "cuda:1", False, True), ("auto", "cpu", False, False),
-    ("auto", "cuda", True, False), (True, "cuda", True, True), (False, "cuda", False, False),
+@pytest.mark.parametrize(("setting", "device", "image_size", "expected"), [
+    ("auto", "cuda", 32, True), ("auto", "cuda:1", 64, True), ("auto", "cpu", 32, False),
+    ("auto", "cuda", 96, False), ("auto", "cuda", None, False), (True, "cuda", 224, True),
+    (True, "cuda", None, True), (False, "cuda", 32, False),
 ])
-def test_auto_means_image_models_on_cuda(setting, device: str, text: bool, expected: bool) -> None:
-    assert uses_cuda_graphs(setting, torch.device(device), text=text) is expected
+def test_auto_means_small_images_on_cuda(setting, device: str, image_size, expected: bool) -> None:
+    assert uses_cuda_graphs(setting, torch.device(device), image_size=image_size) is expected
 
 
 def test_auto_is_the_default_and_a_cpu_run_trains_eagerly_without_complaint() -> None:
     config = load_config_dict({"device": "cpu"})
     assert config.train.cuda_graphs == "auto"
     on_device(config, _net(), torch.device("cpu"))  # no error: auto is not a demand for CUDA
-    ctx = RunContext(config=config, options=None, transform=lambda x: x, device=torch.device("cpu"))
-    assert ctx.cuda_graphs is False
-    on_gpu = RunContext(config=config, options=None, transform=lambda x: x, device=torch.device("cuda"))
-    assert on_gpu.cuda_graphs is True
-    text = load_config_dict({"data": {"dataset": "amazon_reviews"}, "model": {"name": "minilm"}})
-    text_on_gpu = RunContext(config=text, options=None, transform=lambda x: x, device=torch.device("cuda"))
-    assert text_on_gpu.cuda_graphs is False
+
+    def ctx(device: str, image_size: int | None) -> RunContext:
+        return RunContext(config=config, options=None, transform=lambda x: x, device=torch.device(device),
+                          image_size=image_size)
+    assert ctx("cpu", 32).cuda_graphs is False
+    assert ctx("cuda", 32).cuda_graphs is True
+    assert ctx("cuda", None).cuda_graphs is False  # text
+
+
+def test_the_input_size_auto_reads_is_the_resized_side_else_the_stored_one() -> None:
+    from fedselect.runner.federation import input_image_size
+
+    images = type("D", (), {"train_x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)})()
+    assert input_image_size(load_config_dict({}), images) == 32
+    assert input_image_size(load_config_dict({"data": {"image_size": 224}}), images) == 224
 
 
 @pytest.mark.parametrize("value", ["yes", 1, "on"])

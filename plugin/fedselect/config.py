@@ -221,9 +221,10 @@ class TrainConfig:
     # image batches and convolution weights in channels-last layout (faster convolutions on GPUs)
     channels_last: bool = False
     # replay each training pass's forward and backward from CUDA graphs (docs/GPU.md): a small
-    # model's step is bound by kernel launches and Python, not by the GPU. auto: on for image
-    # models on a CUDA device, off on the CPU and for text models (whose forward may wait for
-    # the host); true: on, an error without CUDA; false: off
+    # model's step is bound by kernel launches and Python, not by the GPU. auto: on for images of
+    # at most 64 px a side (after data.image_size) on a CUDA device; off on the CPU, for larger
+    # images and for text models (whose forward may wait for the host); true: on, an error
+    # without CUDA; false: off
     cuda_graphs: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:

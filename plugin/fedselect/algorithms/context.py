@@ -13,7 +13,6 @@ import torch
 
 from fedselect.config import ExperimentConfig
 from fedselect.cuda_graphs import uses_cuda_graphs
-from fedselect.dataset_names import is_text
 from fedselect.engine import OptimConfig
 from fedselect.options import NoOptions
 
@@ -30,14 +29,16 @@ class RunContext:
     # stored batch -> model input (ImageTransform, or TokenTransform for text)
     transform: Callable[..., torch.Tensor]
     device: torch.device
+    # the side of the model's input images, after any resize; None for text
+    image_size: int | None = None
     # read-only values every client of the run may share instead of copying (LotteryFL's
     # theta_0), by a key its algorithm owns; filled by the first client built
     shared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
     def cuda_graphs(self) -> bool:
-        """``train.cuda_graphs`` resolved for this run's device and model kind (``auto``: image models on CUDA)."""
-        return uses_cuda_graphs(self.config.train.cuda_graphs, self.device, text=is_text(self.config.data.dataset))
+        """``train.cuda_graphs`` resolved for this run's device and input (``auto``: small images on CUDA)."""
+        return uses_cuda_graphs(self.config.train.cuda_graphs, self.device, image_size=self.image_size)
 
     @property
     def optim(self) -> OptimConfig:

@@ -198,7 +198,8 @@ def initial_model_and_context(config: ExperimentConfig, options: Any, device: to
     model = build_model_from_config(config.model, num_classes, in_channels=in_channels,
                                     image_size=config.data.image_size or image_size)
     model = on_device(config, model, device)
-    ctx = RunContext(config=config, options=options, device=device, transform=image_transform(config, mean, std))
+    ctx = RunContext(config=config, options=options, device=device, transform=image_transform(config, mean, std),
+                     image_size=config.data.image_size or image_size)
     return model, ctx
 
 
@@ -223,16 +224,24 @@ class Federation:
         return partition_key(self.data.name, partition_spec(self.config))
 
 
+def input_image_size(config: ExperimentConfig, data: ImageData | TextData) -> int | None:
+    """The side of the images the model sees (``data.image_size`` when set, else the stored one); None for text."""
+    if isinstance(data, TextData):
+        return None
+    return config.data.image_size or int(data.train_x.shape[-1])
+
+
 def build_participants(config: ExperimentConfig, model: torch.nn.Module, client_data: Sequence[ClientDataset], *,
                        device: torch.device, args: Any, transform: Callable[..., torch.Tensor],
-                       algorithm: tuple[AlgorithmSpec, Any] | None = None
+                       algorithm: tuple[AlgorithmSpec, Any] | None = None, image_size: int | None = None
                        ) -> tuple[RunContext, list[FedAvgClient], FedAvgServer]:
     """The algorithm's client trainers (one per dataset, all on ``model``) and server, sharing one context.
 
     ``algorithm``: the already resolved :func:`resolve_algorithm` result, else it is resolved here.
+    ``image_size``: the model's input side (None for text; :func:`input_image_size`).
     """
     spec, options = algorithm or resolve_algorithm(config)
-    ctx = RunContext(config=config, options=options, device=device, transform=transform)
+    ctx = RunContext(config=config, options=options, device=device, transform=transform, image_size=image_size)
     clients = [spec.client_cls(model, args, client_id=cid, data=d, ctx=ctx) for cid, d in enumerate(client_data)]
     return ctx, clients, spec.server_cls(model, args, ctx=ctx)
 
@@ -251,5 +260,6 @@ def build_federation(config: ExperimentConfig, device: torch.device, args: Any, 
     torch.manual_seed(config.seed)
     model = on_device(config, build_run_model(config, data), device)
     ctx, clients, server = build_participants(config, model, client_data, device=device, args=args,
-                                              transform=data_transform(config, data), algorithm=algorithm)
+                                              transform=data_transform(config, data), algorithm=algorithm,
+                                              image_size=input_image_size(config, data))
     return Federation(config, spec, options, device, data, partition, client_data, model, ctx, clients, server)
