@@ -392,6 +392,39 @@ def test_pack_mask_with_one_host_copy_round_trips() -> None:
         assert torch.equal(m, mask[name]), name
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_packing_and_unpacking_on_the_device_give_the_hosts_bits(device: str) -> None:
+    """The torch unpack (one copy of all packed bytes, bits expanded on the device, each mask a
+    view of one buffer) and the torch pack equal numpy's, over sizes that do and do not fill
+    whole bytes."""
+    g = torch.Generator().manual_seed(8)
+    shapes = {"conv": (4, 3, 3, 3), "bias": (7,), "one": (), "empty": (0,), "fc": (13, 9), "bn": (8,)}
+    mask = {k: torch.rand(s, generator=g) < 0.3 for k, s in shapes.items()}
+    packed = pack_mask(mask)
+    on_host = unpack_mask(packed)
+    on_device = unpack_mask(packed, device=device, method="torch")
+    assert list(on_device) == list(mask)
+    for name, m in on_device.items():
+        assert m.device.type == device and m.dtype == torch.bool and m.shape == mask[name].shape, name
+        assert torch.equal(m.cpu(), mask[name]) and torch.equal(m.cpu(), on_host[name]), name
+    repacked = pack_mask(on_device, method="torch")
+    for name, p in repacked.items():
+        assert p.bits.device.type == "cpu" and p.shape == packed[name].shape, name
+        assert torch.equal(p.bits, packed[name].bits), name
+    # the masks are views of one buffer: no mask reaches into another's entries
+    on_device["fc"].fill_(True)
+    assert torch.equal(on_device["conv"].cpu(), mask["conv"]) and torch.equal(on_device["bn"].cpu(), mask["bn"])
+    assert unpack_mask({}, device=device, method="torch") == {}
+
+
+def test_pack_and_unpack_refuse_an_unknown_method() -> None:
+    with pytest.raises(ValueError, match="method"):
+        unpack_mask(pack_mask({"a": torch.ones(3, dtype=torch.bool)}), method="fast")
+    with pytest.raises(ValueError, match="method"):
+        pack_mask({"a": torch.ones(3, dtype=torch.bool)}, method="fast")
+
+
 @pytest.mark.parametrize("probe", [True, False])
 @pytest.mark.parametrize("zero_share", [0.0, 0.6, 0.95, 1.0])
 def test_topk_mask_on_zero_heavy_scores_agrees_with_a_sort(zero_share: float, probe: bool,

@@ -37,6 +37,7 @@ __all__ = [
     "gather_masked",
     "iou_matrix",
     "mask_iou",
+    "pack_bits",
     "pack_mask",
     "personal_count",
     "personal_fraction",
@@ -44,6 +45,7 @@ __all__ = [
     "target_count",
     "true_counts",
     "counted_fraction",
+    "unpack_bits",
     "unpack_mask",
     "validate_mask",
     "validate_same_layout",
@@ -244,19 +246,27 @@ class PackedTensor(NamedTuple):
     shape: tuple[int, ...]
 
 
-def pack_mask(mask: Mapping[str, Tensor]) -> dict[str, PackedTensor]:
+def pack_mask(mask: Mapping[str, Tensor], *, method: str = "auto") -> dict[str, PackedTensor]:
     """Bit-pack a mask, one bit per entry (row-major, MSB first, zero-padded to whole bytes).
 
     The wire/storage form of a client's mask m_k (FedSelect Alg. 1 output): ceil(numel / 8) bytes per
-    tensor instead of one byte per bool. Packed bits are on the CPU.
+    tensor instead of one byte per bool. Packed bits are on the CPU. ``method``: ``numpy`` copies
+    the bools to the host once and packs them there (``np.packbits``); ``torch`` packs on the
+    mask's device and copies an eighth of the bytes back (:func:`pack_bits`); ``auto`` takes
+    ``torch`` for a mask on a CUDA device and ``numpy`` otherwise. Same bits either way.
     """
     for k, m in mask.items():
         if m.dtype != torch.bool:
             raise ValueError(f"mask tensor {k!r} has dtype {m.dtype}, expected torch.bool")
+    if method not in ("auto", "numpy", "torch"):
+        raise ValueError(f"pack_mask: method must be auto, numpy or torch, got {method!r}")
     if not mask:
         return {}
+    device = next(iter(mask.values())).device
+    if method == "torch" or (method == "auto" and device.type == "cuda"):
+        return pack_bits(mask)
     # one device-to-host copy for the whole mask (a GPU waits once, not once per tensor)
-    flat = torch.cat([m.detach().reshape(-1).to(next(iter(mask.values())).device) for m in mask.values()])
+    flat = torch.cat([m.detach().reshape(-1).to(device) for m in mask.values()])
     host = flat.cpu().numpy()
     out: dict[str, PackedTensor] = {}
     offset = 0
@@ -268,24 +278,89 @@ def pack_mask(mask: Mapping[str, Tensor]) -> dict[str, PackedTensor]:
     return out
 
 
+def pack_bits(mask: Mapping[str, Tensor]) -> dict[str, PackedTensor]:
+    """:func:`pack_mask`'s bytes made on the mask's device, then copied to the host at once.
+
+    Each tensor's flags are padded with False to whole bytes, so every tensor starts on a byte;
+    each byte is its 8 flags weighted 128, 64, ..., 1 (MSB first, as ``np.packbits``).
+    """
+    device = next(iter(mask.values())).device
+    pieces: list[Tensor] = []
+    for m in mask.values():
+        flat = m.detach().reshape(-1).to(device)
+        pieces.append(flat)
+        if flat.numel() % 8:
+            pieces.append(torch.zeros(8 - flat.numel() % 8, dtype=torch.bool, device=device))
+    flags = torch.cat(pieces).view(-1, 8).to(torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+    host = (flags * weights).sum(dim=1).to(torch.uint8).cpu()  # each byte's sum is at most 255
+    out: dict[str, PackedTensor] = {}
+    offset = 0
+    for k, m in mask.items():
+        size = (m.numel() + 7) // 8
+        out[k] = PackedTensor(bits=host[offset:offset + size].clone(), shape=tuple(m.shape))
+        offset += size
+    return out
+
+
 def unpack_mask(
     packed: Mapping[str, PackedTensor | tuple[Tensor, Sequence[int]]],
     device: torch.device | str | None = None,
+    *,
+    method: str = "auto",
 ) -> Mask:
     """Inverse of ``pack_mask``: exact round trip to a bool mask (optionally moved to ``device``).
 
     Restores a client's stored mask m_k (FedSelect Alg. 1) before training or aggregation.
+    ``method``: ``numpy`` unpacks on the host (``np.unpackbits``) and copies each tensor to
+    ``device``; ``torch`` copies the packed bytes of all tensors to ``device`` at once, an eighth
+    of the bools, and expands the bits there (:func:`unpack_bits`); ``auto`` takes ``torch`` for
+    a CUDA device and ``numpy`` otherwise. Same masks either way.
     """
+    items = {k: _checked_packed(k, bits, shape) for k, (bits, shape) in packed.items()}
+    target = torch.device(device) if device is not None else None
+    if method == "auto":
+        method = "torch" if target is not None and target.type == "cuda" else "numpy"
+    if method not in ("numpy", "torch"):
+        raise ValueError(f"unpack_mask: method must be auto, numpy or torch, got {method!r}")
+    if method == "torch":
+        return unpack_bits(items, target or torch.device("cpu"))
     out: Mask = {}
-    for k, (bits, shape) in packed.items():
-        shape_t = tuple(int(s) for s in shape)
-        numel = math.prod(shape_t)
-        if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
-            raise ValueError(
-                f"packed tensor {k!r}: expected {(numel + 7) // 8} uint8 bytes for shape {shape_t}, "
-                f"got {bits.dtype} of shape {tuple(bits.shape)}"
-            )
-        flat = np.unpackbits(bits.cpu().numpy(), count=numel).view(np.bool_)
+    for k, (bits, shape_t) in items.items():
+        flat = np.unpackbits(bits.cpu().numpy(), count=math.prod(shape_t)).view(np.bool_)
         m = torch.from_numpy(flat).reshape(shape_t)
-        out[k] = m if device is None else m.to(device)
+        out[k] = m if target is None else m.to(target)
     return out
+
+
+def unpack_bits(items: Mapping[str, tuple[Tensor, tuple[int, ...]]], device: torch.device) -> Mask:
+    """Packed masks (MSB first, each tensor padded to whole bytes) unpacked on ``device``.
+
+    One host-to-device copy of every tensor's bytes together, then one shift-and-mask expands all
+    bits; each tensor's mask is a view of that buffer, starting at 8 times its byte offset.
+    """
+    if not items:
+        return {}
+    host = torch.cat([bits.reshape(-1).cpu() for bits, _ in items.values()])
+    on_device = host.to(device)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
+    flags = ((on_device.unsqueeze(1) >> shifts) & 1).to(torch.bool).reshape(-1)
+    out: Mask = {}
+    offset = 0
+    for k, (bits, shape_t) in items.items():
+        numel = math.prod(shape_t)
+        out[k] = flags[8 * offset:8 * offset + numel].view(shape_t)
+        offset += bits.numel()
+    return out
+
+
+def _checked_packed(name: str, bits: Tensor, shape: Sequence[int]) -> tuple[Tensor, tuple[int, ...]]:
+    """``(bits, shape)`` of one packed tensor, refused unless the bytes fit the shape exactly."""
+    shape_t = tuple(int(s) for s in shape)
+    numel = math.prod(shape_t)
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
+        raise ValueError(
+            f"packed tensor {name!r}: expected {(numel + 7) // 8} uint8 bytes for shape {shape_t}, "
+            f"got {bits.dtype} of shape {tuple(bits.shape)}"
+        )
+    return bits, shape_t
