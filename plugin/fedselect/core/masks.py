@@ -258,12 +258,11 @@ def pack_mask(mask: Mapping[str, Tensor], *, method: str = "auto") -> dict[str, 
     for k, m in mask.items():
         if m.dtype != torch.bool:
             raise ValueError(f"mask tensor {k!r} has dtype {m.dtype}, expected torch.bool")
-    if method not in ("auto", "numpy", "torch"):
-        raise ValueError(f"pack_mask: method must be auto, numpy or torch, got {method!r}")
     if not mask:
+        _bits_method("pack_mask", method, None)  # a bad method is refused even for an empty mask
         return {}
     device = next(iter(mask.values())).device
-    if method == "torch" or (method == "auto" and device.type == "cuda"):
+    if _bits_method("pack_mask", method, device) == "torch":
         return pack_bits(mask)
     # one device-to-host copy for the whole mask (a GPU waits once, not once per tensor)
     flat = torch.cat([m.detach().reshape(-1).to(device) for m in mask.values()])
@@ -319,11 +318,7 @@ def unpack_mask(
     """
     items = {k: _checked_packed(k, bits, shape) for k, (bits, shape) in packed.items()}
     target = torch.device(device) if device is not None else None
-    if method == "auto":
-        method = "torch" if target is not None and target.type == "cuda" else "numpy"
-    if method not in ("numpy", "torch"):
-        raise ValueError(f"unpack_mask: method must be auto, numpy or torch, got {method!r}")
-    if method == "torch":
+    if _bits_method("unpack_mask", method, target) == "torch":
         return unpack_bits(items, target or torch.device("cpu"))
     out: Mask = {}
     for k, (bits, shape_t) in items.items():
@@ -352,6 +347,15 @@ def unpack_bits(items: Mapping[str, tuple[Tensor, tuple[int, ...]]], device: tor
         out[k] = flags[8 * offset:8 * offset + numel].view(shape_t)
         offset += bits.numel()
     return out
+
+
+def _bits_method(caller: str, method: str, device: torch.device | None) -> str:
+    """``numpy`` or ``torch`` for packing or unpacking: ``auto`` is torch on a CUDA device."""
+    if method not in ("auto", "numpy", "torch"):
+        raise ValueError(f"{caller}: method must be auto, numpy or torch, got {method!r}")
+    if method == "auto":
+        return "torch" if device is not None and device.type == "cuda" else "numpy"
+    return method
 
 
 def _checked_packed(name: str, bits: Tensor, shape: Sequence[int]) -> tuple[Tensor, tuple[int, ...]]:

@@ -195,11 +195,11 @@ def initial_model_and_context(config: ExperimentConfig, options: Any, device: to
     """The seeded initial model and the run context for image data of this shape and statistics:
     what a cross-silo process builds from the clients' descriptors, as the simulation does from the data."""
     torch.manual_seed(config.seed)
-    model = build_model_from_config(config.model, num_classes, in_channels=in_channels,
-                                    image_size=config.data.image_size or image_size)
-    model = on_device(config, model, device)
+    side = config.data.image_size or image_size  # what the model sees, after any resize
+    model = on_device(config, build_model_from_config(config.model, num_classes, in_channels=in_channels,
+                                                      image_size=side), device)
     ctx = RunContext(config=config, options=options, device=device, transform=image_transform(config, mean, std),
-                     image_size=config.data.image_size or image_size)
+                     image_size=side)
     return model, ctx
 
 
