@@ -57,9 +57,17 @@ pytestmark = pytest.mark.skipif(not torch.__version__.startswith(RECORDED_WITH),
                                 reason=f"fingerprints recorded with torch {RECORDED_WITH} on CPU")
 
 
-def test_local_training_and_evaluation_are_bit_identical() -> None:
+# the one-pass CPU kernels (fedselect.core.cpu_kernels) off and forced on: both give the recorded bits
+kernel_settings = pytest.mark.parametrize("kernels", ["0", "1"])
+
+
+@kernel_settings
+def test_local_training_and_evaluation_are_bit_identical(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDSELECT_CPU_KERNELS", kernels)
     assert engine_case() == ("0d84c282d3f0ba6e", "178.0971360206604", 111, 16, 11, "57.996535301208496")
 
 
-def test_mask_selection_is_bit_identical() -> None:
+@kernel_settings
+def test_mask_selection_is_bit_identical(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDSELECT_CPU_KERNELS", kernels)
     assert mask_case() == "214386e8eeddd5e5"

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from fedselect.core import cpu_kernels
 from fedselect.core.masks import PackedTensor, gather_masked, pack_mask, true_counts, unpack_mask
 from fedselect.engine import (
     ClientDataset,
@@ -229,14 +230,24 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         self.ensure_personal_mask()
         with torch.no_grad():
             state = self.model.state_dict(keep_vars=True)
+            mask = self.personal_mask
+            merged = set()
             for name, value in model_parameters.items():
                 if name not in state:
                     raise KeyError(f"global model has tensor '{name}' the client model lacks")
-                state[name].copy_(value)
-            mask = self.personal_mask
+                personal = self.personal_values.get(name)
+                target = state[name].detach()
+                if (personal is not None and value.dtype == personal.dtype == target.dtype
+                        and value.shape == target.shape and cpu_kernels.applies(target, value, mask[name], personal)):
+                    # global values and personal ones in one pass (fedselect.core.cpu_kernels), same bits
+                    cpu_kernels.merge_personal(target, value, mask[name], personal)
+                    merged.add(name)
+                else:
+                    state[name].copy_(value)
             for name, values in self.personal_values.items():
-                # masked_scatter_ fills the True entries in row-major order: state[name][mask] = values
-                state[name].masked_scatter_(mask[name], values.to(state[name].dtype))
+                if name not in merged:
+                    # masked_scatter_ fills the True entries in row-major order: state[name][mask] = values
+                    state[name].masked_scatter_(mask[name], values.to(state[name].dtype))
 
     def ensure_personal_mask(self) -> None:
         if not self.mask_initialized:

@@ -135,9 +135,11 @@ class FedAvgServer(Checkpointable, ServerAggregator):
             kind = upload.kind(name) if name in upload.state else "personal"
             if kind == "personal":
                 self._mean.skip(name)
+            elif kind == "whole":
+                self._mean.add(name, upload.state[name].detach(), None, self._weight(weight))
             else:
-                shared = None if kind == "whole" else ~upload.personal_mask[name]
-                self._mean.add(name, upload.state[name].detach(), shared, self._weight(weight))
+                self._mean.add_personal(name, upload.state[name].detach(), upload.personal_mask[name],
+                                        self._weight(weight))
         self._accepted += 1
         return True
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fedselect.core import cpu_kernels
 from fedselect.core.blend import where_fill
 from fedselect.core.masks import Mask, State, validate_mask, validate_same_layout
 
@@ -100,6 +101,38 @@ class MaskedMean:
             total.add_(_summand(where_fill(shared, x, -0.0)), alpha=weight)
         self._add_entry_weight(name, shared, weight)
         self._mark_personal(name, ~shared)
+
+    def add_personal(self, name: str, values: Tensor, personal: Tensor, weight: float) -> None:
+        """:meth:`add` given the client's personal mask (True = not sent) rather than its shared one.
+
+        On the CPU, for float32 values and a whole-number weight (sample counts), the sums, the
+        entry weights and the union of personal masks are updated in one pass
+        (:func:`fedselect.core.cpu_kernels.accumulate_shared`), with the same bits as :meth:`add`.
+        """
+        old = self.global_state[name]
+        counted = self._counted_weight.get(name, 0.0) + weight
+        entry = self._entry_weight.get(name)
+        if not (weight and old.dtype == values.dtype == torch.float32 and float(weight).is_integer()
+                and weight < _EXACT_WEIGHT_LIMIT and counted < _INT32_LIMIT
+                and (entry is None or entry.dtype == torch.int32)
+                and old.shape == values.shape == personal.shape and personal.dtype == torch.bool
+                and old.device.type == "cpu" and cpu_kernels.applies(values.detach(), personal)):
+            self.add(name, values, ~personal, weight)
+            return
+        total, union = self._sums.get(name), self._personal.get(name)
+        first = total is None and entry is None and union is None
+        if first:
+            total = torch.empty(old.shape, dtype=torch.float64)
+            entry = torch.empty(old.shape, dtype=torch.int32)
+            union = torch.empty(old.shape, dtype=torch.bool)
+        else:
+            total = total if total is not None else torch.full(old.shape, -0.0, dtype=torch.float64)
+            entry = entry if entry is not None else torch.zeros(old.shape, dtype=torch.int32)
+            union = union if union is not None else torch.zeros(old.shape, dtype=torch.bool)
+        cpu_kernels.accumulate_shared(total, entry, union, values.detach().contiguous(), personal.contiguous(),
+                                      int(weight), first=first)
+        self._sums[name], self._entry_weight[name], self._personal[name] = total, entry, union
+        self._counted_weight[name] = counted
 
     def _add_entry_weight(self, name: str, shared: Tensor, weight: float) -> None:
         """Add ``weight`` to the entry weights of ``shared``: counted in int32 while the weights are

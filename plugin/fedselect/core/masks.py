@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedselect.core import cpu_kernels
 from fedselect.core.host import counts_true
 
 State = dict[str, Tensor]
@@ -213,6 +214,8 @@ def compress(values: Tensor, mask: Tensor) -> Tensor:
     if (values.device.type != "cpu" or values.requires_grad or values.dtype == torch.bfloat16
             or values.shape != mask.shape or mask.dtype != torch.bool):
         return torch.masked_select(values, mask)
+    if cpu_kernels.applies(values, mask):
+        return cpu_kernels.compress(values, mask)  # one branch-free pass: 0.8 against 9 ms for 2.4 M
     kept = np.compress(mask.reshape(-1).numpy(), values.reshape(-1).numpy())
     # an empty numpy result has stride 0, which byte views of it refuse: a fresh empty tensor instead
     return torch.from_numpy(kept) if kept.size else values.new_empty(0)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fedselect.core import cpu_kernels
 from fedselect.core.blend import where_fill
 from fedselect.core.host import compare, count_true, counts_true
 from fedselect.core.kth import kth_largest
@@ -63,8 +64,12 @@ def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor
         return chosen.reshape(scores.shape)
     vals = compress(flat, flat_within)
     out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    chosen = _top_k_in_order(vals, k)
     # candidates in flat order, as compress read them
-    out.masked_scatter_(flat_within, _top_k_in_order(vals, k))
+    if cpu_kernels.applies(out, flat_within, chosen) and chosen.dtype == torch.bool:
+        cpu_kernels.merge_personal(out, out, flat_within, chosen)  # one pass, no branch per entry
+    else:
+        out.masked_scatter_(flat_within, chosen)
     return out.reshape(scores.shape)
 
 

@@ -1,0 +1,191 @@
+"""One-pass CPU kernels (numba) for the masked bookkeeping of a round: the same bits, fewer passes.
+
+A round of FedSelect on the CPU spends most of its time outside the model in element-wise passes
+over the whole model under a mask: the masked SGD step (direction * lr, a blend, a subtraction),
+the server's sum of an upload's shared entries (an inversion of the mask, a blend, a conversion
+to float64, an add, the entry weights, the union of personal masks), and a client's switch to its
+personal model (a copy of the global values, then ``masked_scatter_`` of its personal ones). Each
+PyTorch or numpy call is one pass over memory, and on one CPU thread these are bound by memory,
+not arithmetic. Here each of them is one loop that reads every input once, compiled by numba:
+
+* :func:`masked_step` is ``p -= where(m, d * lr, 0)`` (MaskedSGD without momentum, and with it
+  ``buf = where(m, buf * mu + d, buf)`` first);
+* :func:`accumulate_shared` adds ``w * x`` to float64 sums, ``w`` to int32 entry weights and the
+  personal entries to a union mask (FedSelect Alg. 2's server step, :class:`.aggregate.MaskedMean`);
+* :func:`merge_personal` is ``out = g; out[m] = v`` (a client's model: global values on shared
+  entries, its own on personal ones);
+* :func:`compress` is ``x[m]``, without a branch per entry.
+
+Every result is the bits of the PyTorch operations it replaces: the same IEEE operations on the
+same operands in the same order per entry (numba compiles without fast-math, so no product is
+contracted into a fused multiply-add), and selections are made by choosing operands, not by
+arithmetic on them. ``tests/test_cpu_kernels.py`` compares each kernel with the PyTorch path over
+NaN, infinities, signed zeros and subnormals.
+
+They serve single-threaded CPU processes (Snakemake runs each training job with one thread, and
+``bench/fedselect_vs_released.py --threads 1``): numba's loops use one thread, while PyTorch's
+kernels spread large tensors over all of them. :func:`enabled` says whether to use them:
+numba importable (the GPU image has no numba, and GPU tensors never come here), at most
+:data:`MAX_THREADS` PyTorch threads, and ``FEDSELECT_CPU_KERNELS`` not ``0`` (``1`` forces them
+on at any thread count: the tests compare both paths).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:
+    import numba
+except ImportError:  # an image without numba (the GPU check's) takes PyTorch's path
+    numba = None
+
+__all__ = ["MAX_THREADS", "accumulate_shared", "compress", "enabled", "masked_step", "merge_personal"]
+
+# the fused loops run on one thread; up to here they beat PyTorch's multi-pass kernels (bench/README.md)
+MAX_THREADS = 2
+_FLOATS = (torch.float32, torch.float64)
+_INT_OF_SIZE = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def enabled() -> bool:
+    """Whether CPU bookkeeping goes through these kernels (see the module docstring)."""
+    if numba is None:
+        return False
+    setting = os.environ.get("FEDSELECT_CPU_KERNELS", "auto")
+    if setting == "0":
+        return False
+    return setting == "1" or torch.get_num_threads() <= MAX_THREADS
+
+
+def applies(*tensors: Tensor) -> bool:
+    """CPU, contiguous, no gradient wanted, and :func:`enabled`: the kernels' preconditions."""
+    return enabled() and all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad for t in tensors)
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    array = t.detach().reshape(-1).numpy()
+    return array.view(np.uint8) if array.dtype == np.bool_ else array
+
+
+if numba is not None:
+    _jit = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+
+    @_jit
+    def _step(p, d, m, lr, zero):  # noqa: ANN001, ANN202 - numba types these per call
+        for i in range(p.shape[0]):
+            v = d[i] * lr
+            p[i] = p[i] - (v if m[i] else zero)
+
+    @_jit
+    def _momentum_step(p, d, buf, m, lr, mu, zero):  # noqa: ANN001, ANN202
+        for i in range(p.shape[0]):
+            b = buf[i] * mu + d[i]
+            b = b if m[i] else buf[i]
+            buf[i] = b
+            v = b * lr
+            p[i] = p[i] - (v if m[i] else zero)
+
+    @_jit
+    def _accumulate(total, weight, union, x, personal, w, iw, first):  # noqa: ANN001, ANN202
+        neg_zero = -0.0
+        if first:
+            for i in range(x.shape[0]):
+                shared = personal[i] == 0
+                v = np.float64(x[i]) * w
+                total[i] = v if shared else neg_zero
+                weight[i] = iw if shared else 0
+                union[i] = personal[i]
+        else:
+            for i in range(x.shape[0]):
+                shared = personal[i] == 0
+                v = np.float64(x[i]) * w
+                total[i] = total[i] + (v if shared else neg_zero)
+                weight[i] = weight[i] + (iw if shared else 0)
+                union[i] = union[i] | personal[i]
+
+    @_jit
+    def _merge(out, g, m, v):  # noqa: ANN001, ANN202
+        last = v.shape[0] - 1
+        j = 0
+        for i in range(out.shape[0]):
+            out[i] = v[min(j, last)] if m[i] else g[i]
+            j += m[i]
+        return j
+
+    @_jit
+    def _compress(x, m, out):  # noqa: ANN001, ANN202
+        # every entry is written to the next free slot, which only a selected one keeps (the spare
+        # last slot takes what follows the last selected entry): no branch per entry
+        j = 0
+        for i in range(x.shape[0]):
+            out[j] = x[i]
+            j += m[i]
+        return j
+
+
+def masked_step(param: Tensor, direction: Tensor, mask: Tensor, lr: float, *,
+                momentum_buffer: Tensor | None = None, momentum: float = 0.0) -> None:
+    """In place: with a buffer, ``buf = where(mask, buf * momentum + direction, buf)`` and the step
+    ``param -= where(mask, buf * lr, 0)``; without, ``param -= where(mask, direction * lr, 0)``.
+
+    The scalars are rounded to the parameter's dtype first, as PyTorch does with a Python number.
+    """
+    dtype = _numpy_dtype(param)
+    p, d, m = _flat(param), _flat(direction), _flat(mask)
+    if momentum_buffer is None:
+        _step(p, d, m, dtype.type(lr), dtype.type(0.0))
+    else:
+        _momentum_step(p, d, _flat(momentum_buffer), m, dtype.type(lr), dtype.type(momentum), dtype.type(0.0))
+
+
+def step_applies(param: Tensor, direction: Tensor, mask: Tensor, momentum_buffer: Tensor | None = None) -> bool:
+    """Whether :func:`masked_step` takes these tensors (float32/64 of one dtype and shape, a bool mask)."""
+    tensors = [param, direction, mask] + ([] if momentum_buffer is None else [momentum_buffer])
+    return (param.dtype in _FLOATS and all(t.dtype == param.dtype for t in tensors if t is not mask)
+            and mask.dtype == torch.bool and all(t.shape == param.shape for t in tensors)
+            and applies(param.detach(), direction, mask, *([] if momentum_buffer is None else [momentum_buffer])))
+
+
+def accumulate_shared(total: Tensor, weight: Tensor, union: Tensor, values: Tensor, personal: Tensor,
+                      w: int, *, first: bool) -> None:
+    """In place, where ``personal`` is False: ``total += float64(values) * w`` and ``weight += w``;
+    ``union |= personal``. ``first``: the three are written, not added to (an empty sum is -0.0).
+
+    ``total`` float64, ``weight`` int32, ``union`` and ``personal`` bool, ``values`` float32, ``w``
+    a whole number: every product is then exact in float64, as in :class:`.aggregate.MaskedMean`.
+    """
+    _accumulate(_flat(total), _flat(weight), _flat(union), _flat(values), _flat(personal),
+                np.float64(w), np.int32(w), first)
+
+
+def merge_personal(out: Tensor, global_values: Tensor, mask: Tensor, personal_values: Tensor) -> None:
+    """``out.copy_(global_values); out.masked_scatter_(mask, personal_values)`` in one pass.
+
+    ``personal_values`` holds exactly one value per True entry of ``mask`` (row-major order);
+    ValueError otherwise.
+    """
+    if personal_values.numel() == 0:
+        if bool(mask.any()):
+            raise ValueError("merge_personal: no personal values for a mask with True entries")
+        out.copy_(global_values)
+        return
+    used = _merge(_flat(out), _flat(global_values), _flat(mask), _flat(personal_values))
+    if used != personal_values.numel():
+        raise ValueError(f"merge_personal: {personal_values.numel()} personal values for {used} masked entries")
+
+
+def compress(values: Tensor, mask: Tensor) -> Tensor:
+    """``torch.masked_select(values, mask)`` for CPU tensors of one shape, ``mask`` bool."""
+    # moved as integers of the same width: any dtype (numba has no float16), the same bits
+    x = values.detach().reshape(-1).numpy().view(_INT_OF_SIZE[values.element_size()])
+    out = np.empty(x.shape[0] + 1, dtype=x.dtype)
+    count = _compress(x, _flat(mask), out)
+    return torch.from_numpy(out[:count]).view(values.dtype) if count else values.new_empty(0)
+
+
+def _numpy_dtype(t: Tensor) -> np.dtype:
+    return np.dtype(np.float32) if t.dtype == torch.float32 else np.dtype(np.float64)

@@ -1,0 +1,178 @@
+"""The one-pass CPU kernels give the bits of the PyTorch operations they replace.
+
+Each kernel is compared with the PyTorch path it stands for, over values where IEEE arithmetic is
+easy to get wrong (NaN, infinities, signed zeros, subnormals), and a whole FedSelect run, momentum
+and weight decay included, ends in the same state and metrics with the kernels on and off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedselect.core import cpu_kernels
+from fedselect.core.aggregate import MaskedMean
+from fedselect.core.blend import where_fill_
+
+from .test_algorithms import make_run
+
+pytestmark = pytest.mark.skipif(cpu_kernels.numba is None, reason="numba is not installed")
+
+g = torch.Generator().manual_seed(11)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def awkward(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random values sprinkled with NaN, +-inf, +-0.0 and subnormals."""
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * 10).to(dtype)
+    if n == 0:
+        return x
+    tiny = torch.finfo(dtype).tiny
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, tiny / 4, -tiny / 8], dtype=dtype)
+    where = torch.randint(0, n, (n // 5,), generator=g)
+    x[where] = specials[torch.randint(0, len(specials), (len(where),), generator=g)]
+    return x
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "1")
+
+
+def test_enabled_follows_the_setting_and_the_thread_count(monkeypatch):
+    monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "0")
+    assert not cpu_kernels.enabled()
+    monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "1")
+    assert cpu_kernels.enabled()
+    monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "auto")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cpu_kernels.MAX_THREADS + 1)
+        assert not cpu_kernels.enabled()
+        torch.set_num_threads(1)
+        assert cpu_kernels.enabled()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lr", [0.05, 0.1, 1e-3])
+def test_masked_step_is_the_blended_update(kernels_on, dtype, lr):
+    n = 5003
+    param, direction = awkward(n, dtype), awkward(n, dtype)
+    mask = torch.rand(n, generator=g) < 0.5
+    expected = param.clone().sub_(where_fill_(direction * lr, mask))
+    cpu_kernels.masked_step(param, direction, mask, lr)
+    assert same_bits(param, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_momentum_step_updates_the_buffer_only_where_masked(kernels_on, dtype):
+    n, lr, mu = 4099, 0.05, 0.9
+    param, direction, buffer = awkward(n, dtype), awkward(n, dtype), awkward(n, dtype)
+    mask = torch.rand(n, generator=g) < 0.3
+    expected_buffer = torch.where(mask, buffer * mu + direction, buffer)
+    expected = param.clone().sub_(torch.where(mask, expected_buffer * lr, 0.0))
+    cpu_kernels.masked_step(param, direction, mask, lr, momentum_buffer=buffer, momentum=mu)
+    assert same_bits(buffer, expected_buffer)
+    assert same_bits(param, expected)
+
+
+def test_step_applies_only_to_cpu_float_tensors_of_one_shape(kernels_on):
+    p, d, m = torch.zeros(6), torch.zeros(6), torch.zeros(6, dtype=torch.bool)
+    assert cpu_kernels.step_applies(p, d, m)
+    assert not cpu_kernels.step_applies(p.half(), d.half(), m)
+    assert not cpu_kernels.step_applies(p, d.double(), m)
+    assert not cpu_kernels.step_applies(p, torch.zeros(7), torch.zeros(7, dtype=torch.bool))
+    assert not cpu_kernels.step_applies(p, d, m, torch.zeros(6, dtype=torch.float64))
+
+
+def _mean_result(values, personals, weights, whole_first: bool):
+    state = {"w": torch.randn(values[0].shape, generator=torch.Generator().manual_seed(0))}
+    mean = MaskedMean(state)
+    if whole_first:
+        mean.add("w", values[0], None, weights[0])
+        values, personals, weights = values[1:], personals[1:], weights[1:]
+    for x, personal, w in zip(values, personals, weights, strict=True):
+        mean.add_personal("w", x, personal, w)
+    return mean.result()
+
+
+@pytest.mark.parametrize("whole_first", [False, True])
+def test_accumulate_shared_gives_the_masked_mean(monkeypatch, whole_first):
+    n = 3001
+    values = [awkward(n, torch.float32) for _ in range(4)]
+    personals = [torch.rand(n, generator=g) < f for f in (0.2, 0.5, 0.9, 0.5)]
+    personals[2][:50] = True  # entries personal to every client keep the old value
+    for p in personals:
+        p[:50] = True
+    weights = [40, 12, 7, 1]
+    monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "0")
+    expected_state, expected_mask = _mean_result(values, personals, weights, whole_first)
+    monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "1")
+    state, mask = _mean_result(values, personals, weights, whole_first)
+    assert same_bits(state["w"], expected_state["w"])
+    assert torch.equal(mask["w"], expected_mask["w"])
+
+
+def test_accumulate_falls_back_for_weights_it_cannot_sum_exactly(kernels_on):
+    n = 257
+    x, personal = awkward(n, torch.float32), torch.rand(n, generator=g) < 0.5
+    kernel, fallback = MaskedMean({"w": torch.zeros(n)}), MaskedMean({"w": torch.zeros(n)})
+    kernel.add_personal("w", x, personal, 2.5)
+    fallback.add("w", x, ~personal, 2.5)
+    assert same_bits(kernel.result()[0]["w"], fallback.result()[0]["w"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.6, 1.0])
+def test_merge_personal_is_copy_then_masked_scatter(kernels_on, dtype, fraction):
+    n = 2049
+    global_values = awkward(n, dtype)
+    mask = torch.rand(n, generator=g) < fraction
+    personal = awkward(int(mask.sum()), dtype)
+    expected = global_values.clone().masked_scatter_(mask, personal)
+    out = torch.full((n,), 7.0, dtype=dtype)
+    cpu_kernels.merge_personal(out, global_values, mask, personal)
+    assert same_bits(out, expected)
+
+
+def test_merge_personal_refuses_a_count_that_does_not_match(kernels_on):
+    mask = torch.tensor([True, False, True])
+    with pytest.raises(ValueError, match="personal values"):
+        cpu_kernels.merge_personal(torch.zeros(3), torch.ones(3), mask, torch.ones(1))
+    with pytest.raises(ValueError, match="no personal values"):
+        cpu_kernels.merge_personal(torch.zeros(3), torch.ones(3), mask, torch.ones(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_compress_is_masked_select(kernels_on, dtype, fraction):
+    base = awkward(999, torch.float64)
+    values = base.to(dtype) if dtype.is_floating_point else base.nan_to_num(0.0, 0.0, 0.0).abs().to(dtype)
+    mask = torch.rand(999, generator=g) < fraction
+    assert same_bits(cpu_kernels.compress(values, mask), torch.masked_select(values, mask))
+
+
+def _fedselect_run(monkeypatch, setting: str, algo: dict) -> tuple:
+    monkeypatch.setenv("FEDSELECT_CPU_KERNELS", setting)
+    *_, trainers, server, flow = make_run("fedselect", rounds=3, algo=algo, weight_decay=5e-4)
+    results = flow.run()
+    state = {k: v.clone() for k, v in server.get_model_params().items()}
+    personal = [{k: v.clone() for k, v in t.personal_values.items()} for t in trainers]
+    return [(r.train_loss, r.client_accuracies) for r in results], state, personal
+
+
+@pytest.mark.parametrize("algo", [{"p": 0.3, "mask_search": "grow"},
+                                  {"p": 0.5, "gradltn_iterations": 2, "gradltn_epochs": 1}])
+def test_a_fedselect_run_is_the_same_with_and_without_the_kernels(monkeypatch, algo):
+    metrics_off, state_off, personal_off = _fedselect_run(monkeypatch, "0", algo)
+    metrics_on, state_on, personal_on = _fedselect_run(monkeypatch, "1", algo)
+    assert metrics_on == metrics_off
+    assert all(same_bits(v, state_off[k]) for k, v in state_on.items())
+    for on, off in zip(personal_on, personal_off, strict=True):
+        assert on.keys() == off.keys() and all(same_bits(v, off[k]) for k, v in on.items())
