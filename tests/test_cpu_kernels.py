@@ -176,3 +176,69 @@ def test_a_fedselect_run_is_the_same_with_and_without_the_kernels(monkeypatch, a
     assert all(same_bits(v, state_off[k]) for k, v in state_on.items())
     for on, off in zip(personal_on, personal_off, strict=True):
         assert on.keys() == off.keys() and all(same_bits(v, off[k]) for k, v in on.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("whole", [0.0, 3.0])
+@pytest.mark.parametrize("weight_dtype", [torch.int32, torch.float64])
+def test_weighted_mean_is_the_divided_sums_or_the_old_value(kernels_on, dtype, whole, weight_dtype):
+    n = 3001
+    total = awkward(n, torch.float64) * 1e3
+    weight = torch.randint(0, 5, (n,), generator=g).to(weight_dtype)
+    old = awkward(n, dtype)
+    w = weight.to(torch.float64)
+    w = w + whole if whole else w
+    expected = torch.where(w > 0, (total / torch.where(w > 0, w, 1.0)).to(dtype), old)
+    assert same_bits(cpu_kernels.weighted_mean(total, weight, whole, old), expected)
+
+
+def _scores(n: int) -> torch.Tensor:
+    """Scores with many ties (exact zeros, repeated values), both zeros' signs and infinities."""
+    x = torch.randn(n, generator=g)
+    x[torch.rand(n, generator=g) < 0.4] = 0.0
+    x[torch.rand(n, generator=g) < 0.1] = -0.0
+    x[torch.rand(n, generator=g) < 0.1] = 1.5
+    x[:7] = torch.tensor([float("inf"), float("-inf"), 1.5, -1.5, 0.0, -0.0, 2.0**-140])
+    return x
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.7, 0.99])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_topk_kernel_chooses_what_topk_mask_chooses(monkeypatch, fraction, absolute):
+    from fedselect.core.topk import topk_mask
+
+    n = 70001  # above the size where topk_mask hands over to the kernel
+    scores, within = _scores(n), torch.rand(n, generator=g) < 0.6
+    candidates = int(within.sum())
+    monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "0")
+    for k in (1, int(fraction * candidates), candidates - 1):
+        expected = topk_mask(scores.abs() if absolute else scores, k, within=within)
+        monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "1")
+        chosen = cpu_kernels.topk(scores, ~within, k, absolute=absolute, invert_within=True)
+        assert torch.equal(chosen, expected), k
+        assert torch.equal(topk_mask(scores.abs() if absolute else scores, k, within=within), expected)
+        monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "0")
+
+
+def test_topk_kernel_refuses_nan_among_candidates_only(kernels_on):
+    scores, within = torch.rand(100), torch.ones(100, dtype=torch.bool)
+    scores[5] = float("nan")
+    within[5] = False
+    assert int(cpu_kernels.topk(scores, within, 10).sum()) == 10
+    within[5] = True
+    with pytest.raises(ValueError, match="NaN"):
+        cpu_kernels.topk(scores, within, 10)
+
+
+def test_grow_mask_is_the_same_with_and_without_the_kernels(monkeypatch):
+    from fedselect.core.topk import grow_mask
+
+    shapes = {"big": (300, 250), "small": (40, 5), "full": (70000,)}
+    change = {name: _scores(torch.Size(shape).numel()).reshape(shape) for name, shape in shapes.items()}
+    mask = {name: torch.rand(shape, generator=g) < 0.3 for name, shape in shapes.items()}
+    mask["full"][:] = False
+    results = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv("FEDSELECT_CPU_KERNELS", setting)
+        results.append(grow_mask(mask, change, rate=0.4, target_fraction=0.9))
+    assert all(torch.equal(results[0][n], results[1][n]) for n in shapes)

@@ -179,6 +179,9 @@ class MaskedMean:
             if weight is None:
                 new_state[name] = (total / whole).to(old.dtype) if whole > 0 else old
                 continue
+            if old.dtype in (torch.float32, torch.float64) and cpu_kernels.applies(total, weight, old):
+                new_state[name] = cpu_kernels.weighted_mean(total, weight, whole, old)  # one pass, same bits
+                continue
             weight = weight.to(torch.float64)
             weight = weight + whole if whole else weight
             mean = (total / torch.where(weight > 0, weight, 1.0)).to(old.dtype)

@@ -14,7 +14,10 @@ not arithmetic. Here each of them is one loop that reads every input once, compi
   personal entries to a union mask (FedSelect Alg. 2's server step, :class:`.aggregate.MaskedMean`);
 * :func:`merge_personal` is ``out = g; out[m] = v`` (a client's model: global values on shared
   entries, its own on personal ones);
-* :func:`compress` is ``x[m]``, without a branch per entry.
+* :func:`weighted_mean` divides those sums by the entry weights, keeping the old value where no
+  client sent one;
+* :func:`compress` is ``x[m]``, without a branch per entry;
+* :func:`topk` is FedSelect's exact top-k of (absolute) scores within a mask, by counting.
 
 Every result is the bits of the PyTorch operations it replaces: the same IEEE operations on the
 same operands in the same order per entry (numba compiles without fast-math, so no product is
@@ -43,7 +46,8 @@ try:
 except ImportError:  # an image without numba (the GPU check's) takes PyTorch's path
     numba = None
 
-__all__ = ["MAX_THREADS", "accumulate_shared", "compress", "enabled", "masked_step", "merge_personal"]
+__all__ = ["MAX_THREADS", "accumulate_shared", "applies", "compress", "enabled", "masked_step", "merge_personal",
+           "step_applies", "topk", "weighted_mean"]
 
 # the fused loops run on one thread; up to here they beat PyTorch's multi-pass kernels (bench/README.md)
 MAX_THREADS = 2
@@ -108,6 +112,19 @@ if numba is not None:
                 union[i] = union[i] | personal[i]
 
     @_jit
+    def _mean(out, total, weight, whole, old):  # noqa: ANN001, ANN202
+        for i in range(out.shape[0]):
+            w = np.float64(weight[i])
+            if whole:
+                w = w + whole
+            # a branch, taken the same way nearly always (entries that no client sent are rare); the
+            # store rounds the float64 mean to out's dtype, as .to() does
+            if w > 0:
+                out[i] = total[i] / w
+            else:
+                out[i] = old[i]
+
+    @_jit
     def _merge(out, g, m, v):  # noqa: ANN001, ANN202
         last = v.shape[0] - 1
         j = 0
@@ -115,6 +132,52 @@ if numba is not None:
             out[i] = v[min(j, last)] if m[i] else g[i]
             j += m[i]
         return j
+
+    @_jit
+    def _order_key(bits, absolute):  # noqa: ANN001, ANN202
+        """A float32's bit pattern as an unsigned key that orders as the values do (-0.0 as +0.0)."""
+        if absolute:
+            bits = bits & np.int32(0x7FFFFFFF)
+        if bits == np.int32(-2147483648):  # -0.0 ties with +0.0
+            bits = np.int32(0)
+        key = np.uint32(bits)
+        return key ^ (np.uint32(0xFFFFFFFF) if bits < 0 else np.uint32(0x80000000))
+
+    @_jit
+    def _topk(bits, within, invert, absolute, k, out):  # noqa: ANN001, ANN202
+        # pass 1: candidates per upper 16 bits of the key (and any NaN among them)
+        high = np.zeros(65536, np.int64)
+        nan = 0
+        for i in range(bits.shape[0]):
+            c = within[i] ^ invert
+            high[_order_key(bits[i], absolute) >> 16] += c
+            nan |= c & ((bits[i] & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000))
+        if nan:
+            return -1
+        top, above = 65535, 0
+        while above + high[top] < k:
+            above += high[top]
+            top -= 1
+        # pass 2: within that bin, candidates per lower 16 bits
+        low = np.zeros(65536, np.int64)
+        for i in range(bits.shape[0]):
+            key = _order_key(bits[i], absolute)
+            low[key & np.uint32(0xFFFF)] += (within[i] ^ invert) & ((key >> 16) == top)
+        bottom = 65535
+        while above + low[bottom] < k:
+            above += low[bottom]
+            bottom -= 1
+        kth = (np.uint32(top) << 16) | np.uint32(bottom)
+        need = k - above
+        # pass 3: everything above the k-th value, and the first `need` tied with it in index order
+        taken = 0
+        for i in range(bits.shape[0]):
+            c = within[i] ^ invert
+            key = _order_key(bits[i], absolute)
+            tie = c & (key == kth)
+            out[i] = (c & (key > kth)) | (tie & (taken < need))
+            taken += tie
+        return 0
 
     @_jit
     def _compress(x, m, out):  # noqa: ANN001, ANN202
@@ -162,6 +225,15 @@ def accumulate_shared(total: Tensor, weight: Tensor, union: Tensor, values: Tens
                 np.float64(w), np.int32(w), first)
 
 
+def weighted_mean(total: Tensor, weight: Tensor, whole: float, old: Tensor) -> Tensor:
+    """``where(w > 0, (total / where(w > 0, w, 1)).to(old.dtype), old)`` with ``w = float64(weight) + whole``
+    (``whole`` only when non-zero): the server's mean of each entry over the clients that sent it,
+    the old value where none did, in one pass (:meth:`.aggregate.MaskedMean.result`)."""
+    out = torch.empty_like(old)
+    _mean(_flat(out), _flat(total), _flat(weight), float(whole), _flat(old))
+    return out
+
+
 def merge_personal(out: Tensor, global_values: Tensor, mask: Tensor, personal_values: Tensor) -> None:
     """``out.copy_(global_values); out.masked_scatter_(mask, personal_values)`` in one pass.
 
@@ -185,6 +257,23 @@ def compress(values: Tensor, mask: Tensor) -> Tensor:
     out = np.empty(x.shape[0] + 1, dtype=x.dtype)
     count = _compress(x, _flat(mask), out)
     return torch.from_numpy(out[:count]).view(values.dtype) if count else values.new_empty(0)
+
+
+def topk(scores: Tensor, within: Tensor, k: int, *, absolute: bool = False, invert_within: bool = False) -> Tensor:
+    """Exactly ``k`` True entries: the largest ``scores`` (``|scores|`` if ``absolute``) among the
+    entries where ``within`` is True (False if ``invert_within``), ties to the lower flat index, as
+    :func:`fedselect.core.topk.topk_mask` chooses them; 0 < k < the number of candidates.
+
+    Three passes over float32 scores, without a branch per entry: a count of the candidates per
+    upper 16 bits of an order-preserving key, then per lower 16 bits within the bin that holds the
+    k-th largest, which is then known exactly, and the choice. -0.0 ties with +0.0, as they compare
+    equal. ValueError when a candidate is NaN (no ranking), as topk_mask.
+    """
+    out = torch.empty(scores.shape, dtype=torch.bool)
+    status = _topk(_flat(scores).view(np.int32), _flat(within), np.uint8(invert_within), absolute, int(k), _flat(out))
+    if status:
+        raise ValueError("scores contain NaN among the candidate entries")
+    return out
 
 
 def _numpy_dtype(t: Tensor) -> np.dtype:
