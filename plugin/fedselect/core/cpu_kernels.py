@@ -136,8 +136,8 @@ if numba is not None:
     @_jit
     def _order_key(bits, absolute):  # noqa: ANN001, ANN202
         """A float32's bit pattern as an unsigned key that orders as the values do (-0.0 as +0.0)."""
-        if absolute:
-            bits = bits & np.int32(0x7FFFFFFF)
+        if absolute:  # |x|: no sign, no -0.0
+            return np.uint32(bits & np.int32(0x7FFFFFFF)) | np.uint32(0x80000000)
         if bits == np.int32(-2147483648):  # -0.0 ties with +0.0
             bits = np.int32(0)
         key = np.uint32(bits)
@@ -145,29 +145,46 @@ if numba is not None:
 
     @_jit
     def _topk(bits, within, invert, absolute, k, out):  # noqa: ANN001, ANN202
-        # pass 1: candidates per upper 16 bits of the key (and any NaN among them)
+        zero_key = np.uint32(0x80000000)
+        # pass 1: candidates per upper 16 bits of the key (and any NaN among them). Zeros, most of a
+        # growth's scores in some tensors, are counted apart: adding them to one bin would chain
+        # every increment on the one before
         high = np.zeros(65536, np.int64)
+        zeros = 0
         nan = 0
         for i in range(bits.shape[0]):
             c = within[i] ^ invert
-            high[_order_key(bits[i], absolute) >> 16] += c
+            key = _order_key(bits[i], absolute)
+            if key == zero_key:
+                zeros += c
+            else:
+                high[key >> 16] += c
             nan |= c & ((bits[i] & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000))
         if nan:
             return -1
+        high[zero_key >> 16] += zeros
         top, above = 65535, 0
         while above + high[top] < k:
             above += high[top]
             top -= 1
-        # pass 2: within that bin, candidates per lower 16 bits
-        low = np.zeros(65536, np.int64)
-        for i in range(bits.shape[0]):
-            key = _order_key(bits[i], absolute)
-            low[key & np.uint32(0xFFFF)] += (within[i] ^ invert) & ((key >> 16) == top)
-        bottom = 65535
-        while above + low[bottom] < k:
-            above += low[bottom]
-            bottom -= 1
-        kth = (np.uint32(top) << 16) | np.uint32(bottom)
+        if top == zero_key >> 16 and above + high[top] - zeros < k:
+            # the k-th largest is 0 (growth scores of weights without gradient): no second pass
+            kth = zero_key
+            above += high[top] - zeros
+        else:
+            # pass 2: within that bin, candidates per lower 16 bits (zeros again apart)
+            low = np.zeros(65536, np.int64)
+            for i in range(bits.shape[0]):
+                key = _order_key(bits[i], absolute)
+                if (key >> 16) == top and key != zero_key:
+                    low[key & np.uint32(0xFFFF)] += within[i] ^ invert
+            if top == zero_key >> 16:
+                low[0] += zeros
+            bottom = 65535
+            while above + low[bottom] < k:
+                above += low[bottom]
+                bottom -= 1
+            kth = (np.uint32(top) << 16) | np.uint32(bottom)
         need = k - above
         # pass 3: everything above the k-th value, and the first `need` tied with it in index order
         taken = 0
