@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedselect.core import cpu_kernels
 from fedselect.cpu_allocator import keep_freed_memory
 from fedselect.cuda_graphs import graphed_forward
 from fedselect.optim import MaskedSGD, TrainableSpec, mask_coverage, trainable_only
+from fedselect.options import ConfigError
 
 # extra loss term added to the cross-entropy, e.g. Ditto's proximal term; gets the model
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
@@ -52,11 +54,16 @@ def autocast(device: torch.device | str, precision: str, *, cache: bool = True) 
 def configure_device(device: torch.device) -> None:
     """Per-process settings for training on ``device``: cuDNN picks its fastest convolution
     algorithms for the run's fixed shapes (GPU results are not bit-reproducible anyway); on the
-    CPU, freed memory stays in the process (:mod:`fedselect.cpu_allocator`; no value changes)."""
+    CPU, freed memory stays in the process (:mod:`fedselect.cpu_allocator`; no value changes), and
+    ``FEDSELECT_CPU_KERNELS`` is checked before any work (:mod:`fedselect.core.cpu_kernels`)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     elif device.type == "cpu":
         keep_freed_memory()
+        try:
+            cpu_kernels.setting()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 @dataclass

@@ -23,46 +23,63 @@ Every result is the bits of the PyTorch operations it replaces: the same IEEE op
 same operands in the same order per entry (numba compiles without fast-math, so no product is
 contracted into a fused multiply-add), and selections are made by choosing operands, not by
 arithmetic on them. ``tests/test_cpu_kernels.py`` compares each kernel with the PyTorch path over
-NaN, infinities, signed zeros and subnormals.
+NaN, infinities, signed zeros and subnormals. One caveat: an addition of two NaN returns one of
+them, and which one depends on the compiler's operand order (addition commutes otherwise), in
+PyTorch's kernels as in numba's. The tests find them in agreement for the momentum step; for the
+server's sums they may differ after an inf - inf, which a run never meets (uploads with non-finite
+shared values are dropped before they are added).
 
 They serve single-threaded CPU processes (Snakemake runs each training job with one thread, and
 ``bench/fedselect_vs_released.py --threads 1``): numba's loops use one thread, while PyTorch's
-kernels spread large tensors over all of them. :func:`enabled` says whether to use them:
-numba importable (the GPU image has no numba, and GPU tensors never come here), at most
-:data:`MAX_THREADS` PyTorch threads, and ``FEDSELECT_CPU_KERNELS`` not ``0`` (``1`` forces them
-on at any thread count: the tests compare both paths).
+kernels spread large tensors over all of them. :func:`enabled` says whether to use them: numba
+installed (a requirement; GPU tensors never come here), at most :data:`MAX_THREADS` PyTorch
+threads (measured: at 2 threads every kernel still beats PyTorch's passes, bench/README.md), and
+``FEDSELECT_CPU_KERNELS`` not ``0`` (``1`` forces them on at any thread count: the tests compare
+both paths).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import numpy as np
 import torch
 from torch import Tensor
 
-try:
-    import numba
-except ImportError:  # an image without numba (the GPU check's) takes PyTorch's path
-    numba = None
+# numba is imported, and the loops below compiled (or loaded from numba's cache), on first use:
+# numba and LLVM take about 150 MB of RSS, which processes that never run CPU bookkeeping (GPU
+# runs, the CLI's checks, analysis) need not pay. Without numba, PyTorch's path is taken.
+NUMBA_FOUND = importlib.util.find_spec("numba") is not None
 
-__all__ = ["MAX_THREADS", "accumulate_shared", "applies", "compress", "enabled", "masked_step", "merge_personal",
-           "step_applies", "topk", "weighted_mean"]
+__all__ = ["ENV", "MAX_THREADS", "accumulate_shared", "applies", "compress", "enabled", "masked_step", "merge_personal",
+           "setting", "step_applies", "topk", "weighted_mean"]
 
+ENV = "FEDSELECT_CPU_KERNELS"
 # the fused loops run on one thread; up to here they beat PyTorch's multi-pass kernels (bench/README.md)
 MAX_THREADS = 2
 _FLOATS = (torch.float32, torch.float64)
 _INT_OF_SIZE = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
+def setting() -> str:
+    """``FEDSELECT_CPU_KERNELS``: ``0`` (off), ``1`` (on at any thread count) or ``auto`` (the default);
+    ValueError naming the variable for any other value."""
+    value = os.environ.get(ENV, "auto")
+    if value not in ("0", "1", "auto"):
+        raise ValueError(f"environment variable {ENV} must be 0 (off), 1 (on) or auto, got {value!r}")
+    return value
+
+
 def enabled() -> bool:
     """Whether CPU bookkeeping goes through these kernels (see the module docstring)."""
-    if numba is None:
+    if not NUMBA_FOUND:
         return False
-    setting = os.environ.get("FEDSELECT_CPU_KERNELS", "auto")
-    if setting == "0":
+    value = setting()
+    if value == "0":
         return False
-    return setting == "1" or torch.get_num_threads() <= MAX_THREADS
+    return value == "1" or torch.get_num_threads() <= MAX_THREADS
 
 
 def applies(*tensors: Tensor) -> bool:
@@ -75,136 +92,138 @@ def _flat(t: Tensor) -> np.ndarray:
     return array.view(np.uint8) if array.dtype == np.bool_ else array
 
 
-if numba is not None:
-    _jit = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+def _step(p, d, m, lr, zero):  # noqa: ANN001, ANN202 - numba types these per call
+    for i in range(p.shape[0]):
+        v = d[i] * lr
+        p[i] = p[i] - (v if m[i] else zero)
 
-    @_jit
-    def _step(p, d, m, lr, zero):  # noqa: ANN001, ANN202 - numba types these per call
-        for i in range(p.shape[0]):
-            v = d[i] * lr
-            p[i] = p[i] - (v if m[i] else zero)
+def _momentum_step(p, d, buf, m, lr, mu, zero):  # noqa: ANN001, ANN202
+    for i in range(p.shape[0]):
+        b = buf[i] * mu + d[i]
+        b = b if m[i] else buf[i]
+        buf[i] = b
+        v = b * lr
+        p[i] = p[i] - (v if m[i] else zero)
 
-    @_jit
-    def _momentum_step(p, d, buf, m, lr, mu, zero):  # noqa: ANN001, ANN202
-        for i in range(p.shape[0]):
-            b = buf[i] * mu + d[i]
-            b = b if m[i] else buf[i]
-            buf[i] = b
-            v = b * lr
-            p[i] = p[i] - (v if m[i] else zero)
-
-    @_jit
-    def _accumulate(total, weight, union, x, personal, w, iw, first):  # noqa: ANN001, ANN202
-        neg_zero = -0.0
-        if first:
-            for i in range(x.shape[0]):
-                shared = personal[i] == 0
-                v = np.float64(x[i]) * w
-                total[i] = v if shared else neg_zero
-                weight[i] = iw if shared else 0
-                union[i] = personal[i]
-        else:
-            for i in range(x.shape[0]):
-                shared = personal[i] == 0
-                v = np.float64(x[i]) * w
-                total[i] = total[i] + (v if shared else neg_zero)
-                weight[i] = weight[i] + (iw if shared else 0)
-                union[i] = union[i] | personal[i]
-
-    @_jit
-    def _mean(out, total, weight, whole, old):  # noqa: ANN001, ANN202
-        for i in range(out.shape[0]):
-            w = np.float64(weight[i])
-            if whole:
-                w = w + whole
-            # a branch, taken the same way nearly always (entries that no client sent are rare); the
-            # store rounds the float64 mean to out's dtype, as .to() does
-            if w > 0:
-                out[i] = total[i] / w
-            else:
-                out[i] = old[i]
-
-    @_jit
-    def _merge(out, g, m, v):  # noqa: ANN001, ANN202
-        last = v.shape[0] - 1
-        j = 0
-        for i in range(out.shape[0]):
-            out[i] = v[min(j, last)] if m[i] else g[i]
-            j += m[i]
-        return j
-
-    @_jit
-    def _order_key(bits, absolute):  # noqa: ANN001, ANN202
-        """A float32's bit pattern as an unsigned key that orders as the values do (-0.0 as +0.0)."""
-        if absolute:  # |x|: no sign, no -0.0
-            return np.uint32(bits & np.int32(0x7FFFFFFF)) | np.uint32(0x80000000)
-        if bits == np.int32(-2147483648):  # -0.0 ties with +0.0
-            bits = np.int32(0)
-        key = np.uint32(bits)
-        return key ^ (np.uint32(0xFFFFFFFF) if bits < 0 else np.uint32(0x80000000))
-
-    @_jit
-    def _topk(bits, within, invert, absolute, k, out):  # noqa: ANN001, ANN202
-        zero_key = np.uint32(0x80000000)
-        # pass 1: candidates per upper 16 bits of the key (and any NaN among them). Zeros, most of a
-        # growth's scores in some tensors, are counted apart: adding them to one bin would chain
-        # every increment on the one before
-        high = np.zeros(65536, np.int64)
-        zeros = 0
-        nan = 0
-        for i in range(bits.shape[0]):
-            c = within[i] ^ invert
-            key = _order_key(bits[i], absolute)
-            if key == zero_key:
-                zeros += c
-            else:
-                high[key >> 16] += c
-            nan |= c & ((bits[i] & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000))
-        if nan:
-            return -1
-        high[zero_key >> 16] += zeros
-        top, above = 65535, 0
-        while above + high[top] < k:
-            above += high[top]
-            top -= 1
-        if top == zero_key >> 16 and above + high[top] - zeros < k:
-            # the k-th largest is 0 (growth scores of weights without gradient): no second pass
-            kth = zero_key
-            above += high[top] - zeros
-        else:
-            # pass 2: within that bin, candidates per lower 16 bits (zeros again apart)
-            low = np.zeros(65536, np.int64)
-            for i in range(bits.shape[0]):
-                key = _order_key(bits[i], absolute)
-                if (key >> 16) == top and key != zero_key:
-                    low[key & np.uint32(0xFFFF)] += within[i] ^ invert
-            if top == zero_key >> 16:
-                low[0] += zeros
-            bottom = 65535
-            while above + low[bottom] < k:
-                above += low[bottom]
-                bottom -= 1
-            kth = (np.uint32(top) << 16) | np.uint32(bottom)
-        need = k - above
-        # pass 3: everything above the k-th value, and the first `need` tied with it in index order
-        taken = 0
-        for i in range(bits.shape[0]):
-            c = within[i] ^ invert
-            key = _order_key(bits[i], absolute)
-            tie = c & (key == kth)
-            out[i] = (c & (key > kth)) | (tie & (taken < need))
-            taken += tie
-        return 0
-
-    @_jit
-    def _compress(x, m, out):  # noqa: ANN001, ANN202
-        # every entry is written to the next free slot, which only a selected one keeps (the spare
-        # last slot takes what follows the last selected entry): no branch per entry
-        j = 0
+def _accumulate(total, weight, union, x, personal, w, iw, first):  # noqa: ANN001, ANN202
+    neg_zero = -0.0
+    if first:
         for i in range(x.shape[0]):
-            out[j] = x[i]
-            j += m[i]
-        return j
+            shared = personal[i] == 0
+            v = np.float64(x[i]) * w
+            total[i] = v if shared else neg_zero
+            weight[i] = iw if shared else 0
+            union[i] = personal[i]
+    else:
+        for i in range(x.shape[0]):
+            shared = personal[i] == 0
+            v = np.float64(x[i]) * w
+            total[i] = total[i] + (v if shared else neg_zero)
+            weight[i] = weight[i] + (iw if shared else 0)
+            union[i] = union[i] | personal[i]
+
+def _mean(out, total, weight, whole, old):  # noqa: ANN001, ANN202
+    for i in range(out.shape[0]):
+        w = np.float64(weight[i])
+        if whole:
+            w = w + whole
+        # a branch, taken the same way nearly always (entries that no client sent are rare); the
+        # store rounds the float64 mean to out's dtype, as .to() does
+        if w > 0:
+            out[i] = total[i] / w
+        else:
+            out[i] = old[i]
+
+def _merge(out, g, m, v):  # noqa: ANN001, ANN202
+    last = v.shape[0] - 1
+    j = 0
+    for i in range(out.shape[0]):
+        out[i] = v[min(j, last)] if m[i] else g[i]
+        j += m[i]
+    return j
+
+def _order_key(bits, absolute):  # noqa: ANN001, ANN202
+    """A float32's bit pattern as an unsigned key that orders as the values do (-0.0 as +0.0)."""
+    if absolute:  # |x|: no sign, no -0.0
+        return np.uint32(bits & np.int32(0x7FFFFFFF)) | np.uint32(0x80000000)
+    if bits == np.int32(-2147483648):  # -0.0 ties with +0.0
+        bits = np.int32(0)
+    key = np.uint32(bits)
+    return key ^ (np.uint32(0xFFFFFFFF) if bits < 0 else np.uint32(0x80000000))
+
+def _topk(bits, within, invert, absolute, k, out):  # noqa: ANN001, ANN202
+    zero_key = np.uint32(0x80000000)
+    # pass 1: candidates per upper 16 bits of the key (and any NaN among them). Zeros, most of a
+    # growth's scores in some tensors, are counted apart: adding them to one bin would chain
+    # every increment on the one before
+    high = np.zeros(65536, np.int64)
+    zeros = 0
+    nan = 0
+    for i in range(bits.shape[0]):
+        c = within[i] ^ invert
+        key = _order_key(bits[i], absolute)
+        if key == zero_key:
+            zeros += c
+        else:
+            high[key >> 16] += c
+        nan |= c & ((bits[i] & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000))
+    if nan:
+        return -1
+    high[zero_key >> 16] += zeros
+    top, above = 65535, 0
+    while above + high[top] < k:
+        above += high[top]
+        top -= 1
+    if top == zero_key >> 16 and above + high[top] - zeros < k:
+        # the k-th largest is 0 (growth scores of weights without gradient): no second pass
+        kth = zero_key
+        above += high[top] - zeros
+    else:
+        # pass 2: within that bin, candidates per lower 16 bits (zeros again apart)
+        low = np.zeros(65536, np.int64)
+        for i in range(bits.shape[0]):
+            key = _order_key(bits[i], absolute)
+            if (key >> 16) == top and key != zero_key:
+                low[key & np.uint32(0xFFFF)] += within[i] ^ invert
+        if top == zero_key >> 16:
+            low[0] += zeros
+        bottom = 65535
+        while above + low[bottom] < k:
+            above += low[bottom]
+            bottom -= 1
+        kth = (np.uint32(top) << 16) | np.uint32(bottom)
+    need = k - above
+    # pass 3: everything above the k-th value, and the first `need` tied with it in index order
+    taken = 0
+    for i in range(bits.shape[0]):
+        c = within[i] ^ invert
+        key = _order_key(bits[i], absolute)
+        tie = c & (key == kth)
+        out[i] = (c & (key > kth)) | (tie & (taken < need))
+        taken += tie
+    return 0
+
+def _compress(x, m, out):  # noqa: ANN001, ANN202
+    # every entry is written to the next free slot, which only a selected one keeps (the spare
+    # last slot takes what follows the last selected entry): no branch per entry
+    j = 0
+    for i in range(x.shape[0]):
+        out[j] = x[i]
+        j += m[i]
+    return j
+
+
+_LOOPS = ("_order_key", "_step", "_momentum_step", "_accumulate", "_mean", "_merge", "_topk", "_compress")
+
+
+@functools.cache
+def _compile() -> None:
+    """Make the loops above numba functions (in dependency order: ``_topk`` calls ``_order_key``)."""
+    import numba
+
+    jit = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+    for name in _LOOPS:
+        globals()[name] = jit(globals()[name])
 
 
 def masked_step(param: Tensor, direction: Tensor, mask: Tensor, lr: float, *,
@@ -214,6 +233,7 @@ def masked_step(param: Tensor, direction: Tensor, mask: Tensor, lr: float, *,
 
     The scalars are rounded to the parameter's dtype first, as PyTorch does with a Python number.
     """
+    _compile()
     dtype = _numpy_dtype(param)
     p, d, m = _flat(param), _flat(direction), _flat(mask)
     if momentum_buffer is None:
@@ -238,6 +258,7 @@ def accumulate_shared(total: Tensor, weight: Tensor, union: Tensor, values: Tens
     ``total`` float64, ``weight`` int32, ``union`` and ``personal`` bool, ``values`` float32, ``w``
     a whole number: every product is then exact in float64, as in :class:`.aggregate.MaskedMean`.
     """
+    _compile()
     _accumulate(_flat(total), _flat(weight), _flat(union), _flat(values), _flat(personal),
                 np.float64(w), np.int32(w), first)
 
@@ -246,6 +267,7 @@ def weighted_mean(total: Tensor, weight: Tensor, whole: float, old: Tensor) -> T
     """``where(w > 0, (total / where(w > 0, w, 1)).to(old.dtype), old)`` with ``w = float64(weight) + whole``
     (``whole`` only when non-zero): the server's mean of each entry over the clients that sent it,
     the old value where none did, in one pass (:meth:`.aggregate.MaskedMean.result`)."""
+    _compile()
     out = torch.empty_like(old)
     _mean(_flat(out), _flat(total), _flat(weight), float(whole), _flat(old))
     return out
@@ -257,6 +279,7 @@ def merge_personal(out: Tensor, global_values: Tensor, mask: Tensor, personal_va
     ``personal_values`` holds exactly one value per True entry of ``mask`` (row-major order);
     ValueError otherwise.
     """
+    _compile()
     if personal_values.numel() == 0:
         if bool(mask.any()):
             raise ValueError("merge_personal: no personal values for a mask with True entries")
@@ -269,6 +292,7 @@ def merge_personal(out: Tensor, global_values: Tensor, mask: Tensor, personal_va
 
 def compress(values: Tensor, mask: Tensor) -> Tensor:
     """``torch.masked_select(values, mask)`` for CPU tensors of one shape, ``mask`` bool."""
+    _compile()
     # moved as integers of the same width: any dtype (numba has no float16), the same bits
     x = values.detach().reshape(-1).numpy().view(_INT_OF_SIZE[values.element_size()])
     out = np.empty(x.shape[0] + 1, dtype=x.dtype)
@@ -281,11 +305,13 @@ def topk(scores: Tensor, within: Tensor, k: int, *, absolute: bool = False, inve
     entries where ``within`` is True (False if ``invert_within``), ties to the lower flat index, as
     :func:`fedselect.core.topk.topk_mask` chooses them; 0 < k < the number of candidates.
 
-    Three passes over float32 scores, without a branch per entry: a count of the candidates per
-    upper 16 bits of an order-preserving key, then per lower 16 bits within the bin that holds the
-    k-th largest, which is then known exactly, and the choice. -0.0 ties with +0.0, as they compare
-    equal. ValueError when a candidate is NaN (no ranking), as topk_mask.
+    Two or three passes over float32 scores: a count of the candidates per upper 16 bits of an
+    order-preserving key, then (unless the k-th largest is 0) per lower 16 bits within the bin that
+    holds the k-th largest, which is then known exactly, and the choice, without a branch per entry.
+    -0.0 ties with +0.0, as they compare equal. ValueError when a candidate is NaN (no ranking), as
+    topk_mask.
     """
+    _compile()
     out = torch.empty(scores.shape, dtype=torch.bool)
     status = _topk(_flat(scores).view(np.int32), _flat(within), np.uint8(invert_within), absolute, int(k), _flat(out))
     if status:
