@@ -262,3 +262,40 @@ def test_grow_mask_is_the_same_with_and_without_the_kernels(monkeypatch):
         monkeypatch.setenv("FEDSELECT_CPU_KERNELS", setting)
         results.append(grow_mask(mask, change, rate=0.4, target_fraction=0.9))
     assert all(torch.equal(results[0][n], results[1][n]) for n in shapes)
+
+
+def _growth_case() -> tuple[dict, dict, dict]:
+    shapes = {"big": (300, 250), "zeros": (80, 900), "small": (40, 5), "over": (70000,)}
+    current = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    snapshot = {n: c + _scores(c.numel()).reshape(c.shape) * 1e-3 for n, c in current.items()}
+    snapshot["zeros"].view(-1)[::9].copy_(current["zeros"].view(-1)[::9])  # many exact zero changes
+    snapshot["zeros"][:, :700] = current["zeros"][:, :700]
+    mask = {n: torch.rand(s, generator=g) < 0.3 for n, s in shapes.items()}
+    mask["over"][:] = torch.rand(70000, generator=g) < 0.95  # past the bound: left as it is
+    return mask, snapshot, current
+
+
+def test_grow_mask_since_is_grow_mask_of_the_change_then_moves_the_snapshot(monkeypatch):
+    from fedselect.core.topk import grow_mask, grow_mask_since
+
+    mask, snapshot, current = _growth_case()
+    expected = grow_mask(mask, {n: snapshot[n] - current[n] for n in mask}, rate=0.3, target_fraction=0.9)
+    for setting in ("0", "1"):
+        monkeypatch.setenv("FEDSELECT_CPU_KERNELS", setting)
+        moved = {n: s.clone() for n, s in snapshot.items()}
+        grown = grow_mask_since(mask, moved, current, rate=0.3, target_fraction=0.9)
+        assert all(torch.equal(grown[n], expected[n]) for n in mask), setting
+        assert all(same_bits(moved[n], current[n]) for n in mask), setting
+
+
+def test_grow_mask_since_refuses_a_nan_change_on_shared_entries(monkeypatch):
+    from fedselect.core.topk import grow_mask_since
+
+    mask, snapshot, current = _growth_case()
+    snapshot["big"][0, 0] = float("nan")
+    mask["big"][0, 0] = False
+    for setting in ("0", "1"):
+        monkeypatch.setenv("FEDSELECT_CPU_KERNELS", setting)
+        with pytest.raises(ValueError, match="NaN"):
+            grow_mask_since(mask, {n: s.clone() for n, s in snapshot.items()}, current, rate=0.3,
+                            target_fraction=0.9)
