@@ -6,7 +6,7 @@ Its difference from FedAvg, on the mask mechanism of :mod:`fedselect.algorithms.
   :func:`fedselect.core.gradltn.gradltn`) on its current model theta_k = global values on
   shared entries + its personal values, every ``search_every`` of its participations; or,
   as in the authors' released code, grows the mask online (``mask_search: grow``;
-  :func:`fedselect.core.topk.grow_mask_since`).
+  :func:`fedselect.core.topk.grow_mask`).
 * local schedule: LocalAlt (Pillutla et al. 2022; :func:`fedselect.algorithms.parts.train_localalt`),
   per epoch one pass over the personal entries v, then one over the shared entries u.
 * server: unchanged: each entry averaged over the clients that share it (paper Alg. 2).
@@ -27,7 +27,7 @@ import torch
 
 from fedselect.core.gradltn import gradltn
 from fedselect.core.masks import counted_fraction, iou_matrix, personal_fraction
-from fedselect.core.topk import grow_mask_since
+from fedselect.core.topk import grow_mask
 from fedselect.engine import TrainStats, restore_state, snapshot_state
 from fedselect.models import head_param_names, layer_groups
 from fedselect.plots import plot_iou_heatmap
@@ -119,10 +119,14 @@ class FedSelectClient(FedAvgClient):
         if (self.participations + 1) % opts.grow_every:
             return
         mask = self.parameter_mask()
-        # by the change since the last growth; the snapshot moves to now
-        grown = grow_mask_since(mask, {n: self.grow_snapshot[n] for n in names}, current, rate=opts.p,
-                                target_fraction=opts.grow_target)
+        # the change since the last growth, in the snapshot's own storage: then - now, whose
+        # magnitude (all grow_mask reads) equals that of now - then bit for bit
+        snapshot = self.grow_snapshot
+        change = {n: snapshot[n].sub_(current[n]) for n in names}
+        grown = grow_mask({n: mask[n] for n in names}, change, rate=opts.p, target_fraction=opts.grow_target)
         self.personal_mask = {**mask, **grown, **self.buffer_mask()}
+        for n in names:  # the snapshot moves to now
+            snapshot[n].copy_(current[n])
 
     @classmethod
     def federation_artifacts(cls, clients: Sequence[FedAvgClient], out_dir: Path) -> RunArtifacts:

@@ -54,7 +54,7 @@ from torch import Tensor
 NUMBA_FOUND = importlib.util.find_spec("numba") is not None
 
 __all__ = ["ENV", "MAX_THREADS", "accumulate_shared", "applies", "compress", "enabled", "masked_step", "merge_personal",
-           "grow", "setting", "step_applies", "topk", "weighted_mean"]
+           "setting", "step_applies", "topk", "weighted_mean"]
 
 ENV = "FEDSELECT_CPU_KERNELS"
 # the fused loops run on one thread; up to here they beat PyTorch's multi-pass kernels (bench/README.md)
@@ -97,7 +97,6 @@ def _step(p, d, m, lr, zero):  # noqa: ANN001, ANN202 - numba types these per ca
         v = d[i] * lr
         p[i] = p[i] - (v if m[i] else zero)
 
-
 def _momentum_step(p, d, buf, m, lr, mu, zero):  # noqa: ANN001, ANN202
     for i in range(p.shape[0]):
         b = buf[i] * mu + d[i]
@@ -105,7 +104,6 @@ def _momentum_step(p, d, buf, m, lr, mu, zero):  # noqa: ANN001, ANN202
         buf[i] = b
         v = b * lr
         p[i] = p[i] - (v if m[i] else zero)
-
 
 def _accumulate(total, weight, union, x, personal, w, iw, first):  # noqa: ANN001, ANN202
     neg_zero = -0.0
@@ -124,7 +122,6 @@ def _accumulate(total, weight, union, x, personal, w, iw, first):  # noqa: ANN00
             weight[i] = weight[i] + (iw if shared else 0)
             union[i] = union[i] | personal[i]
 
-
 def _mean(out, total, weight, whole, old):  # noqa: ANN001, ANN202
     for i in range(out.shape[0]):
         w = np.float64(weight[i])
@@ -137,7 +134,6 @@ def _mean(out, total, weight, whole, old):  # noqa: ANN001, ANN202
         else:
             out[i] = old[i]
 
-
 def _merge(out, g, m, v):  # noqa: ANN001, ANN202
     last = v.shape[0] - 1
     j = 0
@@ -145,7 +141,6 @@ def _merge(out, g, m, v):  # noqa: ANN001, ANN202
         out[i] = v[min(j, last)] if m[i] else g[i]
         j += m[i]
     return j
-
 
 def _order_key(bits, absolute):  # noqa: ANN001, ANN202
     """A float32's bit pattern as an unsigned key that orders as the values do (-0.0 as +0.0)."""
@@ -156,12 +151,7 @@ def _order_key(bits, absolute):  # noqa: ANN001, ANN202
     key = np.uint32(bits)
     return key ^ (np.uint32(0xFFFFFFFF) if bits < 0 else np.uint32(0x80000000))
 
-
-def _topk(values, bits, now, within, invert, absolute, k, out, diff, keep_within, move):  # noqa: ANN001, ANN202, PLR0913
-    """The top-k of ``values`` (float32, ``bits`` its int32 view) within ``within ^ invert``; with
-    ``diff``, of ``values - now``, written into ``values`` first; with ``keep_within``, ``out`` is
-    ``within | chosen``; with ``move``, ``values`` becomes ``now`` in the last pass. The flags are
-    the same for the whole loop, whose branches on them are taken once."""
+def _topk(bits, within, invert, absolute, k, out):  # noqa: ANN001, ANN202
     zero_key = np.uint32(0x80000000)
     # pass 1: candidates per upper 16 bits of the key (and any NaN among them). Zeros, most of a
     # growth's scores in some tensors, are counted apart: adding them to one bin would chain
@@ -170,8 +160,6 @@ def _topk(values, bits, now, within, invert, absolute, k, out, diff, keep_within
     zeros = 0
     nan = 0
     for i in range(bits.shape[0]):
-        if diff:
-            values[i] = values[i] - now[i]
         c = within[i] ^ invert
         key = _order_key(bits[i], absolute)
         if key == zero_key:
@@ -211,13 +199,9 @@ def _topk(values, bits, now, within, invert, absolute, k, out, diff, keep_within
         c = within[i] ^ invert
         key = _order_key(bits[i], absolute)
         tie = c & (key == kth)
-        chosen = (c & (key > kth)) | (tie & (taken < need))
-        out[i] = (chosen | within[i]) if keep_within else chosen
+        out[i] = (c & (key > kth)) | (tie & (taken < need))
         taken += tie
-        if move:
-            values[i] = now[i]
     return 0
-
 
 def _compress(x, m, out):  # noqa: ANN001, ANN202
     # every entry is written to the next free slot, which only a selected one keeps (the spare
@@ -329,28 +313,7 @@ def topk(scores: Tensor, within: Tensor, k: int, *, absolute: bool = False, inve
     """
     _compile()
     out = torch.empty(scores.shape, dtype=torch.bool)
-    values = _flat(scores)
-    status = _topk(values, values.view(np.int32), values, _flat(within), np.uint8(invert_within), absolute, int(k),
-                   _flat(out), False, False, False)
-    if status:
-        raise ValueError("scores contain NaN among the candidate entries")
-    return out
-
-
-def grow(snapshot: Tensor, current: Tensor, personal: Tensor, k: int) -> Tensor:
-    """FedSelect's growth of one float32 tensor's mask, and its snapshot moved on, in two or three passes:
-    ``personal | topk(|snapshot - current|, k, within=~personal)``, after which ``snapshot`` holds
-    ``current`` (:func:`fedselect.core.topk.grow_mask_since`); 0 < k < the shared entries.
-
-    The change is written into the snapshot's storage first (``snapshot - current``, as
-    ``snapshot.sub_(current)`` computes it), so a NaN among the shared entries' changes raises
-    ValueError with the snapshot holding the change, as the unfused path leaves it.
-    """
-    _compile()
-    out = torch.empty(snapshot.shape, dtype=torch.bool)
-    values = _flat(snapshot)
-    status = _topk(values, values.view(np.int32), _flat(current), _flat(personal), np.uint8(1), True, int(k),
-                   _flat(out), True, True, True)
+    status = _topk(_flat(scores).view(np.int32), _flat(within), np.uint8(invert_within), absolute, int(k), _flat(out))
     if status:
         raise ValueError("scores contain NaN among the candidate entries")
     return out

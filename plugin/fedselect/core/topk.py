@@ -19,7 +19,7 @@ from fedselect.core.host import compare, count_true, counts_true
 from fedselect.core.kth import kth_largest
 from fedselect.core.masks import Mask, compress, target_count, true_counts, validate_mask
 
-__all__ = ["grow_mask", "grow_mask_since", "topk_mask", "topk_mask_global", "topk_masks"]
+__all__ = ["grow_mask", "topk_mask", "topk_mask_global", "topk_masks"]
 
 
 def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor:
@@ -332,7 +332,17 @@ def grow_mask(
             raise ValueError(
                 f"tensor {name!r}: mask has shape {tuple(m.shape)}, change has {tuple(change[name].shape)}"
             )
-    personal, ks = _growth_counts(mask, [n for n in mask if n in names], rate, target_fraction, cap_at_target)
+    grown_names = [n for n in mask if n in names]
+    personal = true_counts({n: mask[n] for n in grown_names})
+    ks: dict[str, int] = {}
+    for name in grown_names:
+        n, n_personal = mask[name].numel(), personal[name]
+        if n == 0 or n_personal / n > target_fraction:
+            continue
+        k = target_count(n - n_personal, rate)
+        if cap_at_target:
+            k = min(k, max(0, target_count(n, target_fraction) - n_personal))
+        ks[name] = k
     # the CPU kernel reads |change| and the shared entries off change and the mask themselves, for a
     # proper selection (0 < k < shared entries; the edge cases keep topk_mask's checks)
     fused = [n for n in ks if 0 < ks[n] < mask[n].numel() - personal[n]
@@ -342,45 +352,3 @@ def grow_mask(
     chosen.update({n: cpu_kernels.topk(change[n].detach(), mask[n], ks[n], absolute=True, invert_within=True)
                    for n in fused})
     return {name: mask[name] | chosen[name] if name in chosen else m.clone() for name, m in mask.items()}
-
-
-def _growth_counts(mask: Mapping[str, Tensor], names: Sequence[str], rate: float, target_fraction: float,
-                   cap_at_target: bool) -> tuple[dict[str, int], dict[str, int]]:
-    """Each named tensor's personal count, and how many entries it grows by (tensors over the bound
-    are left out), by :func:`grow_mask`'s rule."""
-    personal = true_counts({n: mask[n] for n in names})
-    ks: dict[str, int] = {}
-    for name in names:
-        n, n_personal = mask[name].numel(), personal[name]
-        if n == 0 or n_personal / n > target_fraction:
-            continue
-        k = target_count(n - n_personal, rate)
-        if cap_at_target:
-            k = min(k, max(0, target_count(n, target_fraction) - n_personal))
-        ks[name] = k
-    return personal, ks
-
-
-def grow_mask_since(mask: Mapping[str, Tensor], snapshot: Mapping[str, Tensor], current: Mapping[str, Tensor], *,
-                    rate: float, target_fraction: float) -> Mask:
-    """:func:`grow_mask` of the tensors in ``snapshot`` by their change ``snapshot - current``, after
-    which each snapshot holds ``current`` (in place): FedSelect's online growth step.
-
-    Returns the grown mask of every tensor in ``snapshot``. On the CPU a tensor's change, its
-    selection and the snapshot's move are one kernel (:func:`fedselect.core.cpu_kernels.grow`, two
-    or three passes instead of six or more); the same masks and snapshots either way.
-    """
-    names = list(snapshot)
-    personal, ks = _growth_counts(mask, names, rate, target_fraction, False)
-    fused = [n for n in ks if 0 < ks[n] < mask[n].numel() - personal[n] and mask[n].dtype == torch.bool
-             and snapshot[n].shape == current[n].shape == mask[n].shape and current[n].dtype == torch.float32
-             and _kernel_applies(snapshot[n], mask[n]) and cpu_kernels.applies(current[n].detach())]
-    grown = {n: cpu_kernels.grow(snapshot[n], current[n].detach(), mask[n], ks[n]) for n in fused}
-    rest = [n for n in names if n not in grown]
-    # the change in the snapshot's own storage: its magnitude (all grow_mask reads) equals that of
-    # current - snapshot bit for bit
-    change = {n: snapshot[n].sub_(current[n]) for n in rest}
-    grown.update(grow_mask({n: mask[n] for n in rest}, change, rate=rate, target_fraction=target_fraction))
-    for n in rest:
-        snapshot[n].copy_(current[n])
-    return {n: grown[n] for n in names}
