@@ -225,6 +225,7 @@ def _scores(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("fraction", [0.05, 0.3, 0.7, 0.99])
 @pytest.mark.parametrize("absolute", [False, True])
 def test_topk_kernel_chooses_what_topk_mask_chooses(monkeypatch, fraction, absolute):
+    """Signed scores (GradLTN's scopes) and magnitudes (growth), many ties, both zeros."""
     from fedselect.core.topk import topk_mask
 
     n = 70001  # above the size where topk_mask hands over to the kernel
@@ -234,7 +235,7 @@ def test_topk_kernel_chooses_what_topk_mask_chooses(monkeypatch, fraction, absol
     for k in (1, int(fraction * candidates), candidates - 1):
         expected = topk_mask(scores.abs() if absolute else scores, k, within=within)
         monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "1")
-        chosen = cpu_kernels.topk(scores, ~within, k, absolute=absolute, invert_within=True)
+        chosen = cpu_kernels.topk(scores.abs() if absolute else scores, within, k)
         assert torch.equal(chosen, expected), k
         assert torch.equal(topk_mask(scores.abs() if absolute else scores, k, within=within), expected)
         monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "0")

@@ -17,7 +17,7 @@ not arithmetic. Here each of them is one loop that reads every input once, compi
 * :func:`weighted_mean` divides those sums by the entry weights, keeping the old value where no
   client sent one;
 * :func:`compress` is ``x[m]``, without a branch per entry;
-* :func:`topk` is FedSelect's exact top-k of (absolute) scores within a mask, by counting.
+* :func:`topk` is FedSelect's exact top-k of scores within a mask, by counting.
 
 Every result is the bits of the PyTorch operations it replaces: the same IEEE operations on the
 same operands in the same order per entry (numba compiles without fast-math, so no product is
@@ -142,16 +142,15 @@ def _merge(out, g, m, v):  # noqa: ANN001, ANN202
         j += m[i]
     return j
 
-def _order_key(bits, absolute):  # noqa: ANN001, ANN202
+def _order_key(bits):  # noqa: ANN001, ANN202
     """A float32's bit pattern as an unsigned key that orders as the values do (-0.0 as +0.0)."""
-    if absolute:  # |x|: no sign, no -0.0
-        return np.uint32(bits & np.int32(0x7FFFFFFF)) | np.uint32(0x80000000)
     if bits == np.int32(-2147483648):  # -0.0 ties with +0.0
         bits = np.int32(0)
     key = np.uint32(bits)
     return key ^ (np.uint32(0xFFFFFFFF) if bits < 0 else np.uint32(0x80000000))
 
-def _topk(bits, within, invert, absolute, k, out):  # noqa: ANN001, ANN202
+
+def _topk(bits, within, k, out):  # noqa: ANN001, ANN202
     zero_key = np.uint32(0x80000000)
     # pass 1: candidates per upper 16 bits of the key (and any NaN among them). Zeros, most of a
     # growth's scores in some tensors, are counted apart: adding them to one bin would chain
@@ -160,8 +159,8 @@ def _topk(bits, within, invert, absolute, k, out):  # noqa: ANN001, ANN202
     zeros = 0
     nan = 0
     for i in range(bits.shape[0]):
-        c = within[i] ^ invert
-        key = _order_key(bits[i], absolute)
+        c = within[i]
+        key = _order_key(bits[i])
         if key == zero_key:
             zeros += c
         else:
@@ -182,9 +181,9 @@ def _topk(bits, within, invert, absolute, k, out):  # noqa: ANN001, ANN202
         # pass 2: within that bin, candidates per lower 16 bits (zeros again apart)
         low = np.zeros(65536, np.int64)
         for i in range(bits.shape[0]):
-            key = _order_key(bits[i], absolute)
+            key = _order_key(bits[i])
             if (key >> 16) == top and key != zero_key:
-                low[key & np.uint32(0xFFFF)] += within[i] ^ invert
+                low[key & np.uint32(0xFFFF)] += within[i]
         if top == zero_key >> 16:
             low[0] += zeros
         bottom = 65535
@@ -196,8 +195,8 @@ def _topk(bits, within, invert, absolute, k, out):  # noqa: ANN001, ANN202
     # pass 3: everything above the k-th value, and the first `need` tied with it in index order
     taken = 0
     for i in range(bits.shape[0]):
-        c = within[i] ^ invert
-        key = _order_key(bits[i], absolute)
+        c = within[i]
+        key = _order_key(bits[i])
         tie = c & (key == kth)
         out[i] = (c & (key > kth)) | (tie & (taken < need))
         taken += tie
@@ -300,10 +299,10 @@ def compress(values: Tensor, mask: Tensor) -> Tensor:
     return torch.from_numpy(out[:count]).view(values.dtype) if count else values.new_empty(0)
 
 
-def topk(scores: Tensor, within: Tensor, k: int, *, absolute: bool = False, invert_within: bool = False) -> Tensor:
-    """Exactly ``k`` True entries: the largest ``scores`` (``|scores|`` if ``absolute``) among the
-    entries where ``within`` is True (False if ``invert_within``), ties to the lower flat index, as
-    :func:`fedselect.core.topk.topk_mask` chooses them; 0 < k < the number of candidates.
+def topk(scores: Tensor, within: Tensor, k: int) -> Tensor:
+    """Exactly ``k`` True entries: the largest ``scores`` among the entries where ``within`` is True,
+    ties to the lower flat index, as :func:`fedselect.core.topk.topk_mask` chooses them; 0 < k < the
+    number of candidates.
 
     Two or three passes over float32 scores: a count of the candidates per upper 16 bits of an
     order-preserving key, then (unless the k-th largest is 0) per lower 16 bits within the bin that
@@ -313,7 +312,7 @@ def topk(scores: Tensor, within: Tensor, k: int, *, absolute: bool = False, inve
     """
     _compile()
     out = torch.empty(scores.shape, dtype=torch.bool)
-    status = _topk(_flat(scores).view(np.int32), _flat(within), np.uint8(invert_within), absolute, int(k), _flat(out))
+    status = _topk(_flat(scores).view(np.int32), _flat(within), int(k), _flat(out))
     if status:
         raise ValueError("scores contain NaN among the candidate entries")
     return out

@@ -53,11 +53,12 @@ def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor
         if flat.is_floating_point() and bool(torch.isnan(flat).logical_and_(flat_within).any()):
             raise ValueError("scores contain NaN among the candidate entries")
         return within.clone()
-    if _kernel_applies(flat, flat_within):
-        return cpu_kernels.topk(flat, flat_within, k).reshape(scores.shape)  # three passes, no branches
     zero_cut = _zero_cut(flat, flat_within, k, n_candidates)
     if zero_cut is not None:
         return zero_cut.reshape(scores.shape)
+    if _kernel_applies(flat, flat_within):
+        # after the zero probe, which decides zero-heavy growth scores from counts faster still
+        return cpu_kernels.topk(flat, flat_within, k).reshape(scores.shape)
     if flat.is_floating_point() and 2 * n_candidates >= flat.numel():
         # most entries are candidates: rank in place, the others pushed below every candidate (-inf
         # ties with a -inf candidate are kept out by the tie rule below), with no gather or scatter
@@ -343,12 +344,5 @@ def grow_mask(
         if cap_at_target:
             k = min(k, max(0, target_count(n, target_fraction) - n_personal))
         ks[name] = k
-    # the CPU kernel reads |change| and the shared entries off change and the mask themselves, for a
-    # proper selection (0 < k < shared entries; the edge cases keep topk_mask's checks)
-    fused = [n for n in ks if 0 < ks[n] < mask[n].numel() - personal[n]
-             and _kernel_applies(change[n].detach(), mask[n])]
-    rest = [n for n in ks if n not in fused]
-    chosen = topk_masks(rest, lambda name: change[name].detach().abs(), ks, {n: ~mask[n] for n in rest})
-    chosen.update({n: cpu_kernels.topk(change[n].detach(), mask[n], ks[n], absolute=True, invert_within=True)
-                   for n in fused})
+    chosen = topk_masks(list(ks), lambda name: change[name].detach().abs(), ks, {n: ~mask[n] for n in ks})
     return {name: mask[name] | chosen[name] if name in chosen else m.clone() for name, m in mask.items()}
