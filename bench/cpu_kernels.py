@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 
 from fedselect.core import cpu_kernels  # noqa: E402
 from fedselect.core.aggregate import MaskedMean  # noqa: E402
-from fedselect.core.masks import compress  # noqa: E402
+from fedselect.core.masks import compress, scatter_masked  # noqa: E402
 from fedselect.core.topk import topk_mask  # noqa: E402
 from fedselect.optim import MaskedSGD  # noqa: E402
 
@@ -56,12 +56,7 @@ def operations(n: int, seed: int) -> dict[str, Callable[[], torch.Tensor]]:
         return mean.result()[0]["w"]
 
     def merge() -> torch.Tensor:
-        out = torch.empty(n)
-        if cpu_kernels.enabled():
-            cpu_kernels.merge_personal(out, global_values, mask, personal)
-        else:
-            out.copy_(global_values).masked_scatter_(mask, personal)
-        return out
+        return scatter_masked(torch.empty(n), mask, personal, base=global_values)
 
     return {
         "masked SGD step": sgd_step,
@@ -99,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/cpu_kernels.py: error: numba is not installed", file=sys.stderr)
         return 2
     rows = []
-    saved = os.environ.get(cpu_kernels.ENV)
+    saved, saved_threads = os.environ.get(cpu_kernels.ENV), torch.get_num_threads()
     try:
         for threads in (int(t) for t in ns.threads.split(",")):
             torch.set_num_threads(threads)
@@ -111,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"operation": name, "threads": threads, "pytorch_ms": torch_ms, "kernel_ms": kernel_ms,
                              "same_bits": same_bits(result, expected)})
     finally:
+        # the caller's thread count back (a test process's later convolutions depend on it)
+        torch.set_num_threads(saved_threads)
         if saved is None:
             os.environ.pop(cpu_kernels.ENV, None)
         else:
