@@ -25,8 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fedselect.core import cpu_kernels
-from fedselect.core.masks import PackedTensor, gather_masked, pack_mask, true_counts, unpack_mask
+from fedselect.core.masks import PackedTensor, gather_masked, pack_mask, scatter_masked, true_counts, unpack_mask
 from fedselect.engine import (
     ClientDataset,
     EvalResult,
@@ -230,24 +229,15 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         self.ensure_personal_mask()
         with torch.no_grad():
             state = self.model.state_dict(keep_vars=True)
-            mask = self.personal_mask
-            merged = set()
             for name, value in model_parameters.items():
                 if name not in state:
                     raise KeyError(f"global model has tensor '{name}' the client model lacks")
-                personal = self.personal_values.get(name)
-                target = state[name].detach()
-                if (personal is not None and value.dtype == personal.dtype == target.dtype
-                        and value.shape == target.shape and cpu_kernels.applies(target, value, mask[name], personal)):
-                    # global values and personal ones in one pass (fedselect.core.cpu_kernels), same bits
-                    cpu_kernels.merge_personal(target, value, mask[name], personal)
-                    merged.add(name)
-                else:
+                if name not in self.personal_values:
                     state[name].copy_(value)
+            mask = self.personal_mask
             for name, values in self.personal_values.items():
-                if name not in merged:
-                    # masked_scatter_ fills the True entries in row-major order: state[name][mask] = values
-                    state[name].masked_scatter_(mask[name], values.to(state[name].dtype))
+                # the global values (if sent) with this client's personal ones on top: state[name][mask] = values
+                scatter_masked(state[name], mask[name], values, base=model_parameters.get(name))
 
     def ensure_personal_mask(self) -> None:
         if not self.mask_initialized:

@@ -233,12 +233,12 @@ def masked_step(param: Tensor, direction: Tensor, mask: Tensor, lr: float, *,
     The scalars are rounded to the parameter's dtype first, as PyTorch does with a Python number.
     """
     _compile()
-    dtype = _numpy_dtype(param)
     p, d, m = _flat(param), _flat(direction), _flat(mask)
+    scalar = p.dtype.type
     if momentum_buffer is None:
-        _step(p, d, m, dtype.type(lr), dtype.type(0.0))
+        _step(p, d, m, scalar(lr), scalar(0.0))
     else:
-        _momentum_step(p, d, _flat(momentum_buffer), m, dtype.type(lr), dtype.type(momentum), dtype.type(0.0))
+        _momentum_step(p, d, _flat(momentum_buffer), m, scalar(lr), scalar(momentum), scalar(0.0))
 
 
 def step_applies(param: Tensor, direction: Tensor, mask: Tensor, momentum_buffer: Tensor | None = None) -> bool:
@@ -316,7 +316,3 @@ def topk(scores: Tensor, within: Tensor, k: int) -> Tensor:
     if status:
         raise ValueError("scores contain NaN among the candidate entries")
     return out
-
-
-def _numpy_dtype(t: Tensor) -> np.dtype:
-    return np.dtype(np.float32) if t.dtype == torch.float32 else np.dtype(np.float64)

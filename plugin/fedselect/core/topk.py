@@ -17,7 +17,7 @@ from fedselect.core import cpu_kernels
 from fedselect.core.blend import where_fill
 from fedselect.core.host import compare, count_true, counts_true
 from fedselect.core.kth import kth_largest
-from fedselect.core.masks import Mask, compress, target_count, true_counts, validate_mask
+from fedselect.core.masks import Mask, compress, scatter_masked, target_count, true_counts, validate_mask
 
 __all__ = ["grow_mask", "topk_mask", "topk_mask_global", "topk_masks"]
 
@@ -67,13 +67,8 @@ def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor
         return chosen.reshape(scores.shape)
     vals = compress(flat, flat_within)
     out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    chosen = _top_k_in_order(vals, k)
     # candidates in flat order, as compress read them
-    if cpu_kernels.applies(out, flat_within, chosen) and chosen.dtype == torch.bool:
-        cpu_kernels.merge_personal(out, out, flat_within, chosen)  # one pass, no branch per entry
-    else:
-        out.masked_scatter_(flat_within, chosen)
-    return out.reshape(scores.shape)
+    return scatter_masked(out, flat_within, _top_k_in_order(vals, k)).reshape(scores.shape)
 
 
 def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> Tensor:
