@@ -109,6 +109,10 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     from fedselect.runner.federation import build_federation
 
     config = our_config(spec)
+    if config.train.client_batching:
+        # the pass counter hooks the shared module and the part timers follow one client at a time;
+        # batched clients train in threads on model copies (bench/study_cost.py measures that mode)
+        raise SystemExit("vs_released: train.client_batching is not measured here; use bench/study_cost.py")
     device = torch.device(config.device)
     args = build_fedml_args(fedml_sections(config), home=fedml_home(Path(spec["work_dir"]) / "ours"))
     # the same builder as `fedselect run`: data, partition, seeded model, transform, clients, server

@@ -226,6 +226,11 @@ class TrainConfig:
     # images and for text models (whose forward may wait for the host); true: on, an error
     # without CUDA; false: off
     cuda_graphs: bool | Literal["auto"] = "auto"
+    # simulation: train a round's clients side by side, their identical training calls as one
+    # batched pass over stacked copies of the model (fedselect.client_batching, docs/GPU.md). For
+    # GPUs, where one client's small batches leave the device idle; image models only; not bit
+    # for bit the same as one client after the other; no CUDA graphs
+    client_batching: bool = False
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "train.rounds", "must be >= 1")
@@ -237,6 +242,9 @@ class TrainConfig:
         check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         check(0 < self.participation <= 1, "train.participation", "must be in (0, 1]")
         check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        check(not (self.client_batching and self.cuda_graphs is True), "train.client_batching",
+              "is true and train.cuda_graphs is true: batched client training replays no CUDA graphs "
+              "(set train.cuda_graphs: auto or false)")
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Collection, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from fedselect import client_batching
+from fedselect.batched_training import TrainRequest
 from fedselect.core.masks import PackedTensor, gather_masked, pack_mask, scatter_masked, true_counts, unpack_mask
 from fedselect.engine import (
     ClientDataset,
@@ -39,7 +42,6 @@ from fedselect.engine import (
     norm_buffers,
     restore_state,
     snapshot_state,
-    train_passes,
 )
 from fedselect.fedml_bridge import fedml_interfaces
 from fedselect.options import NoOptions
@@ -194,13 +196,16 @@ class FedAvgClient(Checkpointable, ClientTrainer):
         ``stream`` separates the random draws of several calls within one round. Every sample
         trained counts towards this client's local work.
         """
-        generator = client_generator(self.ctx.config.seed, self.id, self.round_idx, stream)
-        stats = train_passes(self.model, self.data.train_x, self.data.train_y, passes, optim=self.ctx.optim,
-                             transform=self.ctx.transform, generator=generator, extra_loss=extra_loss,
-                             freeze_frozen_norms=self.freeze_frozen_norms,
-                             freeze_norm_stats=self.ctx.config.train.norm_stats == "frozen",
-                             precision=self.ctx.config.train.precision,
-                             cuda_graphs=self.ctx.cuda_graphs)
+        seed = self.ctx.config.seed
+        request = TrainRequest(self.model, self.data.train_x, self.data.train_y, passes, optim=self.ctx.optim,
+                               transform=self.ctx.transform, generator=client_generator(seed, self.id, self.round_idx,
+                                                                                        stream),
+                               extra_loss=extra_loss, freeze_frozen_norms=self.freeze_frozen_norms,
+                               freeze_norm_stats=self.ctx.config.train.norm_stats == "frozen",
+                               precision=self.ctx.config.train.precision, cuda_graphs=self.ctx.cuda_graphs,
+                               identity=(seed, self.id, self.round_idx, stream))
+        # in a batched round (train.client_batching) the call meets the other clients' calls
+        stats = client_batching.train(request)
         self.sample_passes += stats.samples
         return stats
 
@@ -271,7 +276,11 @@ class FedAvgClient(Checkpointable, ClientTrainer):
 
     def train(self, train_data: Any, device: Any, args: Any) -> TrainStats:
         self.ensure_personal_mask()
-        with client_global_rng(self.ctx.config.seed, self.id, self.round_idx, self.ctx.device):
+        # a batched round's client threads leave the process-wide generator alone: its batched
+        # calls seed it themselves (fedselect.client_batching)
+        rng = (nullcontext() if client_batching.active_rendezvous() is not None
+               else client_global_rng(self.ctx.config.seed, self.id, self.round_idx, self.ctx.device))
+        with rng:
             self.last_train_stats = self.local_update()
         self.save_personal_values()
         self.round_idx += 1

@@ -37,7 +37,10 @@ class RunContext:
 
     @functools.cached_property
     def cuda_graphs(self) -> bool:
-        """``train.cuda_graphs`` resolved for this run's device and input (``auto``: small images on CUDA)."""
+        """``train.cuda_graphs`` resolved for this run's device and input (``auto``: small images on CUDA;
+        never with ``train.client_batching``, whose batched passes are not captured)."""
+        if self.config.train.client_batching:
+            return False
         return uses_cuda_graphs(self.config.train.cuda_graphs, self.device, image_size=self.image_size)
 
     @property

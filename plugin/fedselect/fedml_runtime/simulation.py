@@ -28,7 +28,9 @@ FedAvg's no-op defaults, in :mod:`fedselect.algorithms.base`); reports and plans
 dicts, and their bytes are the JSON text's, as on the cross-silo wire.
 
 Each client keeps its own trainer object (per-client persistent state); all trainers may
-share one ``nn.Module``, since a trainer's state lives in its personal values and mask.
+share one ``nn.Module``, since a trainer's state lives in its personal values and mask. With
+``train.client_batching`` a round's clients instead run side by side in threads, each on a copy
+of the module, and their training calls are batched (:mod:`fedselect.client_batching`).
 
 Checkpoints: after ``on_round_end``, every ``checkpoint_every`` rounds and after the last round,
 the flow calls ``checkpoint(round_idx)`` (the round just finished), when a state of the whole
@@ -37,9 +39,10 @@ federation is consistent; a resumed flow starts at ``start_round`` (see fedselec
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +50,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedselect.algorithms.payload import upload_nbytes
+from fedselect.client_batching import ModelReplicas, Rendezvous
 from fedselect.engine import EvalResult
 
 log = logging.getLogger(__name__)
@@ -111,7 +115,8 @@ class SimulationFlow:
     def __init__(self, *, args: Any, device: Any, clients: Sequence[Any], server: Any, rounds: int,
                  participation: float, seed: int, eval_every: int = 1, start_round: int = 0,
                  on_round_end: Callable[[RoundResult], None] | None = None, progress: bool = True,
-                 checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0) -> None:
+                 checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
+                 batch_clients: bool = False) -> None:
         self.args = args
         self.device = device
         self.clients = list(clients)
@@ -126,6 +131,9 @@ class SimulationFlow:
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.results: list[RoundResult] = []
+        # train.client_batching: a round's clients train side by side, each on its own model copy
+        self.batch_clients = batch_clients
+        self.replicas = ModelReplicas(self.clients[0].model) if batch_clients else None
 
     def run(self) -> list[RoundResult]:
         """Run rounds ``start_round .. rounds-1``; FedMLRunner.run() calls this."""
@@ -162,14 +170,8 @@ class SimulationFlow:
         bytes_down += plan_down
         dropped_before = len(self.server.dropped_updates)
         self.server.begin_round()
-        # clients done / sampled inside the round (a round of FedSelect can take a minute)
-        for cid in tqdm(sampled, desc=f"round {round_idx + 1}: clients", unit="client", leave=False,
-                        disable=not self.progress):
+        for cid, stats in self.local_rounds(round_idx, sampled, global_params):
             trainer = self.clients[cid]
-            trainer.set_model_params(global_params)
-            trainer.on_before_local_training(None, self.device, self.args)
-            stats = trainer.train(None, self.device, self.args)
-            trainer.on_after_local_training(None, self.device, self.args)
             losses.append(stats.mean_loss)
             client_metrics[cid] = trainer.round_metrics()
             upload = trainer.local_upload()
@@ -188,6 +190,32 @@ class SimulationFlow:
                            train_loss=float(np.mean(finite)) if finite else float("nan"),
                            bytes_up=bytes_up, bytes_down=bytes_down, evaluation=evaluation,
                            client_metrics=client_metrics, dropped=dropped, server_metrics=server_metrics)
+
+    def local_rounds(self, round_idx: int, sampled: list[int], global_params: Any) -> Iterator[tuple[int, Any]]:
+        """Each sampled client's local round (download, hooks, local update), in client order: one
+        after the other on the shared module, each uploaded before the next starts; or, with
+        ``batch_clients``, all at once in threads on their own model copies, their training calls
+        batched (:mod:`fedselect.client_batching`), uploaded in client order afterwards."""
+        if not self.batch_clients:
+            # clients done / sampled inside the round (a round of FedSelect can take a minute)
+            for cid in tqdm(sampled, desc=f"round {round_idx + 1}: clients", unit="client", leave=False,
+                            disable=not self.progress):
+                yield cid, self.local_round(self.clients[cid], global_params)
+            return
+        trainers = [self.clients[cid] for cid in sampled]
+        with self.replicas.lent(trainers):
+            jobs = [(cid, functools.partial(self.local_round, self.clients[cid], global_params)) for cid in sampled]
+            done = Rendezvous().run(jobs, device=self.device)
+            for cid in sampled:
+                yield cid, done[cid]
+
+    def local_round(self, trainer: Any, global_params: Any) -> Any:
+        """FedML's client hooks around one local update, as its cross-silo client manager calls them."""
+        trainer.set_model_params(global_params)
+        trainer.on_before_local_training(None, self.device, self.args)
+        stats = trainer.train(None, self.device, self.args)
+        trainer.on_after_local_training(None, self.device, self.args)
+        return stats
 
     def plan(self, round_idx: int, sampled: list[int], global_params: Any) -> tuple[int, int]:
         """The optional planning exchange of a two-phase algorithm; returns (bytes up, bytes down)."""

@@ -59,6 +59,9 @@ def endpoints(config: ExperimentConfig) -> list[Endpoint]:
 
 def cross_silo_args(config: ExperimentConfig, rank: int) -> Any:
     """FedML ``args`` of one cross-silo process, with its ipconfig CSV written from the config."""
+    if config.train.client_batching:  # a silo trains its one client: nothing to batch
+        raise ConfigError("config key 'train.client_batching' is true, but it batches the clients of a "
+                          "simulated round; a cross-silo party trains one client (set it to false)")
     results_dir = Path(config.tracking.results_dir)
     n = config.data.partition.num_clients
     ipconfig = write_ipconfig(results_dir / "deploy" / f"grpc_ipconfig.{os.getpid()}.csv", endpoints(config))

@@ -87,6 +87,7 @@ def train(fed: Federation, args: Any, recorder: RunRecorder, checkpointer: RunCh
                           rounds=config.train.rounds, participation=config.train.participation, seed=config.seed,
                           eval_every=config.train.eval_every, on_round_end=recorder.logger, progress=progress,
                           start_round=start_round, checkpoint=checkpointer.save,
-                          checkpoint_every=config.train.checkpoint_every)
+                          checkpoint_every=config.train.checkpoint_every,
+                          batch_clients=config.train.client_batching)
     import_fedml().FedMLRunner(args, fed.device, fedml_dataset_tuple(fed.client_data, fed.data.num_classes),
                                fed.model, algorithm_flow=flow).run()

@@ -1,0 +1,294 @@
+"""Several clients' local training passes as one batched computation (``train.client_batching``).
+
+On a GPU, one client's step of a small model leaves the device mostly idle: ResNet-18 at 32 px
+and batch 32 runs 1.7 ms of kernels on an H100, each too small to fill it, and jobs sharing the
+GPU only take turns (docs/GPU.md). Here the clients of a round that make the same training call
+train as one: their parameters are stacked along a leading client axis, the forward runs once
+under :func:`torch.func.vmap` (a convolution of stacked weights becomes one grouped
+convolution, BatchNorm keeps each client's running statistics in its slice), one backward gives
+every client's gradient (the loss is the sum of the clients' mean losses, so client k's gradient
+is that of its own loss), and the masked SGD step (:class:`fedselect.optim.MaskedSGD`'s rule)
+runs as a few whole-stack operations.
+
+What stays per client, as in :func:`fedselect.engine.train_passes`: the sample order and the
+augmentation (each client's own generator, drawn in the same order), which entries train (each
+client's own mask, applied in the step), its momentum, its loss sum and sample counts. Which
+calls can share a batch is :func:`batch_signature`: same model, data size, passes structure,
+trainable tensors per phase, optimizer and precision. The values match sequential training up
+to floating-point reordering (grouped against separate convolutions), not bit for bit: the
+option is for GPUs, whose runs are not bit-reproducible anyway. Not batched: a call with an
+extra loss term (Ditto's proximal term, which reads the module); such calls train alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from fedselect.engine import (
+    ExtraLoss,
+    OptimConfig,
+    Pass,
+    SplitEpoch,
+    TrainStats,
+    autocast,
+    freeze_norms,
+    train_passes,
+)
+from fedselect.optim import TrainableSpec, mask_coverage
+
+
+@dataclass
+class TrainRequest:
+    """One client's :func:`fedselect.engine.train_passes` call, with the identity that seeds it."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    passes: Sequence[Pass]
+    optim: OptimConfig
+    transform: Any
+    generator: torch.Generator
+    extra_loss: ExtraLoss | None = None
+    freeze_frozen_norms: bool = False
+    freeze_norm_stats: bool = False
+    precision: str = "fp32"
+    cuda_graphs: bool = False
+    # (seed, client id, round, stream): seeds the global generator (dropout) of a batched call
+    identity: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # per phase of every pass: the trainable parameter names and their masks (None: whole tensor)
+    _plan: list[list[dict[str, torch.Tensor | None]]] | None = field(default=None, repr=False)
+
+    def run_alone(self) -> TrainStats:
+        """The call as :func:`fedselect.engine.train_passes` makes it."""
+        return train_passes(self.model, self.x, self.y, self.passes, optim=self.optim, transform=self.transform,
+                            generator=self.generator, extra_loss=self.extra_loss,
+                            freeze_frozen_norms=self.freeze_frozen_norms, freeze_norm_stats=self.freeze_norm_stats,
+                            precision=self.precision, cuda_graphs=self.cuda_graphs)
+
+    def plan(self) -> list[list[dict[str, torch.Tensor | None]]]:
+        """Per pass, per phase: trainable name -> mask (None: all of it), as ``trainable_only`` decides
+        (an all-True mask trains the whole tensor, an all-False one freezes it; one host read per spec)."""
+        if self._plan is None:
+            names = [n for n, _ in self.model.named_parameters()]
+            resolved: dict[int, dict[str, torch.Tensor | None]] = {}
+            self._plan = [[_resolve(spec, names, resolved) for spec in _phases(entry)] for entry in self.passes]
+        return self._plan
+
+
+def _phases(entry: Pass) -> tuple[TrainableSpec | None, ...]:
+    return entry.phases if isinstance(entry, SplitEpoch) else (entry,)
+
+
+def _resolve(spec: TrainableSpec | None, names: list[str],
+             cache: dict[int, dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
+    if spec is None:
+        return dict.fromkeys(names)
+    if id(spec) not in cache:
+        unknown = [n for n in spec if n not in names]
+        if unknown:
+            raise KeyError(f"trainable spec names unknown parameter '{unknown[0]}'")
+        masks = {n: torch.as_tensor(m).bool() for n, m in spec.items() if m is not None}
+        coverage = mask_coverage(masks)
+        trainable: dict[str, torch.Tensor | None] = {}
+        for name in names:  # model order, as autograd and the step see them
+            if name not in spec:
+                continue
+            if spec[name] is None or coverage[name] == "all":
+                trainable[name] = None
+            elif coverage[name] == "some":
+                trainable[name] = masks[name]
+        cache[id(spec)] = trainable
+    return cache[id(spec)]
+
+
+def batch_signature(request: TrainRequest) -> tuple | None:
+    """What calls must share to train as one batch; None: this call trains alone.
+
+    The model's parameter and buffer shapes, the data's size and sample shape, the optimizer,
+    precision and BatchNorm rules, and per phase of every pass which tensors train (the same
+    tensors in train mode, the same random draws in the same order). Masks may differ.
+    """
+    if request.extra_loss is not None or int(request.y.shape[0]) == 0:
+        return None
+    model = request.model
+    shapes = tuple((n, tuple(t.shape), t.dtype) for n, t in model.state_dict().items())
+    phases = tuple(tuple(tuple(phase) for phase in entry) for entry in request.plan())
+    return (type(model), shapes, int(request.y.shape[0]), tuple(request.x.shape[1:]), request.x.dtype,
+            request.optim, request.precision, request.freeze_frozen_norms, request.freeze_norm_stats, phases)
+
+
+def train_together(requests: Sequence[TrainRequest]) -> list[TrainStats]:
+    """Train calls of one :func:`batch_signature` as one batch; each call's stats, in order.
+
+    Each client's model ends as its own sequential training would leave it, up to floating-point
+    reordering: parameters, BatchNorm statistics, and the momentum of the call (kept per call, as
+    :class:`fedselect.optim.MaskedSGD` does within one :func:`fedselect.engine.train_passes`).
+    """
+    if len(requests) == 1:
+        return [requests[0].run_alone()]
+    batch = _ClientStack(requests)
+    with torch.random.fork_rng(devices=[batch.device] if batch.device.type == "cuda" else []):
+        # dropout draws come from the global generator: seeded by the batch's clients and call
+        seed = np.random.SeedSequence([*requests[0].identity[::2], *(r.identity[1] for r in requests), 0xBA7C])
+        torch.manual_seed(int(seed.generate_state(1)[0]))
+        return batch.train()
+
+
+class _ClientStack:
+    """The state of one batched call: the clients' buffers stacked, momentum per tensor name."""
+
+    def __init__(self, requests: Sequence[TrainRequest]) -> None:
+        self.requests = list(requests)
+        self.models = [r.model for r in requests]
+        self.template = self.models[0]
+        self.device = requests[0].x.device
+        self.k = len(requests)
+        self.n = int(requests[0].y.shape[0])
+        self.optim = requests[0].optim
+        self.param_names = [n for n, _ in self.template.named_parameters()]
+        self.buffer_names = [n for n, _ in self.template.named_buffers()]
+        self.params = [dict(m.named_parameters()) for m in self.models]
+        self.buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in self.models]) for n in self.buffer_names}
+        # momentum per trainable tensor name, stacked over clients, for this call
+        self.momentum: dict[str, torch.Tensor] = {}
+        self.loss_sums = torch.zeros(self.k, dtype=torch.float64, device=self.device)
+        self.stats = [TrainStats() for _ in requests]
+
+    def train(self) -> list[TrainStats]:
+        plans = [r.plan() for r in self.requests]
+        was_training = self.template.training
+        try:
+            for entry_idx in range(len(plans[0])):
+                phases = [plan[entry_idx] for plan in plans]
+                if not any(phases[0]):
+                    continue  # nothing trains: no random draws, as in train_passes
+                orders = [torch.randperm(self.n, generator=r.generator).to(self.device, non_blocking=True)
+                          for r in self.requests]
+                count = len(phases[0])
+                slices = [torch.tensor_split(o, count) if count > 1 else (o,) for o in orders]
+                for phase_idx in range(count):
+                    specs = [p[phase_idx] for p in phases]
+                    if specs[0]:
+                        self._train_phase(specs, [s[phase_idx] for s in slices])
+        finally:
+            self.template.train(was_training)
+            with torch.no_grad():
+                for name, stacked in self.buffers.items():
+                    for k, model in enumerate(self.models):
+                        dict(model.named_buffers())[name].copy_(stacked[k])
+        for stats, loss_sum in zip(self.stats, self.loss_sums.tolist(), strict=True):
+            stats.loss_sum = loss_sum
+        return self.stats
+
+    def _train_phase(self, specs: list[dict[str, torch.Tensor | None]], orders: list[torch.Tensor]) -> None:
+        names = list(specs[0])
+        flat, sizes = self._stack_trainable(names)
+        frozen = {n: torch.stack([p[n].detach() for p in self.params]) for n in self.param_names if n not in specs[0]}
+        mask = self._stack_masks(names, specs)
+        momentum = self._stack_momentum(names, sizes) if self.optim.momentum else None
+        template = self.template
+        saved = {n: p.requires_grad for n, p in template.named_parameters()}
+        for n, p in template.named_parameters():
+            p.requires_grad_(n in specs[0])
+        template.train()
+        first = self.requests[0]
+        freeze_norms(template, frozen_layers=first.freeze_frozen_norms, all_layers=first.freeze_norm_stats)
+
+        def forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return functional_call(template, {**params, **buffers}, (x,))
+
+        batched_forward = vmap(forward, randomness="different")
+        try:
+            length = int(orders[0].shape[0])
+            for start in range(0, length, self.optim.batch_size):
+                batch = [o[start:start + self.optim.batch_size] for o in orders]
+                size = int(batch[0].shape[0])
+                if size == 1 and self.n != 1:
+                    continue  # train_passes skips a last batch of one sample (BatchNorm)
+                inputs = torch.stack([r.transform(r.x[i], train=True, generator=r.generator)
+                                      for r, i in zip(self.requests, batch, strict=True)])
+                targets = torch.stack([r.y[i] for r, i in zip(self.requests, batch, strict=True)])
+                with autocast(self.device, first.precision):
+                    # views taken anew each step: the step below changes their base in place
+                    logits = batched_forward({**self._views(flat, names, sizes), **frozen}, self.buffers, inputs)
+                    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                             reduction="none").view(self.k, size).mean(dim=1)
+                flat.grad = None
+                losses.sum().backward()
+                momentum = self._step(flat, mask, momentum)
+                self.loss_sums += losses.detach().double() * size
+                for stats in self.stats:
+                    stats.samples += size
+                    stats.steps += 1
+        finally:
+            for n, p in template.named_parameters():
+                p.requires_grad_(saved[n])
+        self._unstack(names, flat, sizes, momentum)
+
+    def _stack_trainable(self, names: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """One (clients, entries) leaf holding the trainable tensors, and each tensor's size."""
+        sizes = [self.params[0][n].numel() for n in names]
+        flat = torch.cat([torch.stack([p[n].detach().reshape(-1) for p in self.params]) for n in names], dim=1)
+        return flat.requires_grad_(True), sizes
+
+    def _views(self, flat: torch.Tensor, names: list[str], sizes: list[int]) -> dict[str, torch.Tensor]:
+        """Per name, its (clients, *shape) view of ``flat``."""
+        views, offset = {}, 0
+        for name, size in zip(names, sizes, strict=True):
+            views[name] = flat[:, offset:offset + size].view(self.k, *self.params[0][name].shape)
+            offset += size
+        return views
+
+    def _stack_masks(self, names: list[str], specs: list[dict[str, torch.Tensor | None]]) -> torch.Tensor | None:
+        """(clients, entries) of the entries each client's step may change; None: all of them."""
+        if all(spec[n] is None for spec in specs for n in names):
+            return None
+        rows = [torch.cat([(spec[n] if spec[n] is not None
+                            else torch.ones_like(self.params[0][n], dtype=torch.bool)).reshape(-1).to(self.device)
+                           for n in names]) for spec in specs]
+        return torch.stack(rows)
+
+    def _stack_momentum(self, names: list[str], sizes: list[int]) -> torch.Tensor:
+        """The call's momentum of these tensors as one (clients, entries) tensor; zeros where a
+        tensor has none yet (its first step then starts it at the direction, as MaskedSGD does)."""
+        parts = [self.momentum[n].reshape(self.k, -1) if n in self.momentum
+                 else torch.zeros(self.k, size, dtype=self.params[0][n].dtype, device=self.device)
+                 for n, size in zip(names, sizes, strict=True)]
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def _step(self, flat: torch.Tensor, mask: torch.Tensor | None,
+              momentum: torch.Tensor | None) -> torch.Tensor | None:
+        """:class:`fedselect.optim.MaskedSGD`'s step on the stack: entries outside a client's mask, and
+        their momentum, do not change."""
+        optim = self.optim
+        direction = flat.grad
+        if optim.weight_decay:
+            direction = direction.add(flat.detach(), alpha=optim.weight_decay)
+        if momentum is not None:
+            updated = momentum.mul(optim.momentum).add_(direction)
+            momentum = updated if mask is None else torch.where(mask, updated, momentum)
+            direction = momentum
+        update = direction * optim.lr
+        flat.sub_(update if mask is None else torch.where(mask, update, 0.0))
+        flat.grad = None
+        return momentum
+
+    @torch.no_grad()
+    def _unstack(self, names: list[str], flat: torch.Tensor, sizes: list[int], momentum: torch.Tensor | None) -> None:
+        """Each client's trained tensors back into its model; the phase's momentum kept by name."""
+        views = self._views(flat.detach(), names, sizes)
+        for name in names:
+            for k, params in enumerate(self.params):
+                params[name].copy_(views[name][k])
+        if momentum is not None:
+            for name, part in zip(names, momentum.split(sizes, dim=1), strict=True):
+                self.momentum[name] = part.reshape(self.k, *self.params[0][name].shape)
