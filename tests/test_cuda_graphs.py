@@ -138,8 +138,7 @@ def test_a_run_reuses_its_graphs_round_after_round(monkeypatch, algorithm: str, 
     """Graph keys (the tensors' storage, trainable pattern, modes, batch shapes) seen in a
     simulated run on CPU: every key of the last round was already needed in the first two, so
     on a GPU no round after the second captures a graph (and memory does not grow)."""
-    from fedselect import engine
-    from fedselect.algorithms import base
+    from fedselect import batched_training, engine
     from fedselect.cuda_graphs import batch_key, pass_key
 
     from .test_algorithms import make_run, run_flow
@@ -157,7 +156,9 @@ def test_a_run_reuses_its_graphs_round_after_round(monkeypatch, algorithm: str, 
 
     monkeypatch.setattr(engine, "graphed_forward", recording_forward)
     real_train_passes = engine.train_passes
-    monkeypatch.setattr(base, "train_passes", lambda *a, **k: real_train_passes(*a, **{**k, "cuda_graphs": True}))
+    # a client's training call (fedselect.batched_training.TrainRequest.run_alone), with graphs on
+    monkeypatch.setattr(batched_training, "train_passes",
+                        lambda *a, **k: real_train_passes(*a, **{**k, "cuda_graphs": True}))
     config, clients, args, model, *_, trainers, server, flow = make_run(algorithm, rounds=4, algo=algo)
     for trainer in trainers:
         update = trainer.local_update

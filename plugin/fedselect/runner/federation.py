@@ -103,7 +103,9 @@ def on_device(config: ExperimentConfig, model: torch.nn.Module, device: torch.de
           f"is true but the run's device is {device.type} (device: {config.device}): CUDA graphs need a CUDA device")
     configure_device(device)
     model = model.to(device)
-    if device.type == "cpu":  # same bits, faster (fedselect.cpu_pooling)
+    # same bits, faster (fedselect.cpu_pooling); their layout checks cannot run under vmap, so
+    # not for batched clients (a CPU run batches only to be checked against one client at a time)
+    if device.type == "cpu" and not config.train.client_batching:
         use_channels_last_max_pool(model)
         if not config.train.channels_last:  # a channels-last model's layout is its own
             use_channels_last_stems(model)
