@@ -243,3 +243,16 @@ def test_fedselect_run_with_client_batching_records_the_same_local_work(tmp_path
         records[batched] = simulate.run_experiment(config, progress=False)
     assert records[True]["train_sample_passes_total"] == records[False]["train_sample_passes_total"] > 0
     assert records[True]["per_client_acc"] == pytest.approx(records[False]["per_client_acc"], abs=0.2)
+
+
+@pytest.mark.parametrize("options", [{}, {"resize": 12}, {"channels_last": True}])
+def test_stacked_augmentation_equals_each_clients_own(options):
+    """One augmentation pass over all clients' batches: the same draws per generator, the same values."""
+    from fedselect.engine import ImageTransform
+
+    transform = ImageTransform((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), augment=True, **options)
+    batches = [torch.randint(0, 255, (5, 3, 8, 8), dtype=torch.uint8) for _ in range(3)]
+    alone = torch.stack([transform(b, train=True, generator=torch.Generator().manual_seed(i))
+                         for i, b in enumerate(batches)])
+    stacked = transform.stacked(batches, [torch.Generator().manual_seed(i) for i in range(3)])
+    assert torch.equal(stacked, alone)

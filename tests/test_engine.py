@@ -123,9 +123,9 @@ def test_cpu_crops_one_image_at_a_time_with_the_batched_gathers_values():
     for pad, shape, seed in ((4, (32, 3, 32, 32), 0), (2, (7, 1, 9, 13), 1), (0, (3, 3, 5, 5), 2)):
         transform = ImageTransform((0.0,), (1.0,), augment=True, pad=pad)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-        got = transform._augment(x, torch.Generator().manual_seed(seed))
+        got = transform._augment(x, *transform._draw(n := shape[0], torch.Generator().manual_seed(seed), x.device))
         g = torch.Generator().manual_seed(seed)
-        n, c, h, w = shape
+        _, c, h, w = shape
         offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
         flips = torch.rand(n, generator=g) < 0.5
         padded = F.pad(x, (pad,) * 4)

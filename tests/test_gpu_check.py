@@ -97,6 +97,13 @@ def test_tiny_check_ours_and_study_cost(tiny_gpu_dir: Path, tmp_path: Path) -> N
     assert (out / "gpu_check.log").read_text().count("STAND-IN") >= 1
     assert (out / "child_logs.tar.gz").stat().st_size > 0
 
+    # step 3b: the same runs with a round's clients trained as one batch
+    assert summary["phases"]["study_cost_batched"]["status"] == "ok"
+    batched = json.loads((out / "study_cost_batched.json").read_text())
+    assert batched["failed"] == {} and "train.client_batching=true" in batched["overrides"]
+    assert all(r["seconds_per_round"] > 0 for r in batched["levels"]["1"]["per_run"].values())
+    assert summary["study_cost_batched"]["best_total_hours"] > 0
+
 
 def test_tiny_check_released_side(tiny_gpu_dir: Path, tmp_path: Path) -> None:
     if not (RELEASED / "fedselect.py").is_file():

@@ -107,22 +107,43 @@ class ImageTransform:
         self.channels_last = channels_last
 
     def __call__(self, x: torch.Tensor, *, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = self._normalize(x)
+        if train and self.augment:
+            x = self._augment(x, *self._draw(int(x.shape[0]), generator, x.device))
+        return self._finish(x)
+
+    def stacked(self, batches: Sequence[torch.Tensor], generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """``torch.stack([self(x, train=True, generator=g) for x, g in ...])`` in one pass over all
+        batches (equal shapes): each generator makes the same draws, in the same order, so the
+        values are the same (batched client training, :mod:`fedselect.batched_training`)."""
+        x = self._normalize(torch.cat(list(batches)))
+        if self.augment:
+            draws = [self._draw(int(b.shape[0]), g, x.device) for b, g in zip(batches, generators, strict=True)]
+            x = self._augment(x, torch.cat([o for o, _ in draws]), torch.cat([f for _, f in draws]))
+        x = self._finish(x)
+        return x.view(len(batches), -1, *x.shape[1:])
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean.device != x.device:
             self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-        x = x.float().div_(255.0).sub_(self.mean).div_(self.std)
-        if train and self.augment:
-            x = self._augment(x, generator)
+        return x.float().div_(255.0).sub_(self.mean).div_(self.std)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
         if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _augment(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _draw(self, n: int, generator: torch.Generator | None,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop offsets, then flips, of ``n`` images. The random draws happen on the generator's
+        device (CPU), then move: identical augmentations on CPU and GPU for the same seed."""
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator).to(device, non_blocking=True)
+        flips = (torch.rand(n, generator=generator) < 0.5).to(device, non_blocking=True)
+        return offsets, flips
+
+    def _augment(self, x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         p = self.pad
-        # the random draws happen on the generator's device (CPU), then move: identical
-        # augmentations on CPU and GPU for the same seed
-        offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=generator).to(x.device, non_blocking=True)
-        flips = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
         padded = F.pad(x, (p, p, p, p))
         if x.device.type == "cpu":
             # one slice copy per image: on the CPU a third of the batched gather, flip and select

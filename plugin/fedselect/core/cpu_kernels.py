@@ -40,9 +40,9 @@ both paths).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
+import threading
 
 import numpy as np
 import torch
@@ -215,14 +215,27 @@ def _compress(x, m, out):  # noqa: ANN001, ANN202
 _LOOPS = ("_order_key", "_step", "_momentum_step", "_accumulate", "_mean", "_merge", "_topk", "_compress")
 
 
-@functools.cache
-def _compile() -> None:
-    """Make the loops above numba functions (in dependency order: ``_topk`` calls ``_order_key``)."""
-    import numba
+_COMPILE_LOCK = threading.Lock()
+_compiled = False
 
-    jit = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
-    for name in _LOOPS:
-        globals()[name] = jit(globals()[name])
+
+def _compile() -> None:
+    """Make the loops above numba functions (in dependency order: ``_topk`` calls ``_order_key``).
+
+    Once per process, under a lock: batched clients (fedselect.client_batching) make their first
+    calls from several threads at once, and a loop must not be wrapped twice."""
+    global _compiled
+    if _compiled:
+        return
+    with _COMPILE_LOCK:
+        if _compiled:
+            return
+        import numba
+
+        jit = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+        for name in _LOOPS:
+            globals()[name] = jit(globals()[name])
+        _compiled = True
 
 
 def masked_step(param: Tensor, direction: Tensor, mask: Tensor, lr: float, *,
