@@ -49,8 +49,8 @@ def test_cpu_runs_apply_it_and_the_pooling(monkeypatch: pytest.MonkeyPatch) -> N
 
     calls = []
     monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(1) or True)
-    config = type("C", (), {"train": type("T", (), {"cuda_graphs": False, "channels_last": False})(),
-                            "device": "cpu"})()
+    train = type("T", (), {"cuda_graphs": False, "channels_last": False, "client_batching": False})()
+    config = type("C", (), {"train": train, "device": "cpu"})()
     model = federation.on_device(config, torch.nn.Sequential(torch.nn.MaxPool2d(2)), torch.device("cpu"))
     assert calls == [1]
     from fedselect.cpu_pooling import ChannelsLastMaxPool2d

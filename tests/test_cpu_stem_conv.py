@@ -174,8 +174,8 @@ def test_cpu_runs_get_the_stem_and_channels_last_models_do_not() -> None:
     from fedselect.runner import federation
 
     def run_model(channels_last: bool) -> nn.Module:
-        config = type("C", (), {"train": type("T", (), {"cuda_graphs": False, "channels_last": channels_last})(),
-                                "device": "cpu"})()
+        train = type("T", (), {"cuda_graphs": False, "channels_last": channels_last, "client_batching": False})()
+        config = type("C", (), {"train": train, "device": "cpu"})()
         return federation.on_device(config, build_model("cnn", 10), torch.device("cpu"))
 
     assert type(run_model(False).conv1) is ChannelsLastStemConv2d
