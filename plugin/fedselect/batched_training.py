@@ -115,11 +115,14 @@ def batch_signature(request: TrainRequest) -> tuple | None:
 
     The model's parameter and buffer shapes, the data's size and sample shape, the optimizer,
     precision and BatchNorm rules, and per phase of every pass which tensors train (the same
-    tensors in train mode, the same random draws in the same order). Masks may differ.
+    tensors in train mode, the same random draws in the same order). Masks may differ. A model
+    whose parameters have several dtypes trains alone.
     """
+    model = request.model
     if request.extra_loss is not None or int(request.y.shape[0]) == 0:
         return None
-    model = request.model
+    if len({p.dtype for p in model.parameters()}) != 1:
+        return None  # the stack holds one dtype
     shapes = tuple((n, tuple(t.shape), t.dtype) for n, t in model.state_dict().items())
     phases = tuple(tuple(tuple(phase) for phase in entry) for entry in request.plan())
     return (type(model), shapes, int(request.y.shape[0]), tuple(request.x.shape[1:]), request.x.dtype,
@@ -191,10 +194,10 @@ class _ClientStack:
 
     def _train_phase(self, specs: list[dict[str, torch.Tensor | None]], orders: list[torch.Tensor]) -> None:
         names = list(specs[0])
-        flat, sizes = self._stack_trainable(names)
+        stack = _TrainableStack(names, self.params, self.k)
         frozen = {n: torch.stack([p[n].detach() for p in self.params]) for n in self.param_names if n not in specs[0]}
         mask = self._stack_masks(names, specs)
-        momentum = self._stack_momentum(names, sizes) if self.optim.momentum else None
+        momentum = self._stack_momentum(names) if self.optim.momentum else None
         template = self.template
         saved = {n: p.requires_grad for n, p in template.named_parameters()}
         for n, p in template.named_parameters():
@@ -217,13 +220,11 @@ class _ClientStack:
                 inputs = self._inputs(batch)
                 targets = torch.stack([r.y[i] for r, i in zip(self.requests, batch, strict=True)])
                 with autocast(self.device, first.precision):
-                    # views taken anew each step: the step below changes their base in place
-                    logits = batched_forward({**self._views(flat, names, sizes), **frozen}, self.buffers, inputs)
+                    logits = batched_forward({**stack.leaves, **frozen}, self.buffers, inputs)
                     losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
                                              reduction="none").view(self.k, size).mean(dim=1)
-                flat.grad = None
                 losses.sum().backward()
-                momentum = self._step(flat, mask, momentum)
+                momentum = self._step(stack, mask, momentum)
                 self.loss_sums += losses.detach().double() * size
                 for stats in self.stats:
                     stats.samples += size
@@ -231,7 +232,9 @@ class _ClientStack:
         finally:
             for n, p in template.named_parameters():
                 p.requires_grad_(saved[n])
-        self._unstack(names, flat, sizes, momentum)
+        stack.write_back(self.params)
+        if momentum is not None:  # kept by name: a later phase of this call may train these tensors again
+            self.momentum.update(stack.blocks(momentum))
 
     def _inputs(self, batch: list[torch.Tensor]) -> torch.Tensor:
         """(clients, batch, ...) model inputs, each client's augmented by its own generator."""
@@ -243,62 +246,80 @@ class _ClientStack:
         return torch.stack([r.transform(r.x[i], train=True, generator=r.generator)
                             for r, i in zip(self.requests, batch, strict=True)])
 
-    def _stack_trainable(self, names: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """One (clients, entries) leaf holding the trainable tensors, and each tensor's size."""
-        sizes = [self.params[0][n].numel() for n in names]
-        flat = torch.cat([torch.stack([p[n].detach().reshape(-1) for p in self.params]) for n in names], dim=1)
-        return flat.requires_grad_(True), sizes
-
-    def _views(self, flat: torch.Tensor, names: list[str], sizes: list[int]) -> dict[str, torch.Tensor]:
-        """Per name, its (clients, *shape) view of ``flat``."""
-        views, offset = {}, 0
-        for name, size in zip(names, sizes, strict=True):
-            views[name] = flat[:, offset:offset + size].view(self.k, *self.params[0][name].shape)
-            offset += size
-        return views
-
     def _stack_masks(self, names: list[str], specs: list[dict[str, torch.Tensor | None]]) -> torch.Tensor | None:
-        """(clients, entries) of the entries each client's step may change; None: all of them."""
+        """The entries each client's step may change, in the stack's flat layout; None: all of them."""
         if all(spec[n] is None for spec in specs for n in names):
             return None
-        rows = [torch.cat([(spec[n] if spec[n] is not None
-                            else torch.ones_like(self.params[0][n], dtype=torch.bool)).reshape(-1).to(self.device)
-                           for n in names]) for spec in specs]
-        return torch.stack(rows)
+        full = {n: torch.ones_like(self.params[0][n], dtype=torch.bool) for n in names}
+        return torch.cat([torch.stack([spec[n] if spec[n] is not None else full[n] for spec in specs]).reshape(-1)
+                          for n in names]).to(self.device)
 
-    def _stack_momentum(self, names: list[str], sizes: list[int]) -> torch.Tensor:
-        """The call's momentum of these tensors as one (clients, entries) tensor; zeros where a
-        tensor has none yet (its first step then starts it at the direction, as MaskedSGD does)."""
-        parts = [self.momentum[n].reshape(self.k, -1) if n in self.momentum
-                 else torch.zeros(self.k, size, dtype=self.params[0][n].dtype, device=self.device)
-                 for n, size in zip(names, sizes, strict=True)]
-        return torch.cat(parts, dim=1)
+    def _stack_momentum(self, names: list[str]) -> torch.Tensor:
+        """The call's momentum of these tensors in the stack's flat layout; zeros where a tensor has
+        none yet (its first step then starts it at the direction, as MaskedSGD does)."""
+        return torch.cat([self.momentum[n].reshape(-1) if n in self.momentum
+                          else torch.zeros(self.k * self.params[0][n].numel(), dtype=self.params[0][n].dtype,
+                                           device=self.device) for n in names])
 
     @torch.no_grad()
-    def _step(self, flat: torch.Tensor, mask: torch.Tensor | None,
+    def _step(self, stack: _TrainableStack, mask: torch.Tensor | None,
               momentum: torch.Tensor | None) -> torch.Tensor | None:
-        """:class:`fedselect.optim.MaskedSGD`'s step on the stack: entries outside a client's mask, and
-        their momentum, do not change."""
+        """:class:`fedselect.optim.MaskedSGD`'s step on the whole stack in a few flat operations:
+        entries outside a client's mask, and their momentum, do not change; nor does a tensor
+        that got no gradient (MaskedSGD skips it)."""
         optim = self.optim
-        direction = flat.grad
+        direction, present = stack.gradients()
+        if present is not None:
+            mask = present if mask is None else mask & present
         if optim.weight_decay:
-            direction = direction.add(flat.detach(), alpha=optim.weight_decay)
+            direction = direction.add(stack.flat, alpha=optim.weight_decay)
         if momentum is not None:
             updated = momentum.mul(optim.momentum).add_(direction)
             momentum = updated if mask is None else torch.where(mask, updated, momentum)
             direction = momentum
         update = direction * optim.lr
-        flat.sub_(update if mask is None else torch.where(mask, update, 0.0))
-        flat.grad = None
+        stack.flat.sub_(update if mask is None else torch.where(mask, update, 0.0))
         return momentum
 
+
+class _TrainableStack:
+    """A phase's trainable tensors of every client in one flat buffer, tensor after tensor, each a
+    contiguous (clients, *shape) block. The blocks are the autograd leaves (no slices in the graph,
+    whose backward would write a buffer-sized gradient per tensor); the optimizer updates the whole
+    buffer at once."""
+
+    def __init__(self, names: list[str], params: list[dict[str, nn.Parameter]], k: int) -> None:
+        self.names = names
+        self.shapes = [(k, *params[0][n].shape) for n in names]
+        self.sizes = [k * params[0][n].numel() for n in names]
+        first = params[0][names[0]]
+        self.flat = torch.empty(sum(self.sizes), dtype=first.dtype, device=first.device)
+        self.leaves: dict[str, torch.Tensor] = {}
+        for name, block in zip(names, self.blocks(self.flat).values(), strict=True):
+            torch.stack([p[name].detach() for p in params], out=block)
+            self.leaves[name] = block.requires_grad_(True)
+
+    def blocks(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``flat`` (this stack's layout) as a (clients, *shape) view per tensor name."""
+        return {n: part.view(shape) for n, part, shape in
+                zip(self.names, flat.split(self.sizes), self.shapes, strict=True)}
+
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's gradients in the flat layout (each leaf's cleared), and where a tensor got
+        none, which entries have one (None: all)."""
+        grads = [self.leaves[n].grad for n in self.names]
+        for leaf in self.leaves.values():
+            leaf.grad = None
+        if all(g is not None for g in grads):
+            return torch.cat([g.reshape(-1) for g in grads]), None
+        present = torch.cat([torch.full((size,), g is not None, device=self.flat.device)
+                             for g, size in zip(grads, self.sizes, strict=True)])
+        return torch.cat([g.reshape(-1) if g is not None else torch.zeros(size, dtype=self.flat.dtype,
+                                                                             device=self.flat.device)
+                          for g, size in zip(grads, self.sizes, strict=True)]), present
+
     @torch.no_grad()
-    def _unstack(self, names: list[str], flat: torch.Tensor, sizes: list[int], momentum: torch.Tensor | None) -> None:
-        """Each client's trained tensors back into its model; the phase's momentum kept by name."""
-        views = self._views(flat.detach(), names, sizes)
-        for name in names:
-            for k, params in enumerate(self.params):
-                params[name].copy_(views[name][k])
-        if momentum is not None:
-            for name, part in zip(names, momentum.split(sizes, dim=1), strict=True):
-                self.momentum[name] = part.reshape(self.k, *self.params[0][name].shape)
+    def write_back(self, params: list[dict[str, nn.Parameter]]) -> None:
+        """Each client's trained tensors into its own model."""
+        for k, client in enumerate(params):
+            torch._foreach_copy_([client[n] for n in self.names], [self.leaves[n].detach()[k] for n in self.names])
