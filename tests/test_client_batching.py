@@ -256,3 +256,26 @@ def test_stacked_augmentation_equals_each_clients_own(options):
                          for i, b in enumerate(batches)])
     stacked = transform.stacked(batches, [torch.Generator().manual_seed(i) for i in range(3)])
     assert torch.equal(stacked, alone)
+
+
+class WithUnusedLayer(TinyBatchNormNet):
+    """A parameter the forward never reads gets no gradient: MaskedSGD leaves it, and its momentum, alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(2, 2)
+
+
+def test_a_tensor_without_a_gradient_keeps_its_values():
+    torch.manual_seed(1)
+    models = [WithUnusedLayer().double() for _ in range(2)]
+    xs = [torch.randn(N, 3, SIDE, SIDE, dtype=torch.float64) for _ in range(2)]
+    ys = [torch.randint(0, 3, (N,)) for _ in range(2)]
+    optim = OptimConfig(lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=8)
+    alone, together = [copy.deepcopy(m) for m in models], [copy.deepcopy(m) for m in models]
+    for r in requests(alone, lambda i: [None, None], optim=optim, xs=xs, ys=ys):
+        r.run_alone()
+    train_together(requests(together, lambda i: [None, None], optim=optim, xs=xs, ys=ys))
+    for before, a, b in zip(models, alone, together, strict=True):
+        assert torch.equal(b.unused.weight, before.unused.weight) and torch.equal(a.unused.weight, before.unused.weight)
+        torch.testing.assert_close(b.head.weight, a.head.weight, rtol=0, atol=1e-10)
