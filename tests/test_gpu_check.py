@@ -97,6 +97,9 @@ def test_tiny_check_ours_and_study_cost(tiny_gpu_dir: Path, tmp_path: Path) -> N
     assert (out / "gpu_check.log").read_text().count("STAND-IN") >= 1
     assert (out / "child_logs.tar.gz").stat().st_size > 0
 
+    # step 2c: one call of the clients, one after another and batched
+    assert summary["phases"]["client_batching"]["status"] == "ok"
+    assert summary["client_batching"]["largest_parameter_difference"] < 1e-5
     # step 3b: the same runs with a round's clients trained as one batch
     assert summary["phases"]["study_cost_batched"]["status"] == "ok"
     batched = json.loads((out / "study_cost_batched.json").read_text())
