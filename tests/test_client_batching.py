@@ -279,3 +279,9 @@ def test_a_tensor_without_a_gradient_keeps_its_values():
     for before, a, b in zip(models, alone, together, strict=True):
         assert torch.equal(b.unused.weight, before.unused.weight) and torch.equal(a.unused.weight, before.unused.weight)
         torch.testing.assert_close(b.head.weight, a.head.weight, rtol=0, atol=1e-10)
+
+
+def test_client_batching_of_a_text_dataset_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.client_batching.*text"):
+        load_config_dict({"data": {"dataset": "amazon_reviews"}, "model": {"name": "minilm"},
+                          "train": {"client_batching": True}})

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from fedselect.dataset_names import accepted_datasets, classify
+from fedselect.dataset_names import accepted_datasets, classify, is_text
 from fedselect.deploy_config import DeployConfig
 from fedselect.options import ConfigError, build_dataclass, check
 from fedselect.registry import validate_algorithm_options
@@ -284,6 +284,8 @@ class ExperimentConfig:
                "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
         check(not (self.train.cuda_graphs is True and self.device == "cpu"), "train.cuda_graphs",
               "is true but device is cpu: CUDA graphs need a CUDA device")
+        check(not (self.train.client_batching and is_text(self.data.dataset)), "train.client_batching",
+              f"is true but {self.data.dataset!r} is text: batched client training is for image models")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe) that :func:`load_config_dict` turns back into this."""

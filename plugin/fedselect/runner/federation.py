@@ -257,8 +257,6 @@ def build_federation(config: ExperimentConfig, device: torch.device, args: Any, 
     """
     spec, options = algorithm = algorithm or resolve_algorithm(config)
     data = data if data is not None else load_data(config)
-    check(not (config.train.client_batching and isinstance(data, TextData)), "train.client_batching",
-          f"is true but {config.data.dataset!r} is text: batched client training is for image models")
     partition = get_partition(config, data)
     client_data = client_datasets(data, partition, device)
     torch.manual_seed(config.seed)
