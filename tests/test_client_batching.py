@@ -152,7 +152,7 @@ def test_rendezvous_batches_waiting_calls_and_returns_each_result(clients):
     rendezvous = client_batching.Rendezvous()
     out = rendezvous.run([(i, lambda r=r: job(r)) for i, r in enumerate(calls)])
     assert out == {i: 6 for i in range(K)}
-    assert (rendezvous.meetings, rendezvous.batched_calls) == (2, 2)
+    assert (rendezvous.meetings, rendezvous.batched_calls, rendezvous.calls_in_batches) == (2, 2, 2 * K)
     assert len(threads) == K and threading.get_ident() not in threads
     assert client_batching.active_rendezvous() is None  # the main thread trains directly
 
@@ -242,6 +242,10 @@ def test_fedselect_run_with_client_batching_records_the_same_local_work(tmp_path
                              checkpoint_every=0, client_batching=batched)
         records[batched] = simulate.run_experiment(config, progress=False)
     assert records[True]["train_sample_passes_total"] == records[False]["train_sample_passes_total"] > 0
+    # the record says how the calls ran: GradLTN's and LocalAlt's calls of the sampled clients, batched
+    assert records[False]["client_batching"] is None
+    batching = records[True]["client_batching"]
+    assert batching["calls_in_batches"] >= 2 * batching["batched_calls"] > 0 and batching["calls_alone"] == 0
     assert records[True]["per_client_acc"] == pytest.approx(records[False]["per_client_acc"], abs=0.2)
 
 

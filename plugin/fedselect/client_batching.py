@@ -56,8 +56,11 @@ class Rendezvous:
         self._live = 0
         self._pending: dict[int, TrainRequest] = {}
         self._results: dict[int, TrainStats | BaseException] = {}
+        # how the round's training calls were trained (the run record's client_batching figures)
         self.meetings = 0
         self.batched_calls = 0
+        self.calls_in_batches = 0
+        self.calls_alone = 0
 
     def run(self, jobs: Sequence[tuple[int, Callable[[], Any]]], device: torch.device | str = "cpu") -> dict[int, Any]:
         """Run each (client id, job) in its own thread; train their calls here; each job's result.
@@ -136,6 +139,9 @@ class Rendezvous:
                 continue
             if len(members) > 1:
                 self.batched_calls += 1
+                self.calls_in_batches += len(members)
+            else:
+                self.calls_alone += 1
             outcome.update({cid: s for (cid, _), s in zip(members, stats, strict=True)})
         return outcome
 

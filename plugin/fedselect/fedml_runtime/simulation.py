@@ -134,6 +134,9 @@ class SimulationFlow:
         # train.client_batching: a round's clients train side by side, each on its own model copy
         self.batch_clients = batch_clients
         self.replicas = ModelReplicas(self.clients[0].model) if batch_clients else None
+        # with batch_clients: the clients' training calls trained in batches, and alone (an extra
+        # loss term, or no other client making the same call), over the run (its record)
+        self.batching = dict.fromkeys(("batched_calls", "calls_in_batches", "calls_alone"), 0)
 
     def run(self) -> list[RoundResult]:
         """Run rounds ``start_round .. rounds-1``; FedMLRunner.run() calls this."""
@@ -205,7 +208,10 @@ class SimulationFlow:
         trainers = [self.clients[cid] for cid in sampled]
         with self.replicas.lent(trainers):
             jobs = [(cid, functools.partial(self.local_round, self.clients[cid], global_params)) for cid in sampled]
-            done = Rendezvous().run(jobs, device=self.device)
+            rendezvous = Rendezvous()
+            done = rendezvous.run(jobs, device=self.device)
+            for key in self.batching:
+                self.batching[key] += getattr(rendezvous, key)
             for cid in sampled:
                 yield cid, done[cid]
 

@@ -53,7 +53,7 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
                      run_id=checkpointer.mlflow_run_id(tracking_uri), defer=checkpointer.enabled) as recorder:
         if not checkpointer.resuming:  # a resumed run logged these when it began
             recorder.log_start({"partition_summary.json": summary})
-        train(fed, args, recorder, checkpointer, started=started, progress=progress)
+        flow = train(fed, args, recorder, checkpointer, started=started, progress=progress)
         plot_path = results_dir / "plots" / f"partition-{fed.partition_key}.png"
         if not plot_path.exists():
             plot_path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,9 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
             clients=fed.client_data, wall_seconds=checkpointer.elapsed_seconds(),
             # over all attempts of a resumed run; rounds redone after a kill count once
             extra={"resumed_at_rounds": checkpointer.resumed_at, "classes": list(fed.data.classes),
-                   "cuda_graphs": fed.ctx.cuda_graphs},  # train.cuda_graphs as resolved (auto)
+                   "cuda_graphs": fed.ctx.cuda_graphs,  # train.cuda_graphs as resolved (auto)
+                   # how the clients' training calls ran with train.client_batching (this attempt's rounds)
+                   "client_batching": flow.batching if config.train.client_batching else None},
             artifacts=artifacts, record_path=record_path)
     # finished and recorded: the same command again is a new run, not this one resumed
     checkpointer.remove()
@@ -74,8 +76,8 @@ def run_experiment(config: ExperimentConfig, *, record_path: str | os.PathLike |
 
 
 def train(fed: Federation, args: Any, recorder: RunRecorder, checkpointer: RunCheckpointer, *, started: float,
-          progress: bool) -> None:
-    """The rounds, through FedMLRunner with our simulation flow; checkpointed, resumable."""
+          progress: bool) -> SimulationFlow:
+    """The rounds, through FedMLRunner with our simulation flow; checkpointed, resumable. Returns the flow."""
     config = fed.config
     # last before the flow: resuming loads every object's state and the global random states
     start_round = checkpointer.start(model=fed.model, clients=fed.clients, server=fed.server,
@@ -91,3 +93,4 @@ def train(fed: Federation, args: Any, recorder: RunRecorder, checkpointer: RunCh
                           batch_clients=config.train.client_batching)
     import_fedml().FedMLRunner(args, fed.device, fedml_dataset_tuple(fed.client_data, fed.data.num_classes),
                                fed.model, algorithm_flow=flow).run()
+    return flow
