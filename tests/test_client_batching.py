@@ -190,9 +190,11 @@ def _flow_run(algorithm: str, algo: dict, batched: bool):
     return flow.run(), server.get_model_params(), trainers
 
 
-@pytest.mark.parametrize(("algorithm", "algo"), [("fedavg", {}), ("fedrep", {}),
-                                                 ("fedselect", {"gradltn_iterations": 2, "gradltn_epochs": 1}),
-                                                 ("ditto", {}), ("layersel", {})])
+@pytest.mark.parametrize(("algorithm", "algo"), [
+    ("fedavg", {}), ("fedrep", {}), ("fedbabu", {}), ("ditto", {}), ("lotteryfl", {}), ("layersel", {}),
+    ("fedselect", {"gradltn_iterations": 2, "gradltn_epochs": 1}),
+    ("fedselect", {"mask_search": "grow", "p": 0.25, "maskable": "weights"}),
+])
 def test_a_batched_federation_matches_the_sequential_one(algorithm, algo):
     seq_results, seq_global, seq_clients = _flow_run(algorithm, algo, False)
     results, global_state, trained = _flow_run(algorithm, algo, True)
