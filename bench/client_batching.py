@@ -5,7 +5,8 @@
 Each of ``--clients`` clients holds ``--samples`` random uint8 images and its own copy of the model
 (perturbed, so the copies differ); each makes the same call of our engine: ``--epochs`` passes of
 ``--spec`` (``whole``: every tensor in full, FedAvg's local update; ``masked``: every tensor on a
-random half of its entries, a different half per client, FedSelect's LocalAlt pass), SGD with
+random half of its entries, a different half per client; ``localalt``: per epoch that half on half
+of the samples, then the other half on the rest, FedSelect's local update), SGD with
 momentum, batch ``--batch``, crop and flip augmentation. Once one client after the other
 (:meth:`fedselect.batched_training.TrainRequest.run_alone`, what a round does without batching;
 on CUDA with CUDA graphs, the default there),
@@ -35,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fedselect.batched_training import TrainRequest, train_together
-from fedselect.engine import ImageTransform, OptimConfig
+from fedselect.engine import ImageTransform, OptimConfig, SplitEpoch
 from fedselect.models import build_model
 
 # operators that only make a new tensor header (no kernel, no data touched)
@@ -77,11 +78,16 @@ def make_clients(ns: argparse.Namespace, device: torch.device) -> tuple[list[tor
     return models, xs, ys
 
 
-def spec_of(model: torch.nn.Module, kind: str, seed: int) -> dict[str, torch.Tensor | None] | None:
+def passes_of(model: torch.nn.Module, kind: str, seed: int, epochs: int) -> list:
+    """``epochs`` passes of the spec: whole, masked (a random half), or LocalAlt's epoch (that half,
+    then the other half, each on half of the epoch's samples: FedSelect's local update)."""
     if kind == "whole":
-        return None
+        return [None] * epochs
     gen = torch.Generator().manual_seed(seed)
-    return {n: (torch.rand(p.shape, generator=gen) < 0.5).to(p.device) for n, p in model.named_parameters()}
+    half = {n: (torch.rand(p.shape, generator=gen) < 0.5).to(p.device) for n, p in model.named_parameters()}
+    if kind == "masked":
+        return [half] * epochs
+    return [SplitEpoch((half, {n: ~m for n, m in half.items()}))] * epochs
 
 
 def calls(models: list[torch.nn.Module], xs: list, ys: list, ns: argparse.Namespace) -> list[TrainRequest]:
@@ -90,7 +96,7 @@ def calls(models: list[torch.nn.Module], xs: list, ys: list, ns: argparse.Namesp
     # one after another, a CUDA device replays CUDA graphs, as a run does by default (train.cuda_graphs: auto);
     # a batched call has none
     graphs = xs[0].device.type == "cuda"
-    return [TrainRequest(m, xs[i], ys[i], [spec_of(m, ns.spec, i)] * ns.epochs, optim=optim, transform=transform,
+    return [TrainRequest(m, xs[i], ys[i], passes_of(m, ns.spec, i, ns.epochs), optim=optim, transform=transform,
                          generator=torch.Generator().manual_seed(100 + i), identity=(0, i, 0, 0), cuda_graphs=graphs)
             for i, m in enumerate(models)]
 
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=40, help="training images per client (fedselect_table1: 40)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--spec", choices=("whole", "masked"), default="masked")
+    parser.add_argument("--spec", choices=("whole", "masked", "localalt"), default="masked")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per mode, alternated (after one warm-up)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     ns = parser.parse_args(argv)

@@ -163,6 +163,13 @@ class _ClientStack:
         self.buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in self.models]) for n in self.buffer_names}
         # momentum per trainable tensor name, stacked over clients, for this call
         self.momentum: dict[str, torch.Tensor] = {}
+        # the trainable tensors stacked, kept from phase to phase while the same tensors train
+        # (LocalAlt's v and u phases of FedSelect's masks: the same tensors, other masks), with
+        # their flat momentum, the frozen tensors stacked and each phase's stacked masks
+        self.stack: _TrainableStack | None = None
+        self.stack_momentum: torch.Tensor | None = None
+        self.frozen: dict[str, torch.Tensor] = {}
+        self.masks: dict[tuple[int, ...], torch.Tensor | None] = {}
         self.loss_sums = torch.zeros(self.k, dtype=torch.float64, device=self.device)
         self.stats = [TrainStats() for _ in requests]
 
@@ -182,6 +189,7 @@ class _ClientStack:
                     specs = [p[phase_idx] for p in phases]
                     if specs[0]:
                         self._train_phase(specs, [s[phase_idx] for s in slices])
+            self._release_stack()
         finally:
             self.template.train(was_training)
             with torch.no_grad():
@@ -194,10 +202,11 @@ class _ClientStack:
 
     def _train_phase(self, specs: list[dict[str, torch.Tensor | None]], orders: list[torch.Tensor]) -> None:
         names = list(specs[0])
-        stack = _TrainableStack(names, self.params, self.k)
-        frozen = {n: torch.stack([p[n].detach() for p in self.params]) for n in self.param_names if n not in specs[0]}
-        mask = self._stack_masks(names, specs)
-        momentum = self._stack_momentum(names) if self.optim.momentum else None
+        stack = self._use_stack(names)
+        key = tuple(id(spec) for spec in specs)  # a request's resolved specs live as long as the call
+        if key not in self.masks:
+            self.masks[key] = self._stack_masks(names, specs)
+        mask = self.masks[key]
         template = self.template
         saved = {n: p.requires_grad for n, p in template.named_parameters()}
         for n, p in template.named_parameters():
@@ -220,11 +229,11 @@ class _ClientStack:
                 inputs = self._inputs(batch)
                 targets = torch.stack([r.y[i] for r, i in zip(self.requests, batch, strict=True)])
                 with autocast(self.device, first.precision):
-                    logits = batched_forward({**stack.leaves, **frozen}, self.buffers, inputs)
+                    logits = batched_forward({**stack.leaves, **self.frozen}, self.buffers, inputs)
                     losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
                                              reduction="none").view(self.k, size).mean(dim=1)
                 losses.sum().backward()
-                momentum = self._step(stack, mask, momentum)
+                self.stack_momentum = self._step(stack, mask, self.stack_momentum)
                 self.loss_sums += losses.detach().double() * size
                 for stats in self.stats:
                     stats.samples += size
@@ -232,9 +241,27 @@ class _ClientStack:
         finally:
             for n, p in template.named_parameters():
                 p.requires_grad_(saved[n])
-        stack.write_back(self.params)
-        if momentum is not None:  # kept by name: a later phase of this call may train these tensors again
-            self.momentum.update(stack.blocks(momentum))
+
+    def _use_stack(self, names: list[str]) -> _TrainableStack:
+        """The stack of these trainable tensors: the current one if it holds them, else a new one."""
+        if self.stack is not None and self.stack.names == names:
+            return self.stack
+        self._release_stack()
+        self.stack = _TrainableStack(names, self.params, self.k)
+        self.frozen = {n: torch.stack([p[n].detach() for p in self.params]) for n in self.param_names
+                       if n not in names}
+        self.stack_momentum = self._stack_momentum(names) if self.optim.momentum else None
+        return self.stack
+
+    def _release_stack(self) -> None:
+        """The current stack's tensors back into the clients' models, its momentum kept by name
+        (a later phase of this call may train these tensors again)."""
+        if self.stack is None:
+            return
+        self.stack.write_back(self.params)
+        if self.stack_momentum is not None:
+            self.momentum.update(self.stack.blocks(self.stack_momentum))
+        self.stack, self.stack_momentum, self.frozen = None, None, {}
 
     def _inputs(self, batch: list[torch.Tensor]) -> torch.Tensor:
         """(clients, batch, ...) model inputs, each client's augmented by its own generator."""
