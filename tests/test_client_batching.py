@@ -291,3 +291,32 @@ def test_client_batching_of_a_text_dataset_is_a_config_error():
     with pytest.raises(ConfigError, match="train.client_batching.*text"):
         load_config_dict({"data": {"dataset": "amazon_reviews"}, "model": {"name": "minilm"},
                           "train": {"client_batching": True}})
+
+
+class WithDropout(TinyBatchNormNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(torch.nn.functional.dropout(x.mean(dim=(2, 3)), 0.5, self.training))
+
+
+def test_dropout_in_a_batched_call_is_seeded_by_the_call():
+    """Each client draws its own dropout masks (vmap randomness "different"); the draws repeat for
+    the same call, and another stream of the round draws others."""
+    torch.manual_seed(2)
+    models = [WithDropout().double() for _ in range(2)]
+    xs = [torch.randn(N, 3, SIDE, SIDE, dtype=torch.float64) for _ in range(2)]
+    ys = [torch.randint(0, 3, (N,)) for _ in range(2)]
+    optim = OptimConfig(lr=0.05, batch_size=8)
+
+    def trained(stream: int) -> list[torch.Tensor]:
+        copies = [copy.deepcopy(m) for m in models]
+        calls = requests(copies, lambda i: [None], optim=optim, xs=xs, ys=ys)
+        for call in calls:
+            call.identity = (0, call.identity[1], 0, stream)
+        train_together(calls)
+        return [c.head.weight.detach().clone() for c in copies]
+
+    first, again, other = trained(0), trained(0), trained(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other, strict=True))

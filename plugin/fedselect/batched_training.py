@@ -140,8 +140,10 @@ def train_together(requests: Sequence[TrainRequest]) -> list[TrainStats]:
         return [requests[0].run_alone()]
     batch = _ClientStack(requests)
     with torch.random.fork_rng(devices=[batch.device] if batch.device.type == "cuda" else []):
-        # dropout draws come from the global generator: seeded by the batch's clients and call
-        seed = np.random.SeedSequence([*requests[0].identity[::2], *(r.identity[1] for r in requests), 0xBA7C])
+        # dropout draws come from the global generator: seeded by the run's seed, the round and
+        # stream of the call, and the batch's clients
+        seed_, _, round_idx, stream = requests[0].identity
+        seed = np.random.SeedSequence([seed_, round_idx, stream, *(r.identity[1] for r in requests), 0xBA7C])
         torch.manual_seed(int(seed.generate_state(1)[0]))
         return batch.train()
 
