@@ -250,7 +250,8 @@ def run_child(job_path: Path) -> int:
         flow = SimulationFlow(args=args, device=fed.device, clients=fed.clients, server=fed.server,
                               rounds=config.train.rounds, participation=config.train.participation, seed=config.seed,
                               eval_every=config.train.eval_every, on_round_end=on_round_end, progress=False,
-                              batch_clients=config.train.client_batching)
+                              batch_clients=config.train.client_batching,
+                              batch_max_clients=config.train.client_batch_max)
         dataset = fedml_dataset_tuple(fed.client_data, fed.data.num_classes)
         runner = import_fedml().FedMLRunner(args, fed.device, dataset, fed.model, algorithm_flow=flow)
         progress["go"] = time.time()

@@ -157,6 +157,23 @@ def test_rendezvous_batches_waiting_calls_and_returns_each_result(clients):
     assert client_batching.active_rendezvous() is None  # the main thread trains directly
 
 
+def test_rendezvous_batches_at_most_max_clients_at_a_time(clients):
+    models, xs, ys = clients
+    calls = requests([copy.deepcopy(m) for m in models], lambda i: [None], optim=OptimConfig(lr=0.05, batch_size=8),
+                     xs=xs, ys=ys)
+    rendezvous = client_batching.Rendezvous(max_clients=2)
+    out = rendezvous.run([(i, lambda r=r: client_batching.train(r).steps) for i, r in enumerate(calls)])
+    assert out == {i: 3 for i in range(K)}
+    assert (rendezvous.batched_calls, rendezvous.calls_in_batches, rendezvous.calls_alone) == (1, 2, 1)
+
+
+def test_client_batch_max_needs_client_batching():
+    with pytest.raises(ConfigError, match="train.client_batch_max"):
+        load_config_dict({"train": {"client_batch_max": 4}})
+    with pytest.raises(ConfigError, match="train.client_batch_max"):
+        load_config_dict({"train": {"client_batching": True, "client_batch_max": -1}})
+
+
 def test_rendezvous_raises_a_clients_error_after_the_others_finish(clients):
     models, xs, ys = clients
     optim = OptimConfig(lr=0.05, batch_size=8)

@@ -50,8 +50,11 @@ def train(request: TrainRequest) -> TrainStats:
 class Rendezvous:
     """Where a round's client threads meet to have their training calls run together."""
 
-    def __init__(self, group: Callable[[list[TrainRequest]], list[TrainStats]] = train_together) -> None:
+    def __init__(self, group: Callable[[list[TrainRequest]], list[TrainStats]] = train_together, *,
+                 max_clients: int = 0) -> None:
         self._group = group
+        # at most this many calls per batch (0: all of a signature), bounding the stacks' memory
+        self.max_clients = max_clients
         self._cond = threading.Condition()
         self._live = 0
         self._pending: dict[int, TrainRequest] = {}
@@ -120,7 +123,8 @@ class Rendezvous:
                 self._cond.notify_all()
 
     def _train(self, waiting: list[tuple[int, TrainRequest]]) -> dict[int, TrainStats | BaseException]:
-        """The waiting calls: those of one signature together, the rest alone, in client order."""
+        """The waiting calls: those of one signature together (``max_clients`` at a time), the rest
+        alone, in client order."""
         self.meetings += 1
         groups: dict[Any, list[tuple[int, TrainRequest]]] = {}
         outcome: dict[int, TrainStats | BaseException] = {}
@@ -131,7 +135,9 @@ class Rendezvous:
                 outcome[cid] = exc
                 continue
             groups.setdefault(("alone", cid) if key is None else key, []).append((cid, request))
-        for members in groups.values():
+        size = self.max_clients or len(waiting)
+        batches = [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
+        for members in batches:
             try:
                 stats = self._group([r for _, r in members])
             except Exception as exc:  # noqa: BLE001 - raised in each member's thread

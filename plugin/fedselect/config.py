@@ -231,6 +231,9 @@ class TrainConfig:
     # GPUs, where one client's small batches leave the device idle; image models only; not bit
     # for bit the same as one client after the other; no CUDA graphs
     client_batching: bool = False
+    # with client_batching: at most this many clients per batched call (0: every client of the
+    # round that makes the same call); bounds the GPU memory of the stacked copies
+    client_batch_max: int = 0
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "train.rounds", "must be >= 1")
@@ -242,6 +245,9 @@ class TrainConfig:
         check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         check(0 < self.participation <= 1, "train.participation", "must be in (0, 1]")
         check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        check(self.client_batch_max >= 0, "train.client_batch_max", "must be >= 0 (0: no limit)")
+        check(not self.client_batch_max or self.client_batching, "train.client_batch_max",
+              "is set but train.client_batching is false: it limits batched calls only")
         check(not (self.client_batching and self.cuda_graphs is True), "train.client_batching",
               "is true and train.cuda_graphs is true: batched client training replays no CUDA graphs "
               "(set train.cuda_graphs: auto or false)")

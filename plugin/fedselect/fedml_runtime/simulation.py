@@ -116,7 +116,7 @@ class SimulationFlow:
                  participation: float, seed: int, eval_every: int = 1, start_round: int = 0,
                  on_round_end: Callable[[RoundResult], None] | None = None, progress: bool = True,
                  checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
-                 batch_clients: bool = False) -> None:
+                 batch_clients: bool = False, batch_max_clients: int = 0) -> None:
         self.args = args
         self.device = device
         self.clients = list(clients)
@@ -133,6 +133,7 @@ class SimulationFlow:
         self.results: list[RoundResult] = []
         # train.client_batching: a round's clients train side by side, each on its own model copy
         self.batch_clients = batch_clients
+        self.batch_max_clients = batch_max_clients
         self.replicas = ModelReplicas(self.clients[0].model) if batch_clients else None
         # with batch_clients: the clients' training calls trained in batches, and alone (an extra
         # loss term, or no other client making the same call), over the run (its record)
@@ -208,7 +209,7 @@ class SimulationFlow:
         trainers = [self.clients[cid] for cid in sampled]
         with self.replicas.lent(trainers):
             jobs = [(cid, functools.partial(self.local_round, self.clients[cid], global_params)) for cid in sampled]
-            rendezvous = Rendezvous()
+            rendezvous = Rendezvous(max_clients=self.batch_max_clients)
             done = rendezvous.run(jobs, device=self.device)
             for key in self.batching:
                 self.batching[key] += getattr(rendezvous, key)

@@ -90,7 +90,8 @@ def train(fed: Federation, args: Any, recorder: RunRecorder, checkpointer: RunCh
                           eval_every=config.train.eval_every, on_round_end=recorder.logger, progress=progress,
                           start_round=start_round, checkpoint=checkpointer.save,
                           checkpoint_every=config.train.checkpoint_every,
-                          batch_clients=config.train.client_batching)
+                          batch_clients=config.train.client_batching,
+                          batch_max_clients=config.train.client_batch_max)
     import_fedml().FedMLRunner(args, fed.device, fedml_dataset_tuple(fed.client_data, fed.data.num_classes),
                                fed.model, algorithm_flow=flow).run()
     return flow
