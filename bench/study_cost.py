@@ -243,6 +243,8 @@ def run_child(job_path: Path) -> int:
             sync()
             progress["ends"].append(time.time())
             progress["passes"].append(sum(m.get("train_sample_passes", 0.0) for m in result.client_metrics.values()))
+            if config.train.client_batching:  # that the clients' calls did train in batches
+                progress["batching"] = dict(flow.batching)
             write_json_atomic(progress_path, progress)
             if job["stop_after"] and len(progress["ends"]) >= job["stop_after"]:
                 raise _Stop

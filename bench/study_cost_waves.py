@@ -75,6 +75,9 @@ class JobCost:
     passes_per_round: float | None
     threads: int
     device: str
+    # with train.client_batching: the run's training calls trained in batches and alone, so far
+    # (fedselect.fedml_runtime.simulation.SimulationFlow.batching); None without
+    batching: dict[str, int] | None = None
 
 
 def steady_window(done: int, period: int, first: int) -> tuple[int, int, bool]:
@@ -109,7 +112,7 @@ def job_cost(job: Job, concurrent: int, rounds_study: int) -> JobCost:
                    seconds_per_run=startup + warmup + max(rounds_study - a, 0) * per_round,
                    round_seconds=[round(t(r) - t(r - 1), 3) for r in range(len(ends))],
                    passes_per_round=sum(passes) / len(passes) if passes else None,
-                   threads=prog.get("threads", 0), device=prog.get("device", "?"))
+                   threads=prog.get("threads", 0), device=prog.get("device", "?"), batching=prog.get("batching"))
 
 
 def launch_job(job: Job, mapping: dict[str, Any], overrides: list[str], go: Path, threads: int,

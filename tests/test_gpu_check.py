@@ -105,6 +105,8 @@ def test_tiny_check_ours_and_study_cost(tiny_gpu_dir: Path, tmp_path: Path) -> N
     batched = json.loads((out / "study_cost_batched.json").read_text())
     assert batched["failed"] == {} and "train.client_batching=true" in batched["overrides"]
     assert all(r["seconds_per_round"] > 0 for r in batched["levels"]["1"]["per_run"].values())
+    assert all(job["batching"]["calls_in_batches"] > 0 for job in batched["levels"]["1"]["jobs"])
+    assert all(job["batching"] is None for job in cost["levels"]["1"]["jobs"])
     assert summary["study_cost_batched"]["best_total_hours"] > 0
 
 
