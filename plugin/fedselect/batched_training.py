@@ -43,7 +43,7 @@ from fedselect.engine import (
     freeze_norms,
     train_passes,
 )
-from fedselect.optim import TrainableSpec, mask_coverage
+from fedselect.optim import TrainableSpec, resolve_trainable
 
 
 @dataclass
@@ -76,38 +76,19 @@ class TrainRequest:
 
     def plan(self) -> list[list[dict[str, torch.Tensor | None]]]:
         """Per pass, per phase: trainable name -> mask (None: all of it), as ``trainable_only`` decides
-        (an all-True mask trains the whole tensor, an all-False one freezes it; one host read per spec)."""
+        (:func:`fedselect.optim.resolve_trainable`; one host read per spec)."""
         if self._plan is None:
-            names = [n for n, _ in self.model.named_parameters()]
             resolved: dict[int, dict[str, torch.Tensor | None]] = {}
-            self._plan = [[_resolve(spec, names, resolved) for spec in _phases(entry)] for entry in self.passes]
+            for entry in self.passes:
+                for spec in _phases(entry):
+                    if id(spec) not in resolved:  # epochs repeat the same spec objects
+                        resolved[id(spec)] = resolve_trainable(self.model, spec)
+            self._plan = [[resolved[id(spec)] for spec in _phases(entry)] for entry in self.passes]
         return self._plan
 
 
 def _phases(entry: Pass) -> tuple[TrainableSpec | None, ...]:
     return entry.phases if isinstance(entry, SplitEpoch) else (entry,)
-
-
-def _resolve(spec: TrainableSpec | None, names: list[str],
-             cache: dict[int, dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
-    if spec is None:
-        return dict.fromkeys(names)
-    if id(spec) not in cache:
-        unknown = [n for n in spec if n not in names]
-        if unknown:
-            raise KeyError(f"trainable spec names unknown parameter '{unknown[0]}'")
-        masks = {n: torch.as_tensor(m).bool() for n, m in spec.items() if m is not None}
-        coverage = mask_coverage(masks)
-        trainable: dict[str, torch.Tensor | None] = {}
-        for name in names:  # model order, as autograd and the step see them
-            if name not in spec:
-                continue
-            if spec[name] is None or coverage[name] == "all":
-                trainable[name] = None
-            elif coverage[name] == "some":
-                trainable[name] = masks[name]
-        cache[id(spec)] = trainable
-    return cache[id(spec)]
 
 
 def batch_signature(request: TrainRequest) -> tuple | None:
@@ -160,9 +141,9 @@ class _ClientStack:
         self.n = int(requests[0].y.shape[0])
         self.optim = requests[0].optim
         self.param_names = [n for n, _ in self.template.named_parameters()]
-        self.buffer_names = [n for n, _ in self.template.named_buffers()]
         self.params = [dict(m.named_parameters()) for m in self.models]
-        self.buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in self.models]) for n in self.buffer_names}
+        self.client_buffers = [dict(m.named_buffers()) for m in self.models]
+        self.buffers = {n: torch.stack([b[n] for b in self.client_buffers]) for n in self.client_buffers[0]}
         # momentum per trainable tensor name, stacked over clients, for this call
         self.momentum: dict[str, torch.Tensor] = {}
         # the trainable tensors stacked, kept from phase to phase while the same tensors train
@@ -195,9 +176,9 @@ class _ClientStack:
         finally:
             self.template.train(was_training)
             with torch.no_grad():
-                for name, stacked in self.buffers.items():
-                    for k, model in enumerate(self.models):
-                        dict(model.named_buffers())[name].copy_(stacked[k])
+                for k, buffers in enumerate(self.client_buffers):
+                    for name, buffer in buffers.items():
+                        buffer.copy_(self.buffers[name][k])
         for stats, loss_sum in zip(self.stats, self.loss_sums.tolist(), strict=True):
             stats.loss_sum = loss_sum
         return self.stats

@@ -157,23 +157,18 @@ def mask_coverage(masks: Mapping[str, torch.Tensor]) -> dict[str, str]:
             for name, m in masks.items()}
 
 
-@contextmanager
-def trainable_only(model: nn.Module, trainable: TrainableSpec | None,
-                   coverage: Mapping[str, str] | None = None
-                   ) -> Iterator[list[tuple[str, nn.Parameter, torch.Tensor | None]]]:
-    """Within the block only the named parameters require grad; yields (name, param, mask).
-
-    A mask that is all True becomes None (plain update); an all-False mask freezes the tensor.
-    ``coverage``: the spec's :func:`mask_coverage`, when the caller already read it.
+def resolve_trainable(model: nn.Module, trainable: TrainableSpec | None,
+                      coverage: Mapping[str, str] | None = None) -> dict[str, torch.Tensor | None]:
+    """The parameters a pass trains, in model order: name -> mask on the parameter's device (None:
+    the whole tensor). A mask that is all True becomes None; an all-False mask freezes the tensor
+    (it is left out). ``coverage``: the spec's :func:`mask_coverage`, when the caller already read it.
     """
     params = dict(model.named_parameters())
     if trainable is None:
-        trainable = dict.fromkeys(params)
+        return dict.fromkeys(params)
     unknown = [name for name in trainable if name not in params]
     if unknown:
         raise KeyError(f"trainable spec names unknown parameter '{unknown[0]}'")
-    saved = {name: p.requires_grad for name, p in params.items()}
-    selected: list[tuple[str, nn.Parameter, torch.Tensor | None]] = []
     masks = {}
     for name, mask in trainable.items():
         if mask is not None:
@@ -183,19 +178,31 @@ def trainable_only(model: nn.Module, trainable: TrainableSpec | None,
             masks[name] = mask.to(device=params[name].device, dtype=torch.bool)
     if coverage is None:
         coverage = mask_coverage(masks)
+    resolved: dict[str, torch.Tensor | None] = {}
+    for name in params:
+        if name not in trainable:
+            continue
+        mask = masks.get(name)
+        if mask is None or coverage[name] == "all":
+            resolved[name] = None
+        elif coverage[name] == "some":
+            resolved[name] = mask
+    return resolved
+
+
+@contextmanager
+def trainable_only(model: nn.Module, trainable: TrainableSpec | None,
+                   coverage: Mapping[str, str] | None = None
+                   ) -> Iterator[list[tuple[str, nn.Parameter, torch.Tensor | None]]]:
+    """Within the block only the parameters :func:`resolve_trainable` picks require grad; yields
+    (name, param, mask) for them."""
+    resolved = resolve_trainable(model, trainable, coverage)
+    params = dict(model.named_parameters())
+    saved = {name: p.requires_grad for name, p in params.items()}
     try:
         for name, param in params.items():
-            on = name in trainable
-            mask = masks.get(name)
-            if mask is not None:
-                if coverage[name] == "all":
-                    mask = None
-                elif coverage[name] == "none":
-                    on = False
-            param.requires_grad_(on)
-            if on:
-                selected.append((name, param, mask))
-        yield selected
+            param.requires_grad_(name in resolved)
+        yield [(name, params[name], mask) for name, mask in resolved.items()]
     finally:
         for name, param in params.items():
             param.requires_grad_(saved[name])

@@ -131,10 +131,9 @@ class SimulationFlow:
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.results: list[RoundResult] = []
-        # train.client_batching: a round's clients train side by side, each on its own model copy
-        self.batch_clients = batch_clients
-        self.batch_max_clients = batch_max_clients
+        # train.client_batching (None: off): a round's clients train side by side, each on its own model copy
         self.replicas = ModelReplicas(self.clients[0].model) if batch_clients else None
+        self.batch_max_clients = batch_max_clients
         # with batch_clients: the clients' training calls trained in batches, and alone (an extra
         # loss term, or no other client making the same call), over the run (its record)
         self.batching = dict.fromkeys(("batched_calls", "calls_in_batches", "calls_alone"), 0)
@@ -200,14 +199,13 @@ class SimulationFlow:
         after the other on the shared module, each uploaded before the next starts; or, with
         ``batch_clients``, all at once in threads on their own model copies, their training calls
         batched (:mod:`fedselect.client_batching`), uploaded in client order afterwards."""
-        if not self.batch_clients:
+        if self.replicas is None:
             # clients done / sampled inside the round (a round of FedSelect can take a minute)
             for cid in tqdm(sampled, desc=f"round {round_idx + 1}: clients", unit="client", leave=False,
                             disable=not self.progress):
                 yield cid, self.local_round(self.clients[cid], global_params)
             return
-        trainers = [self.clients[cid] for cid in sampled]
-        with self.replicas.lent(trainers):
+        with self.replicas.lent([self.clients[cid] for cid in sampled]):
             jobs = [(cid, functools.partial(self.local_round, self.clients[cid], global_params)) for cid in sampled]
             rendezvous = Rendezvous(max_clients=self.batch_max_clients)
             done = rendezvous.run(jobs, device=self.device)
