@@ -296,6 +296,32 @@ def test_time_limit_with_parameter_costs_keeps_the_incumbent(caplog):
         assert "time limit" in caplog.text and "upper bound" in caplog.text
 
 
+@pytest.mark.parametrize("time_limit_s", [0.05, None])
+def test_cbc_calling_a_timed_out_problem_infeasible_keeps_the_start(monkeypatch, time_limit_s):
+    """CBC stopped by its time limit can report "Infeasible" (seen once in CI with 0.07 s left): the
+    feasible start is the time-limited answer; without a time limit the report stays an error."""
+    import pulp
+
+    def stopped(prob, solver=None):
+        prob.status, prob.sol_status, prob.solutionTime = pulp.LpStatusInfeasible, pulp.LpSolutionInfeasible, 0.06
+
+    monkeypatch.setattr(pulp.LpProblem, "solve", stopped)
+    rng = np.random.default_rng(3)
+    n, L = 4, 5
+    scores, costs = rng.random((n, L)), np.ones(L)
+    fix = np.full((n, L), -1, dtype=np.int8)
+    counts = np.ones((n + 1, L), dtype=bool)
+    start = np.zeros((n, L), dtype=bool)
+    rows = np.arange(n)
+    args = (scores, costs, np.full(n, 2.0), 0.1, fix, counts, rows, start, time_limit_s, None)
+    if time_limit_s is None:
+        with pytest.raises(selection_cbc.SelectionError, match="Infeasible"):
+            selection_cbc._solve_part(*args)
+    else:
+        part, status = selection_cbc._solve_part(*args)
+        assert status == "time_limit" and (part == start).all()
+
+
 def test_zero_time_limit_still_returns_a_feasible_selection():
     rng = np.random.default_rng(2)
     costs = rng.integers(1, 9, 12).astype(float)
