@@ -20,6 +20,7 @@ from vs_released_measure import (
     proc_status_kb,
     profiled,
     timed,
+    timed_around,
 )
 
 
@@ -132,9 +133,11 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
                           participation=config.train.participation, seed=config.seed, eval_every=1,
                           on_round_end=on_round_end, progress=False)
     flow.evaluate_all = timed(flow.evaluate_all, sync, clock.eval_s.append)
-    for trainer in trainers:  # the grow variant's mask update (GradLTN's is training: counted in passes)
+    for trainer in trainers:  # the mask update: growth, or GradLTN's search less its training calls
         if hasattr(trainer, "grow"):
             trainer.grow = timed(trainer.grow, sync, clock.add_mask_time)
+            trainer.run_gradltn = timed_around(trainer.run_gradltn, sync, lambda: clock.train_total,
+                                               clock.add_mask_time)
         trainer.train_passes = timed(trainer.train_passes, sync, clock.add_train_time)
 
     fedml = import_fedml()

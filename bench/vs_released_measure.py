@@ -82,6 +82,23 @@ def timed(fn: Callable[..., Any], sync: Callable[[], None], record: Callable[[fl
     return wrapper
 
 
+def timed_around(fn: Callable[..., Any], sync: Callable[[], None], inner: Callable[[], float],
+                 record: Callable[[float], None]) -> Callable[..., Any]:
+    """``fn`` timed as :func:`timed`, less the time ``inner`` (a running total) grew by during the
+    call: a mask search's own work, without the training calls it makes (timed as training)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sync()
+        t, before = time.perf_counter(), inner()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sync()
+            record(time.perf_counter() - t - (inner() - before))
+
+    return wrapper
+
+
 class RoundClock:
     """Round boundaries (time and pass counts) and per-round sub-timings of one implementation.
 
@@ -95,6 +112,7 @@ class RoundClock:
         self.eval_s: list[float] = []
         self.mask_s: dict[int, float] = {}
         self.train_s: dict[int, float] = {}
+        self.train_total = 0.0  # all rounds' training seconds so far (see timed_around)
         self.loss: list[float] = []
         self.acc: list[float] = []
 
@@ -110,6 +128,7 @@ class RoundClock:
         self.mask_s[self.current_round] = self.mask_s.get(self.current_round, 0.0) + seconds
 
     def add_train_time(self, seconds: float) -> None:
+        self.train_total += seconds
         self.train_s[self.current_round] = self.train_s.get(self.current_round, 0.0) + seconds
 
     def rounds(self) -> list[dict[str, Any]]:

@@ -57,3 +57,21 @@ def test_ratios_count_only_rounds_of_equal_work():
     assert report.equal_work_rounds({"ours": results["ours"], "released": None}) == [2, 3]
     assert report.equal_work_rounds({"released": results["released"], "ours": None}) == [1, 2, 3]
     assert report.equal_work_rounds({"ours": None, "released": None}) == []
+
+
+def test_a_search_is_timed_without_the_training_calls_it_makes():
+    """GradLTN's search counts as mask update less its trainings, which count as training."""
+    import time
+
+    measure = load_bench("vs_released_measure.py", "bench_vs_released_measure")
+    clock = measure.RoundClock(counter=None)
+    train = measure.timed(lambda: time.sleep(0.05), lambda: None, clock.add_train_time)
+
+    def search():
+        train()
+        train()
+        time.sleep(0.02)
+
+    measure.timed_around(search, lambda: None, lambda: clock.train_total, clock.add_mask_time)()
+    assert 0.1 <= clock.train_s[0] < 0.15
+    assert 0.02 <= clock.mask_s[0] < 0.05

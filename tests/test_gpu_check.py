@@ -100,6 +100,9 @@ def test_tiny_check_ours_and_study_cost(tiny_gpu_dir: Path, tmp_path: Path) -> N
     # step 2c: one call of the clients, one after another and batched
     assert summary["phases"]["client_batching"]["status"] == "ok"
     assert summary["client_batching"]["largest_parameter_difference"] < 1e-5
+    # step 2d: one selection of the whole model by every method, the same entries
+    assert summary["phases"]["topk"]["status"] == "ok"
+    assert summary["topk_methods"]["same_entries"] is True and summary["topk_methods"]["radix"] > 0
     # step 3b: the same runs with a round's clients trained as one batch
     assert summary["phases"]["study_cost_batched"]["status"] == "ok"
     batched = json.loads((out / "study_cost_batched.json").read_text())

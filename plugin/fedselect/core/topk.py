@@ -13,13 +13,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedselect.core import cpu_kernels
+from fedselect.core import cpu_kernels, topk_radix
 from fedselect.core.blend import where_fill
 from fedselect.core.host import compare, count_true, counts_true
 from fedselect.core.kth import kth_largest
 from fedselect.core.masks import Mask, compress, scatter_masked, target_count, true_counts, validate_mask
 
-__all__ = ["grow_mask", "topk_mask", "topk_mask_global", "topk_masks"]
+__all__ = ["TOPK_METHODS", "grow_mask", "topk_mask", "topk_mask_global", "topk_masks"]
+
+# how topk_masks selects: auto (per_tensor on the CPU, radix on a GPU) or one of them by name
+TOPK_METHODS = ("auto", "per_tensor", "radix", "segmented")
 
 
 def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor:
@@ -190,18 +193,24 @@ def topk_masks(
 
     The per-tensor selections of FedSelect Alg. 1 (``topk_scope: tensor``) and of mask growth, for a
     whole model at once. ``method="per_tensor"`` runs :func:`topk_mask` one tensor at a time (one
-    score in memory at a time; the CPU default); ``"segmented"`` ranks every tensor in one segmented
-    stable sort with a single host synchronisation (the CUDA default, where a selection and a few
-    synchronisations per tensor would leave the GPU idle). Both choose exactly the same entries.
+    score in memory at a time; the CPU default); ``"radix"`` selects in every tensor at once by
+    counting (:func:`fedselect.core.topk_radix.radix_topk`: a dozen passes and two histograms, one
+    host synchronisation; the CUDA default, where a selection and a few synchronisations per tensor
+    would leave the GPU idle), for scores that float32 holds exactly; ``"segmented"`` ranks every
+    tensor in one segmented stable sort, also with one synchronisation (CUDA, float64 scores). All
+    three choose exactly the same entries.
     """
+    if method not in TOPK_METHODS:
+        raise ValueError(f"method must be one of {TOPK_METHODS}, got {method!r}")
     if method == "auto":
         device = within[names[0]].device if names else torch.device("cpu")
-        method = "segmented" if device.type == "cuda" else "per_tensor"
+        method = "radix" if device.type == "cuda" else "per_tensor"
     if method == "per_tensor":
         return {n: topk_mask(score_of(n), ks[n], within=within[n]) for n in names}
-    if method != "segmented":
-        raise ValueError(f"method must be auto, per_tensor or segmented, got {method!r}")
-    return _segmented_topk(names, [score_of(n) for n in names], ks, within)
+    scores = [score_of(n) for n in names]
+    if method == "radix" and topk_radix.applies(scores):
+        return topk_radix.radix_topk(names, scores, ks, within)
+    return _segmented_topk(names, scores, ks, within)
 
 
 def _segmented_topk(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[str, int],
