@@ -88,3 +88,17 @@ def test_radix_ties_negative_zero_with_zero() -> None:
     for k in (2, 3, 4):
         _assert_all_methods_agree(scores, {"w": k}, within)
     assert _select(scores, {"w": 2}, within, "radix")["w"].tolist() == [True, False, False, False, True, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_radix_on_the_gpu_chooses_the_hosts_entries() -> None:
+    """auto on CUDA is radix; its choice equals the CPU's per-tensor selection."""
+    g = torch.Generator().manual_seed(9)
+    shapes = {"a": (64, 3, 3, 3), "b": (100_000,), "c": (10,)}
+    scores = {n: _awkward_scores(g, int(torch.Size(s).numel())).reshape(s) for n, s in shapes.items()}
+    within = {n: torch.rand(s, generator=g) < 0.6 for n, s in shapes.items()}
+    ks = {n: int(m.sum()) // 3 for n, m in within.items()}
+    on_host = _select(scores, ks, within, "per_tensor")
+    on_gpu = _select({n: s.cuda() for n, s in scores.items()}, ks, {n: m.cuda() for n, m in within.items()}, "auto")
+    for name in shapes:
+        assert on_gpu[name].is_cuda and torch.equal(on_gpu[name].cpu(), on_host[name]), name
