@@ -24,7 +24,6 @@ from fedselect.core.masks import (
     Mask,
     State,
     full_mask,
-    personal_count,
     target_count,
     true_counts,
     validate_mask,
@@ -193,23 +192,31 @@ def gradltn(
     if prev_mask is not None:
         validate_mask(prev_mask, theta0)
         mask: Mask = {k: v.clone() for k, v in prev_mask.items()}
+        counts = true_counts(mask)
     else:
         mask = full_mask(theta0)
+        counts = {k: v.numel() for k, v in theta0.items()}
+    # True entries per tensor are known from here on without counting them: a selection keeps
+    # exactly its k (on a GPU each count would be a host synchronisation, on a CPU a pass)
+    total = sum(t.numel() for t in theta0.values())
+
+    def fraction() -> float:
+        return sum(counts.values()) / total if total else 0.0
 
     history: list[GradLTNStep] = []
     last_trained: State | None = None
     last_mask: Mask | None = None  # the mask last_trained was trained with
     i = 0
     while i < iterations:
-        trainable_fraction = _fraction(mask)
+        trainable_fraction = fraction()
         last_trained, last_mask = _train_run(theta0, train, mask), mask
-        mask = _select(theta0, last_trained, mask, fractions[i], topk_scope)
-        history.append(GradLTNStep(i, True, trainable_fraction, _fraction(mask)))
+        mask, counts = _select(theta0, last_trained, mask, counts, fractions[i], topk_scope)
+        history.append(GradLTNStep(i, True, trainable_fraction, fraction()))
         i += 1
-        if stop_when_fixed and i < iterations and _is_fixed(mask, theta0, fractions[-1], topk_scope):
+        if stop_when_fixed and i < iterations and _is_fixed(counts, theta0, fractions[-1], topk_scope):
             # Trainings i .. L-1 only feed selections that keep the mask; skip them (for "thetaL" the
             # last one runs below, with the fixed mask, which is m_L).
-            fr = _fraction(mask)
+            fr = fraction()
             history.extend(GradLTNStep(j, False, fr, fr) for j in range(i, iterations - 1))
             if return_weights == "thetaL":
                 last_trained, last_mask = _train_run(theta0, train, mask), mask
@@ -217,8 +224,8 @@ def gradltn(
             break
 
     if return_weights == "theta0" or last_trained is None:
-        return GradLTNResult(mask, _clone_state(theta0), _fraction(mask), history)
-    return _theta_l_result(theta0, train, mask, last_trained, last_mask, history, iterations)
+        return GradLTNResult(mask, _clone_state(theta0), fraction(), history)
+    return _theta_l_result(theta0, train, mask, fraction(), last_trained, last_mask, history, iterations)
 
 
 def _check_options(p: float, iterations: int, fraction_rule: str, return_weights: str,
@@ -234,17 +241,17 @@ def _check_options(p: float, iterations: int, fraction_rule: str, return_weights
     return list(selection_fractions(p, int(iterations), fraction_rule))
 
 
-def _theta_l_result(theta0: Mapping[str, Tensor], train: TrainFn, mask: Mask, last_trained: State,
-                    last_mask: Mask | None, history: list[GradLTNStep], iterations: int) -> GradLTNResult:
+def _theta_l_result(theta0: Mapping[str, Tensor], train: TrainFn, mask: Mask, fraction: float,
+                    last_trained: State, last_mask: Mask | None, history: list[GradLTNStep],
+                    iterations: int) -> GradLTNResult:
     """``return_weights: thetaL``: theta_L is a training with the final mask m_L (the last run's, if it
-    used exactly m_L; else one more run, recorded as step L)."""
+    used exactly m_L; else one more run, recorded as step L). ``fraction``: m_L's personal fraction."""
     if last_mask is None or not _same_mask(last_mask, mask):
         # the loop's last run used m_{L-1}, which differs from m_L
-        fr = _fraction(mask)
         last_trained = _train_run(theta0, train, mask)
-        history.append(GradLTNStep(iterations, True, fr, fr))
+        history.append(GradLTNStep(iterations, True, fraction, fraction))
     weights = {k: v.detach() for k, v in last_trained.items()}
-    return GradLTNResult(mask=mask, weights=weights, personal_fraction=_fraction(mask), history=history)
+    return GradLTNResult(mask=mask, weights=weights, personal_fraction=fraction, history=history)
 
 
 def _train_run(theta0: Mapping[str, Tensor], train: TrainFn, mask: Mapping[str, Tensor]) -> State:
@@ -260,10 +267,12 @@ def _select(
     theta0: Mapping[str, Tensor],
     trained: Mapping[str, Tensor],
     mask: Mapping[str, Tensor],
+    counts: Mapping[str, int],
     fraction: float,
     topk_scope: str,
-) -> Mask:
-    """Alg. 1's selection: the largest ``fraction`` of gamma = |trained - theta_0| within ``mask``."""
+) -> tuple[Mask, dict[str, int]]:
+    """Alg. 1's selection: the largest ``fraction`` of gamma = |trained - theta_0| within ``mask``
+    (whose True entries per tensor are ``counts``); the new mask and its counts."""
 
     def gamma(k: str) -> Tensor:
         t0 = theta0[k]
@@ -271,27 +280,27 @@ def _select(
 
     if topk_scope == "model":
         total = sum(t.numel() for t in theta0.values())
-        k_target = min(target_count(total, fraction), personal_count(mask)[0])
-        return topk_mask_global({k: gamma(k) for k in theta0}, k_target, within=mask)
-    counts = true_counts(mask)
+        k_target = min(target_count(total, fraction), sum(counts.values()))
+        chosen = topk_mask_global({k: gamma(k) for k in theta0}, k_target, within=mask)
+        return chosen, true_counts(chosen)
     ks = {k: min(target_count(t0.numel(), fraction), counts[k]) for k, t0 in theta0.items()}
-    # on CPU one gamma at a time (peak memory: one extra tensor); on a GPU all tensors in one sort
-    return topk_masks(list(theta0), gamma, ks, mask)
+    # on CPU one gamma at a time (peak memory: one extra tensor); on a GPU all tensors in one selection
+    return topk_masks(list(theta0), gamma, ks, mask), ks
 
 
 def _is_fixed(
-    mask: Mapping[str, Tensor], theta0: Mapping[str, Tensor], final_fraction: float, topk_scope: str
+    counts: Mapping[str, int], theta0: Mapping[str, Tensor], final_fraction: float, topk_scope: str
 ) -> bool:
-    """True when no later selection can change ``mask``: no count is above its final target.
+    """True when no later selection can change the mask whose True entries per tensor are ``counts``:
+    no count is above its final target.
 
     Targets never grow over the iterations (every rule's f_i is non-increasing), so a selection
-    whose target is at least the current count keeps every candidate, i.e. returns ``mask``.
+    whose target is at least the current count keeps every candidate, i.e. returns the mask.
     """
     if topk_scope == "model":
         total = sum(t.numel() for t in theta0.values())
-        return target_count(total, final_fraction) >= personal_count(mask)[0]
-    counts = true_counts(mask)
-    return all(target_count(theta0[k].numel(), final_fraction) >= counts[k] for k in mask)
+        return target_count(total, final_fraction) >= sum(counts.values())
+    return all(target_count(theta0[k].numel(), final_fraction) >= counts[k] for k in counts)
 
 
 def _same_mask(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
@@ -301,9 +310,3 @@ def _same_mask(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
         return False
     # one host synchronisation for the whole comparison
     return not a or not bool(torch.stack([(a[k] != b[k].to(a[k].device)).any() for k in a]).any())
-
-
-def _fraction(mask: Mapping[str, Tensor]) -> float:
-    n_true, n_all = personal_count(mask)
-    return n_true / n_all if n_all else 0.0
-
