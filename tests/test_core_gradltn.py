@@ -350,6 +350,24 @@ def test_train_mutating_its_input_cannot_corrupt_theta0() -> None:
         assert int(res.mask[k].sum()) == target_count(theta0[k].numel(), 0.125)
 
 
+def test_a_train_that_only_reads_may_skip_the_copies() -> None:
+    """copy_inputs=False hands theta_0 itself to every training; the result is the same."""
+    theta0 = _theta0(3)
+    step = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(4)) for k, v in theta0.items()}
+    starts: list[State] = []
+
+    def reading(start: State, trainable: State) -> State:
+        starts.append(start)
+        return _mover(step)(start, trainable)
+
+    copied = gradltn(theta0, _mover(step), p=0.3, iterations=3, return_weights="thetaL")
+    shared = gradltn(theta0, reading, p=0.3, iterations=3, return_weights="thetaL", copy_inputs=False)
+    assert starts and all(start is theta0 for start in starts)
+    for k in theta0:
+        assert torch.equal(copied.mask[k], shared.mask[k]) and torch.equal(copied.weights[k], shared.weights[k])
+    assert copied.history == shared.history
+
+
 def test_selection_fractions() -> None:
     assert selection_fractions(0.25, 3, "per_iteration_of_original") == [0.25, 0.25, 0.25]
     assert selection_fractions(0.5, 3, "compounding") == [0.5, 0.25, 0.125]

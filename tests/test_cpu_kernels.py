@@ -263,3 +263,58 @@ def test_grow_mask_is_the_same_with_and_without_the_kernels(monkeypatch):
         monkeypatch.setenv("FEDSELECT_CPU_KERNELS", setting)
         results.append(grow_mask(mask, change, rate=0.4, target_fraction=0.9))
     assert all(torch.equal(results[0][n], results[1][n]) for n in shapes)
+
+
+def _changes(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Before and after values whose changes tie often (no change at all, repeated steps), include
+    both zeros, infinities that stay put, and subnormal steps."""
+    old = _scores(n)
+    old[old.isinf()] = 1.0  # inf - inf would be NaN
+    step = torch.randn(n, generator=g) * 1e-3
+    step[torch.rand(n, generator=g) < 0.3] = 0.0
+    step[torch.rand(n, generator=g) < 0.1] = 2.0**-10
+    step[:3] = torch.tensor([2.0**-140, -(2.0**-140), 0.0])
+    new = old + step
+    new[3], old[3] = -0.0, 0.0
+    return new, old
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.99])
+def test_abs_change_kernel_chooses_what_topk_mask_chooses(monkeypatch, fraction):
+    """GradLTN's selection without the gamma tensor: the entries of topk_mask(|new - old|)."""
+    from fedselect.core.topk import topk_abs_change, topk_mask
+
+    n = 70001
+    new, old = _changes(n)
+    within = torch.rand(n, generator=g) < 0.6
+    candidates = int(within.sum())
+    for k in (1, int(fraction * candidates), candidates - 1):
+        monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "0")
+        expected = topk_mask((new - old).abs(), k, within=within)
+        monkeypatch.setenv("FEDSELECT_CPU_KERNELS", "1")
+        assert torch.equal(cpu_kernels.abs_change_topk(new, old, within, k), expected), k
+        assert torch.equal(topk_abs_change(new, old, k, within=within, candidates=candidates), expected), k
+
+
+def test_topk_abs_change_outside_the_kernel_is_topk_mask(kernels_on):
+    """k = 0, every candidate, a small tensor, float64: the general selection."""
+    from fedselect.core.topk import topk_abs_change, topk_mask
+
+    for n, dtype in ((70001, torch.float32), (500, torch.float32), (70001, torch.float64)):
+        new, old = (t.to(dtype) for t in _changes(n))
+        within = torch.rand(n, generator=g) < 0.5
+        candidates = int(within.sum())
+        for k in (0, candidates // 2, candidates):
+            expected = topk_mask((new - old).abs(), k, within=within)
+            assert torch.equal(topk_abs_change(new, old, k, within=within, candidates=candidates), expected)
+
+
+def test_abs_change_kernel_refuses_nan_among_candidates_only(kernels_on):
+    new, old = torch.rand(100), torch.rand(100)
+    within = torch.ones(100, dtype=torch.bool)
+    new[5] = float("nan")
+    within[5] = False
+    assert int(cpu_kernels.abs_change_topk(new, old, within, 10).sum()) == 10
+    within[5] = True
+    with pytest.raises(ValueError, match="NaN"):
+        cpu_kernels.abs_change_topk(new, old, within, 10)

@@ -101,7 +101,7 @@ class FedSelectClient(FedAvgClient):
 
         result = gradltn(theta0, train, p=opts.p, iterations=opts.gradltn_iterations,
                          fraction_rule=opts.fraction_rule, return_weights=opts.return_weights,
-                         topk_scope=opts.topk_scope)
+                         topk_scope=opts.topk_scope, copy_inputs=False)  # train() only reads them
         # Alg. 1's reset: continue from theta_0 (or theta_L) with the statistics of theta_0
         restore_state(self.model, {**result.weights, **buffers0})
         self.personal_mask = {**result.mask, **self.buffer_mask()}

@@ -53,8 +53,8 @@ from torch import Tensor
 # runs, the CLI's checks, analysis) need not pay. Without numba, PyTorch's path is taken.
 NUMBA_FOUND = importlib.util.find_spec("numba") is not None
 
-__all__ = ["ENV", "MAX_THREADS", "accumulate_shared", "applies", "compress", "enabled", "masked_step", "merge_personal",
-           "setting", "step_applies", "topk", "weighted_mean"]
+__all__ = ["ENV", "MAX_THREADS", "abs_change_topk", "accumulate_shared", "applies", "compress", "enabled",
+           "masked_step", "merge_personal", "setting", "step_applies", "topk", "weighted_mean"]
 
 ENV = "FEDSELECT_CPU_KERNELS"
 # the fused loops run on one thread; up to here they beat PyTorch's multi-pass kernels (bench/README.md)
@@ -202,6 +202,54 @@ def _topk(bits, within, k, out):  # noqa: ANN001, ANN202
         taken += tie
     return 0
 
+def _abs_change_topk(new, old, within, k, gamma, out):  # noqa: ANN001, ANN202
+    # gamma = |new - old| >= 0 (or NaN): its float32 bits order as the values do, with no key map
+    bits = gamma.view(np.int32)
+    high = np.zeros(32768, np.int64)
+    zeros = 0
+    nan = 0
+    for i in range(new.shape[0]):
+        gamma[i] = abs(new[i] - old[i])
+        c = within[i]
+        key = bits[i]
+        if key == 0:  # counted apart, as in _topk
+            zeros += c
+        else:
+            high[key >> 16] += c
+        nan |= c & (key > np.int32(0x7F800000))
+    if nan:
+        return -1
+    high[0] += zeros
+    top, above = 32767, 0
+    while above + high[top] < k:
+        above += high[top]
+        top -= 1
+    if top == 0 and above + high[0] - zeros < k:
+        kth = np.int32(0)  # the k-th largest change is 0
+        above += high[0] - zeros
+    else:
+        low = np.zeros(65536, np.int64)
+        for i in range(new.shape[0]):
+            key = bits[i]
+            if (key >> 16) == top and key != 0:
+                low[key & np.int32(0xFFFF)] += within[i]
+        if top == 0:
+            low[0] += zeros
+        bottom = 65535
+        while above + low[bottom] < k:
+            above += low[bottom]
+            bottom -= 1
+        kth = np.int32((top << 16) | bottom)
+    need = k - above
+    taken = 0
+    for i in range(new.shape[0]):
+        c = within[i]
+        key = bits[i]
+        tie = c & (key == kth)
+        out[i] = (c & (key > kth)) | (tie & (taken < need))
+        taken += tie
+    return 0
+
 def _compress(x, m, out):  # noqa: ANN001, ANN202
     # every entry is written to the next free slot, which only a selected one keeps (the spare
     # last slot takes what follows the last selected entry): no branch per entry
@@ -212,7 +260,8 @@ def _compress(x, m, out):  # noqa: ANN001, ANN202
     return j
 
 
-_LOOPS = ("_order_key", "_step", "_momentum_step", "_accumulate", "_mean", "_merge", "_topk", "_compress")
+_LOOPS = ("_order_key", "_step", "_momentum_step", "_accumulate", "_mean", "_merge", "_topk", "_abs_change_topk",
+          "_compress")
 
 
 _COMPILE_LOCK = threading.Lock()
@@ -326,6 +375,23 @@ def topk(scores: Tensor, within: Tensor, k: int) -> Tensor:
     _compile()
     out = torch.empty(scores.shape, dtype=torch.bool)
     status = _topk(_flat(scores).view(np.int32), _flat(within), int(k), _flat(out))
+    if status:
+        raise ValueError("scores contain NaN among the candidate entries")
+    return out
+
+
+def abs_change_topk(new: Tensor, old: Tensor, within: Tensor, k: int) -> Tensor:
+    """:func:`topk` of the scores ``|new - old|`` (float32, one shape), without making them first:
+    FedSelect's GradLTN selection (Alg. 1: the largest gamma = |theta_trained - theta_0| within m).
+
+    Three passes, as :func:`topk`'s, the first computing each change as it counts it (the same
+    IEEE subtraction and absolute value as ``(new - old).abs()``, so the same entries are chosen);
+    0 < k < the number of candidates; ValueError when a candidate's change is NaN.
+    """
+    _compile()
+    gamma = np.empty(new.numel(), dtype=np.float32)
+    out = torch.empty(new.shape, dtype=torch.bool)
+    status = _abs_change_topk(_flat(new), _flat(old), _flat(within), int(k), gamma, _flat(out))
     if status:
         raise ValueError("scores contain NaN among the candidate entries")
     return out

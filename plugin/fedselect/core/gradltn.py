@@ -29,7 +29,7 @@ from fedselect.core.masks import (
     validate_mask,
     validate_same_layout,
 )
-from fedselect.core.topk import topk_mask_global, topk_masks
+from fedselect.core.topk import topk_abs_change, topk_mask_global, topk_masks
 
 __all__ = [
     "FRACTION_RULES",
@@ -141,6 +141,7 @@ def gradltn(
     prev_mask: Mapping[str, Tensor] | None = None,
     stop_when_fixed: bool = True,
     topk_scope: str = "tensor",
+    copy_inputs: bool = True,
 ) -> GradLTNResult:
     """GradLTN, FedSelect Alg. 1: find the personal mask m of one client by gradient-change pruning.
 
@@ -184,11 +185,18 @@ def gradltn(
     affect the result; with ``"thetaL"`` the last training still runs with the fixed mask (= m_L).
     Set False to spend exactly L trainings as in the paper's cost.
 
+    ``copy_inputs``: every training gets a fresh copy of theta_0 and of the mask, so that a
+    ``train`` that updates its inputs in place cannot corrupt theta_0 (or the mask) for later
+    iterations. A ``train`` that only reads them (FedSelect's client: it copies theta_0 into its
+    model) may pass False and save both copies per training.
+
     Raises ValueError for p outside (0, 1), ``iterations < 1``, an unknown rule, weights choice or
     scope, or a ``train`` result whose keys/shapes differ from theta_0.
     """
     fractions = _check_options(p, iterations, fraction_rule, return_weights, topk_scope)
     iterations = len(fractions)
+    if copy_inputs:
+        train = _on_copies(train)
     if prev_mask is not None:
         validate_mask(prev_mask, theta0)
         mask: Mask = {k: v.clone() for k, v in prev_mask.items()}
@@ -254,11 +262,15 @@ def _theta_l_result(theta0: Mapping[str, Tensor], train: TrainFn, mask: Mask, fr
     return GradLTNResult(mask=mask, weights=weights, personal_fraction=fraction, history=history)
 
 
+def _on_copies(train: TrainFn) -> TrainFn:
+    """``train`` given a fresh copy of its start state and mask on every call (Alg. 1 resets to
+    theta_0 before every training; a ``train`` updating its inputs in place must not move it)."""
+    return lambda start, mask: train(_clone_state(start), {k: v.clone() for k, v in mask.items()})
+
+
 def _train_run(theta0: Mapping[str, Tensor], train: TrainFn, mask: Mapping[str, Tensor]) -> State:
     """One "train E epochs" of Alg. 1 from theta_0 updating only ``mask``; result layout-checked."""
-    # A fresh copy per run: Alg. 1 resets to theta_0, and a caller's train must not be able to
-    # corrupt theta_0 (or the mask) for later iterations by updating its input in place.
-    trained = train(_clone_state(theta0), {k: v.clone() for k, v in mask.items()})
+    trained = train(theta0, mask)
     validate_same_layout(theta0, trained, "theta0", "train's result")
     return trained
 
@@ -284,8 +296,12 @@ def _select(
         chosen = topk_mask_global({k: gamma(k) for k in theta0}, k_target, within=mask)
         return chosen, true_counts(chosen)
     ks = {k: min(target_count(t0.numel(), fraction), counts[k]) for k, t0 in theta0.items()}
-    # on CPU one gamma at a time (peak memory: one extra tensor); on a GPU all tensors in one selection
-    return topk_masks(list(theta0), gamma, ks, mask), ks
+    if any(t.device.type != "cpu" for t in theta0.values()):
+        # on a GPU all tensors in one selection (fedselect.core.topk_radix)
+        return topk_masks(list(theta0), gamma, ks, mask), ks
+    # on the CPU one tensor at a time (peak memory: one extra tensor at most)
+    return {k: topk_abs_change(trained[k], t0, ks[k], within=mask[k], candidates=counts[k])
+            for k, t0 in theta0.items()}, ks
 
 
 def _is_fixed(

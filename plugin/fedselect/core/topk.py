@@ -19,7 +19,7 @@ from fedselect.core.host import compare, count_true, counts_true
 from fedselect.core.kth import kth_largest
 from fedselect.core.masks import Mask, compress, scatter_masked, target_count, true_counts, validate_mask
 
-__all__ = ["TOPK_METHODS", "grow_mask", "topk_mask", "topk_mask_global", "topk_masks"]
+__all__ = ["TOPK_METHODS", "grow_mask", "topk_abs_change", "topk_mask", "topk_mask_global", "topk_masks"]
 
 # how topk_masks selects: auto (per_tensor on the CPU, radix on a GPU) or one of them by name
 TOPK_METHODS = ("auto", "per_tensor", "radix", "segmented")
@@ -72,6 +72,20 @@ def topk_mask(scores: Tensor, k: int, *, within: Tensor | None = None) -> Tensor
     out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     # candidates in flat order, as compress read them
     return scatter_masked(out, flat_within, _top_k_in_order(vals, k)).reshape(scores.shape)
+
+
+def topk_abs_change(new: Tensor, old: Tensor, k: int, *, within: Tensor, candidates: int) -> Tensor:
+    """``topk_mask(|new - old|, k, within=within)``, where ``within`` has ``candidates`` True entries.
+
+    GradLTN's selection (FedSelect Alg. 1: the largest gamma = |theta_trained - theta_0| within m).
+    For large float32 CPU tensors one kernel computes the changes as it counts them
+    (:func:`fedselect.core.cpu_kernels.abs_change_topk`: no gamma tensor, one pass fewer); the
+    same entries either way.
+    """
+    if (0 < k < candidates and new.dtype == old.dtype == torch.float32 and new.shape == old.shape
+            and new.numel() >= _ZERO_CUT_MIN_SIZE and cpu_kernels.applies(new.detach(), old.detach(), within)):
+        return cpu_kernels.abs_change_topk(new.detach(), old.detach(), within, k)
+    return topk_mask((new.detach().to(old.device) - old.detach()).abs(), k, within=within)
 
 
 def _top_k_in_order(vals: Tensor, k: int, candidates: Tensor | None = None) -> Tensor:
