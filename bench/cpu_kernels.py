@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 from fedselect.core import cpu_kernels  # noqa: E402
 from fedselect.core.aggregate import MaskedMean  # noqa: E402
 from fedselect.core.masks import compress, scatter_masked  # noqa: E402
-from fedselect.core.topk import topk_mask  # noqa: E402
+from fedselect.core.topk import topk_abs_change, topk_mask  # noqa: E402
 from fedselect.optim import MaskedSGD  # noqa: E402
 
 
@@ -36,7 +36,8 @@ def operations(n: int, seed: int) -> dict[str, Callable[[], torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     param, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
     mask = torch.rand(n, generator=g) < 0.5
-    personal = torch.randn(int(mask.sum()), generator=g)
+    candidates = int(mask.sum())
+    personal = torch.randn(candidates, generator=g)
     global_values = torch.randn(n, generator=g)
     scores = torch.randn(n, generator=g).abs()
 
@@ -64,6 +65,9 @@ def operations(n: int, seed: int) -> dict[str, Callable[[], torch.Tensor]]:
         "global values + personal ones": merge,
         "compaction x[m]": lambda: compress(param, mask),
         "top-k, half the entries candidates": lambda: topk_mask(scores, n // 4, within=mask),
+        # GradLTN's selection: the largest |trained - theta_0| (the PyTorch path makes the changes first)
+        "top-k of |new - old|, half candidates": lambda: topk_abs_change(
+            param, global_values, n // 4, within=mask, candidates=candidates),
     }
 
 

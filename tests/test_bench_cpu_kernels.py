@@ -18,5 +18,5 @@ def test_cpu_kernels_bench_runs_tiny_and_finds_the_same_bits(tmp_path, capsys):
     # above 65536 entries, so that the top-k takes the kernel too
     assert module.main(["--entries", "70000", "--repeat", "1", "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 5 and all(r["same_bits"] and r["kernel_ms"] > 0 for r in rows)
+    assert len(rows) == 6 and all(r["same_bits"] and r["kernel_ms"] > 0 for r in rows)
     assert "same bits" in capsys.readouterr().out

@@ -239,7 +239,7 @@ def _segmented_topk(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[
     cand = torch.cat([within[n].reshape(-1).to(device) for n in names])
     size_list = [sc.numel() for sc in scores]
     sizes = torch.tensor(size_list, device=device)
-    seg = torch.repeat_interleave(torch.arange(len(names), device=device), sizes)
+    seg = torch.repeat_interleave(torch.arange(len(names), device=device), sizes, output_size=flat.numel())
     # one synchronisation: every tensor's candidate count (k must fit) and whether a candidate is NaN
     figures = torch.cat([torch.zeros(len(names), dtype=torch.int64, device=device).index_add_(0, seg, cand.long()),
                          (torch.isnan(flat) & cand).any().long().view(1)]).tolist()

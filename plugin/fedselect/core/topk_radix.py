@@ -77,7 +77,8 @@ def radix_topk(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[str, 
     size_list = [s.numel() for s in scores]
     sizes = torch.tensor(size_list, device=device)
     n_tensors = len(names)
-    seg = torch.repeat_interleave(torch.arange(n_tensors, device=device), sizes)
+    # output_size given: no host synchronisation to learn it
+    seg = torch.repeat_interleave(torch.arange(n_tensors, device=device), sizes, output_size=flat.numel())
     candidates = torch.zeros(n_tensors, dtype=torch.int64, device=device).index_add_(0, seg, cand.long())
     # one synchronisation: every tensor's candidate count and whether a candidate is NaN
     figures = torch.cat([candidates, (torch.isnan(flat) & cand).any().long().view(1)]).tolist()
