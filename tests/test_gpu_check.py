@@ -113,6 +113,16 @@ def test_tiny_check_ours_and_study_cost(tiny_gpu_dir: Path, tmp_path: Path) -> N
     assert summary["study_cost_batched"]["best_total_hours"] > 0
 
 
+def test_tiny_check_gradltn_parts(tiny_gpu_dir: Path, tmp_path: Path) -> None:
+    """The opt-in phase 2e: the paper's FedSelect alone, its round split into parts."""
+    out = tmp_path / "out"
+    proc = run_check(tiny_gpu_dir, out, "--phases", "gradltn_parts")
+    assert proc.returncode == 0, failure_text(proc, out)
+    parts = json.loads((out / "summary.json").read_text())["gradltn_parts"]
+    assert parts["s_per_round"] > 0 and parts["mask_s_per_round"] > 0 and parts["train_s_per_round"] > 0
+    assert parts["train_passes_per_round"] > 0
+
+
 def test_tiny_check_released_side(tiny_gpu_dir: Path, tmp_path: Path) -> None:
     if not (RELEASED / "fedselect.py").is_file():
         pytest.skip("the released code's export .gpu/released is absent (bench/gpu_check --prepare "
