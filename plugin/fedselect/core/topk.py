@@ -234,21 +234,8 @@ def _segmented_topk(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[
     first k."""
     if not names:
         return {}
-    device = scores[0].device
-    flat = torch.cat([sc.detach().reshape(-1).to(device=device, dtype=torch.float64) for sc in scores])
-    cand = torch.cat([within[n].reshape(-1).to(device) for n in names])
-    size_list = [sc.numel() for sc in scores]
-    sizes = torch.tensor(size_list, device=device)
-    seg = torch.repeat_interleave(torch.arange(len(names), device=device), sizes, output_size=flat.numel())
-    # one synchronisation: every tensor's candidate count (k must fit) and whether a candidate is NaN
-    figures = torch.cat([torch.zeros(len(names), dtype=torch.int64, device=device).index_add_(0, seg, cand.long()),
-                         (torch.isnan(flat) & cand).any().long().view(1)]).tolist()
-    if figures[-1]:
-        raise ValueError("scores contain NaN among the candidate entries")
-    for name, n_candidates in zip(names, figures[:-1], strict=True):
-        if not (0 <= ks[name] <= n_candidates):
-            raise ValueError(f"k={ks[name]} is outside [0, {n_candidates}] (number of candidate entries) "
-                             f"for tensor {name!r}")
+    segs = topk_radix.checked_segments(names, scores, ks, within, torch.float64)
+    flat, cand, sizes, seg, device = segs.flat, segs.candidates, segs.sizes, segs.segment, segs.flat.device
     order = torch.argsort(-flat, stable=True)
     order = order[torch.argsort((~cand[order]).to(torch.uint8), stable=True)]
     order = order[torch.argsort(seg[order], stable=True)]
@@ -258,10 +245,7 @@ def _segmented_topk(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[
     k_of = torch.tensor([ks[n] for n in names], device=device)
     chosen = torch.empty(flat.numel(), dtype=torch.bool, device=device)
     chosen[order] = rank < k_of[ranked_seg]
-    out: Mask = {}
-    for name, part, sc in zip(names, torch.split(chosen, size_list), scores, strict=True):
-        out[name] = part.reshape(sc.shape)
-    return out
+    return segs.split(chosen, names, scores)
 
 
 def topk_mask_global(

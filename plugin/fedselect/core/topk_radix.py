@@ -27,11 +27,12 @@ sort (:func:`applies`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["applies", "radix_topk"]
+__all__ = ["Segments", "applies", "checked_segments", "radix_topk"]
 
 _BINS = 1 << 16
 _EXACT_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8)
@@ -62,6 +63,45 @@ def _kth_bins(hist: Tensor, want: Tensor) -> tuple[Tensor, Tensor]:
     return bins, above
 
 
+@dataclass(frozen=True)
+class Segments:
+    """A whole model's scores and candidates as one flat vector each, tensor after tensor."""
+
+    flat: Tensor  # the scores, converted to one dtype
+    candidates: Tensor  # bool
+    size_list: list[int]
+    sizes: Tensor  # entries per tensor, on the scores' device
+    segment: Tensor  # each entry's tensor index
+
+    def split(self, chosen: Tensor, names: Sequence[str], scores: Sequence[Tensor]) -> dict[str, Tensor]:
+        """The flat choice back as one mask per named tensor, in its shape."""
+        return {name: part.reshape(s.shape)
+                for name, part, s in zip(names, torch.split(chosen, self.size_list), scores, strict=True)}
+
+
+def checked_segments(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[str, int],
+                     within: Mapping[str, Tensor], dtype: torch.dtype) -> Segments:
+    """Every tensor's scores (as ``dtype``) and candidates concatenated, checked with one host
+    synchronisation: each ``ks[name]`` within [0, the tensor's candidates] and no candidate's score
+    NaN (ValueError otherwise). Shared by the GPU's whole-model selections (radix and sort)."""
+    device = scores[0].device
+    flat = torch.cat([s.detach().reshape(-1).to(device=device, dtype=dtype) for s in scores])
+    cand = torch.cat([within[n].reshape(-1).to(device) for n in names])
+    size_list = [s.numel() for s in scores]
+    sizes = torch.tensor(size_list, device=device)
+    # output_size given: no host synchronisation to learn it
+    segment = torch.repeat_interleave(torch.arange(len(names), device=device), sizes, output_size=flat.numel())
+    counts = torch.zeros(len(names), dtype=torch.int64, device=device).index_add_(0, segment, cand.long())
+    figures = torch.cat([counts, (torch.isnan(flat) & cand).any().long().view(1)]).tolist()
+    if figures[-1]:
+        raise ValueError("scores contain NaN among the candidate entries")
+    for name, n_candidates in zip(names, figures[:-1], strict=True):
+        if not (0 <= ks[name] <= n_candidates):
+            raise ValueError(f"k={ks[name]} is outside [0, {n_candidates}] (number of candidate entries) "
+                             f"for tensor {name!r}")
+    return Segments(flat, cand, size_list, sizes, segment)
+
+
 def radix_topk(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[str, int],
                within: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Per named tensor, exactly ``ks[name]`` True entries: its largest ``scores`` among ``within``,
@@ -71,26 +111,11 @@ def radix_topk(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[str, 
     """
     if not names:
         return {}
-    device = scores[0].device
-    flat = torch.cat([s.detach().reshape(-1).to(device=device, dtype=torch.float32) for s in scores])
-    cand = torch.cat([within[n].reshape(-1).to(device) for n in names])
-    size_list = [s.numel() for s in scores]
-    sizes = torch.tensor(size_list, device=device)
-    n_tensors = len(names)
-    # output_size given: no host synchronisation to learn it
-    seg = torch.repeat_interleave(torch.arange(n_tensors, device=device), sizes, output_size=flat.numel())
-    candidates = torch.zeros(n_tensors, dtype=torch.int64, device=device).index_add_(0, seg, cand.long())
-    # one synchronisation: every tensor's candidate count and whether a candidate is NaN
-    figures = torch.cat([candidates, (torch.isnan(flat) & cand).any().long().view(1)]).tolist()
-    if figures[-1]:
-        raise ValueError("scores contain NaN among the candidate entries")
-    for name, n_candidates in zip(names, figures[:-1], strict=True):
-        if not (0 <= ks[name] <= n_candidates):
-            raise ValueError(f"k={ks[name]} is outside [0, {n_candidates}] (number of candidate entries) "
-                             f"for tensor {name!r}")
+    segs = checked_segments(names, scores, ks, within, torch.float32)
+    flat, cand, sizes, seg = segs.flat, segs.candidates, segs.sizes, segs.segment
+    device, n_tensors = flat.device, len(names)
     if flat.numel() == 0:
-        return {name: torch.zeros(s.shape, dtype=torch.bool, device=device)
-                for name, s in zip(names, scores, strict=True)}
+        return segs.split(torch.zeros(0, dtype=torch.bool, device=device), names, scores)
     k = torch.tensor([ks[n] for n in names], dtype=torch.int64, device=device)
     keys = _order_keys(flat)
     high = (keys >> 16) + _BINS // 2  # 0 .. 65535, ascending with the key
@@ -112,5 +137,4 @@ def radix_topk(names: Sequence[str], scores: Sequence[Tensor], ks: Mapping[str, 
     starts = torch.cumsum(sizes, 0) - sizes
     before = torch.where(starts > 0, running[(starts - 1).clamp_(min=0)], torch.zeros_like(starts))
     chosen |= tied & (running <= (before + k - above_top - above_kth)[seg])
-    return {name: part.reshape(s.shape)
-            for name, part, s in zip(names, torch.split(chosen, size_list), scores, strict=True)}
+    return segs.split(chosen, names, scores)
