@@ -5,7 +5,7 @@
 FedSelect's GradLTN (paper Alg. 1) selects, after each of its L trainings, the largest fraction
 of gamma = |theta_trained - theta_0| within the current mask in every weight tensor; a study
 round of the paper's Table 1 makes 50 of them (10 clients x L = 5). This times one such
-selection on the model's weight tensors (ResNet-18: 11 M entries in 21 tensors), with
+selection on the model's weight tensors (ResNet-18: 11 M entries in 41 tensors), with
 theta_trained = theta_0 + small noise and a random mask of ``--within`` of each tensor, keeping
 ``--keep`` of each tensor, for every method of ``fedselect.core.topk.topk_masks``:
 
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from fedselect.core.masks import target_count
-from fedselect.core.topk import topk_masks
+from fedselect.core.topk import TOPK_METHODS, topk_masks
 from fedselect.models import build_model
 
-METHODS = ("per_tensor", "radix", "segmented")
+METHODS = tuple(m for m in TOPK_METHODS if m != "auto")
 
 
 def selection_inputs(model_name: str, within: float, seed: int, device: torch.device):  # noqa: ANN201

@@ -82,8 +82,8 @@ def topk_abs_change(new: Tensor, old: Tensor, k: int, *, within: Tensor, candida
     (:func:`fedselect.core.cpu_kernels.abs_change_topk`: no gamma tensor, one pass fewer); the
     same entries either way.
     """
-    if (0 < k < candidates and new.dtype == old.dtype == torch.float32 and new.shape == old.shape
-            and new.numel() >= _ZERO_CUT_MIN_SIZE and cpu_kernels.applies(new.detach(), old.detach(), within)):
+    if (0 < k < candidates and old.dtype == new.dtype and old.shape == new.shape
+            and _kernel_applies(new.detach(), within) and cpu_kernels.applies(old.detach())):
         return cpu_kernels.abs_change_topk(new.detach(), old.detach(), within, k)
     return topk_mask((new.detach().to(old.device) - old.detach()).abs(), k, within=within)
 
